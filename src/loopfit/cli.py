@@ -1,0 +1,75 @@
+"""`loopfit VERB ...`: each verb lives in its own module, which defines `add_arguments(parser)` and `run(args)`.
+
+Only the module of the verb being run is imported, so `loopfit --help` is instant.
+"""
+
+import argparse
+import importlib
+import sys
+
+# verb -> (module, one-line summary). Order follows the user's path: convert -> prepare -> train -> eval.
+VERBS = {
+    "analyze": ("loopfit.analyze", "per-layer importance on sample text; suggests (prelude, core, coda) layers"),
+    "convert": ("loopfit.convert", "pretrained model (folder, GGUF or short name) -> recurrent loopfit model folder"),
+    "prepare": ("loopfit.data.prepare", "text / JSONL / Parquet / generators -> token shards for training"),
+    "train": ("loopfit.train.trainer", "continue pretraining a recurrent or plain model from a YAML recipe"),
+    "eval": ("loopfit.eval.run", "loss and GSM8K / MATH accuracy as test-time recurrence grows"),
+    "compare": ("loopfit.eval.compare", "equal-FLOPs comparison report of several runs (markdown + PNG)"),
+    "generate": ("loopfit.generate", "generate text with a chosen number of loops, optionally exiting early"),
+    "quickstart": ("loopfit.quickstart", "the whole path on a real small model, offline, on a CPU"),
+}
+
+EPILOG = """typical path:
+  loopfit convert smollm2-135m --layers 4,8,4 --out runs/smol-448
+  loopfit prepare general math --tokenizer runs/smol-448 --out data/
+  loopfit train recipes/quickstart.yaml
+  loopfit eval runs/smol-448 --steps 1,2,4,8 --tasks loss,gsm8k
+run `loopfit VERB --help` for each verb's options."""
+
+
+def build_parser(verb):
+    module_name, summary = VERBS[verb]
+    module = importlib.import_module(module_name)
+    doc = (module.__doc__ or summary).strip()
+    parser = argparse.ArgumentParser(
+        prog=f"loopfit {verb}", description=doc, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    module.add_arguments(parser)
+    return parser, module
+
+
+def main(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in VERBS:
+        top = argparse.ArgumentParser(
+            prog="loopfit",
+            description="Retrofit depth recurrence into a pretrained language model, train it, and measure it.",
+            epilog=EPILOG,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        top.add_argument("--version", action="version", version=f"loopfit {__import__('loopfit').__version__}")
+        sub = top.add_subparsers(title="verbs", metavar="VERB")
+        for verb, (_, summary) in VERBS.items():
+            sub.add_parser(verb, help=summary)
+        if argv and argv[0] not in ("-h", "--help", "--version"):
+            top.error(f"unknown verb '{argv[0]}': choose one of {', '.join(VERBS)}")
+        top.parse_args(argv or ["--help"])
+        return 0
+
+    from . import LoopfitError
+
+    parser, module = build_parser(argv[0])
+    args = parser.parse_args(argv[1:])
+    try:
+        result = module.run(args)
+    except LoopfitError as e:
+        print(f"loopfit {argv[0]}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"loopfit {argv[0]}: interrupted", file=sys.stderr)
+        return 130
+    return int(result or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
