@@ -1,0 +1,60 @@
+"""Batched greedy generation with stop strings, for recurrent and plain models alike.
+
+Prompts are sorted by length and left-padded in batches; the model's own `generate()` runs with its KV cache.
+Each completion is cut at the first stop string.
+"""
+
+import torch
+from tqdm.auto import tqdm
+from transformers import StoppingCriteria, StoppingCriteriaList
+
+from .loading import steps_kwargs
+
+
+class StopOnStrings(StoppingCriteria):
+    """Marks a row done once its generated text contains a stop string (checks only the recent tail)."""
+
+    def __init__(self, tokenizer, stop, prompt_len, tail_tokens=24):
+        self.tokenizer, self.stop, self.prompt_len, self.tail = tokenizer, list(stop), prompt_len, tail_tokens
+
+    def __call__(self, input_ids, scores=None, **kwargs):
+        new = input_ids[:, self.prompt_len :][:, -self.tail :]
+        texts = self.tokenizer.batch_decode(new, skip_special_tokens=False)
+        return torch.tensor([any(s in t for s in self.stop) for t in texts], device=input_ids.device)
+
+
+def cut_at_stop(text, stop):
+    """Text up to the first stop string."""
+    cut = min((i for i in (text.find(s) for s in stop) if i >= 0), default=len(text))
+    return text[:cut]
+
+
+def batches(indices, size):
+    return [indices[i : i + size] for i in range(0, len(indices), size)]
+
+
+@torch.no_grad()
+def generate(model, tokenizer, prompts, num_steps=None, max_new_tokens=256, stop=(), batch_size=8, desc="generate"):
+    """Greedy completions of `prompts` (in order), each cut at the first stop string."""
+    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+    out = [None] * len(prompts)
+    device = next(model.parameters()).device
+    padding_side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    try:
+        for batch in tqdm(batches(order, batch_size), desc=desc, leave=False):
+            enc = tokenizer([prompts[i] for i in batch], return_tensors="pt", padding=True).to(device)
+            n = enc["input_ids"].shape[1]
+            ids = model.generate(
+                **enc,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                pad_token_id=tokenizer.pad_token_id,
+                stopping_criteria=StoppingCriteriaList([StopOnStrings(tokenizer, stop, n)]) if stop else None,
+                **steps_kwargs(model, num_steps),
+            )
+            for i, row in zip(batch, ids[:, n:]):
+                out[i] = cut_at_stop(tokenizer.decode(row, skip_special_tokens=True), stop)
+    finally:
+        tokenizer.padding_side = padding_side
+    return out

