@@ -1,0 +1,149 @@
+"""Measure what test-time recurrence buys: loss and accuracy for each number of loops r.
+
+  loopfit eval runs/smol-448 --steps 1,2,4,8,16,32 --tasks loss,gsm8k --limit 100
+
+tasks (comma-separated):
+  loss          held-out loss and perplexity (--data FILE.txt/.jsonl or a prepared folder; default LAMBADA text)
+  gsm8k         GSM8K test, standard 8-shot chain-of-thought prompt, strict (`#### N` / `The answer is N`)
+                and flexible (last number) extraction
+  gsm8k_1shot   GSM8K test, 1-shot "Let's think step by step." prompt (the retrofitted-recurrence paper's)
+  math          MATH test (5000), Minerva 4-shot prompt, last \\boxed{} answer checked by math-verify
+  math500       MATH-500, as `math`
+  lm:TASK       any lm-evaluation-harness task, run through the `loopfit` lm-eval model at each r
+                (offline: lm:gsm8k_loopfit, lm:gsm8k_loopfit_1shot)
+
+A plain transformers model (the baseline) runs once and its figures are repeated at every r.
+Writes OUT/results.json (one row per task, metric and r), OUT/samples.jsonl (every completion) and
+OUT/sweep.png (metric vs r); OUT defaults to MODEL/eval. Generation is greedy, batched, with the KV cache;
+--limit takes the same fixed random subset (--seed) for every r and every model.
+"""
+
+import json
+import time
+from pathlib import Path
+
+from .. import LoopfitError, __version__
+from ..io import atomic_file
+from . import gsm8k, loss, minerva_math
+from .loading import is_recurrent, load, parse_steps, tokenizer_fingerprint
+from .plots import plot_sweep
+
+TASKS = ("loss", "gsm8k", "gsm8k_1shot", "math", "math500")
+
+
+def parse_tasks(text):
+    """'loss,gsm8k,lm:hellaswag' -> ['loss', 'gsm8k', 'lm:hellaswag']; unknown names are a LoopfitError."""
+    tasks = [t.strip() for t in str(text).split(",") if t.strip()]
+    if not tasks:
+        raise LoopfitError(f"--tasks is empty: choose from {', '.join(TASKS)} or lm:TASK")
+    for t in tasks:
+        if t not in TASKS and not (t.startswith("lm:") and len(t) > 3):
+            raise LoopfitError(f"unknown task '{t}': choose from {', '.join(TASKS)}, or lm:TASK for an lm-eval task")
+    return tasks
+
+
+def run_task(task, model, tok, steps, opts):
+    """(rows, samples) of one task at every r."""
+    gen = {"limit": opts["limit"], "seed": opts["seed"], "batch_size": opts["batch_size"]}
+    if opts.get("max_new_tokens"):
+        gen["max_new_tokens"] = opts["max_new_tokens"]
+    if task == "loss":
+        data = opts.get("data")
+        if data and Path(data).is_dir():
+            rows = loss.prepared_batches(data, opts["max_tokens"])
+        else:
+            rows = loss.pack(tok, loss.read_texts(data), opts["seq_len"], opts["max_tokens"])
+        return loss.evaluate(model, rows, steps, opts["batch_size"]), []
+    if task in ("gsm8k", "gsm8k_1shot"):
+        return gsm8k.evaluate(model, tok, steps, prompt="8shot" if task == "gsm8k" else "1shot", **gen)
+    if task in ("math", "math500"):
+        return minerva_math.evaluate(model, tok, steps, subset="all" if task == "math" else "500", **gen)
+    from .harness import run_tasks
+
+    rows, _ = run_tasks(model, tok, [task[3:]], steps, limit=opts["limit"], max_gen_toks=opts.get("max_new_tokens"))
+    return rows, []
+
+
+def evaluate(model, steps=(1, 2, 4, 8), tasks=("loss",), out=None, limit=None, seed=1234, batch_size=8,
+             max_new_tokens=None, data=None, seq_len=512, max_tokens=16384, plot=True):
+    """Run `tasks` at each r in `steps` on a model folder / name (or a loaded (model, tokenizer) pair).
+    Returns the results dict and, when `out` is given, writes results.json, samples.jsonl and sweep.png there."""
+    steps = parse_steps(",".join(map(str, steps)) if not isinstance(steps, str) else steps)
+    tasks = parse_tasks(",".join(tasks) if not isinstance(tasks, str) else tasks)
+    name = str(model) if not isinstance(model, tuple) else getattr(model[0].config, "_name_or_path", "model")
+    model, tok = model if isinstance(model, tuple) else load(model)
+    recurrent = is_recurrent(model)
+    run_steps = steps if recurrent else steps[:1]  # a plain model ignores r: run once
+    opts = dict(limit=limit, seed=seed, batch_size=batch_size, max_new_tokens=max_new_tokens, data=data,
+                seq_len=seq_len, max_tokens=max_tokens)
+    rows, samples, started = [], [], time.time()
+    for task in tasks:
+        task_rows, task_samples = run_task(task, model, tok, run_steps, opts)
+        rows += task_rows if recurrent else [dict(r, steps=s) for r in task_rows for s in steps]
+        samples += task_samples
+    results = {
+        "model": name,
+        "recurrent": recurrent,
+        "train_mean_recurrence": getattr(model.config, "mean_recurrence", None) if recurrent else None,
+        "tokenizer": tokenizer_fingerprint(tok),
+        "steps": steps,
+        "tasks": tasks,
+        "settings": {k: v for k, v in opts.items()},
+        "rows": rows,
+        "seconds": round(time.time() - started, 1),
+        "loopfit_version": __version__,
+    }
+    if out is not None:
+        write(results, samples, out, plot)
+    return results
+
+
+def write(results, samples, out, plot=True):
+    out = Path(out)
+    with atomic_file(out / "results.json", "w") as f:
+        json.dump(results, f, indent=1)
+    with atomic_file(out / "samples.jsonl", "w") as f:
+        for s in samples:
+            f.write(json.dumps(s) + "\n")
+    if plot and results["rows"]:
+        title = f"{Path(results['model']).name} ({'recurrent' if results['recurrent'] else 'plain: r ignored'})"
+        plot_sweep(results["rows"], out / "sweep.png", title, results.get("train_mean_recurrence"))
+
+
+def table(rows):
+    """Markdown table: one line per (task, metric), one column per r."""
+    steps = sorted({r["steps"] for r in rows})
+    cells = {}
+    for r in rows:
+        cells.setdefault((r["task"], r["metric"]), {})[r["steps"]] = r["value"]
+    lines = ["| task | metric | " + " | ".join(f"r={s}" for s in steps) + " |",
+             "|---|---|" + "---:|" * len(steps)]
+    for (task, metric), by_r in cells.items():
+        vals = [f"{by_r[s]:.4g}" if s in by_r else "" for s in steps]
+        lines.append(f"| {task} | {metric} | " + " | ".join(vals) + " |")
+    return "\n".join(lines)
+
+
+def add_arguments(parser):
+    parser.add_argument("model", metavar="MODEL", help="loopfit or plain transformers folder, .gguf file, or short name")
+    parser.add_argument("--steps", default="1,2,4,8", help="test-time recurrences r, comma-separated (default 1,2,4,8)")
+    parser.add_argument("--tasks", default="loss", help=f"comma-separated: {', '.join(TASKS)}, lm:TASK (default loss)")
+    parser.add_argument("--limit", type=int, help="evaluate a fixed random subset of this many examples per task")
+    parser.add_argument("--seed", type=int, default=1234, help="seed of the --limit subset (default 1234)")
+    parser.add_argument("--max-new-tokens", type=int, help="generation budget (default 256 GSM8K, 512 MATH)")
+    parser.add_argument("--batch-size", type=int, default=8, help="prompts (or loss rows) per batch (default 8)")
+    parser.add_argument("--data", help="loss text: .txt (blank-line separated), .jsonl ('text'), or prepared folder")
+    parser.add_argument("--seq-len", type=int, default=512, help="loss sequence length (default 512)")
+    parser.add_argument("--max-tokens", type=int, default=16384, help="loss tokens in all (default 16384)")
+    parser.add_argument("--out", help="output folder (default MODEL/eval for a folder, else eval-NAME)")
+
+
+def run(args):
+    if args.limit is not None and args.limit < 1:
+        raise LoopfitError(f"--limit must be a positive number of examples, got {args.limit}")
+    out = args.out or (Path(args.model) / "eval" if Path(args.model).is_dir() else Path(f"eval-{Path(args.model).stem}"))
+    results = evaluate(args.model, parse_steps(args.steps), parse_tasks(args.tasks), out=out, limit=args.limit,
+                       seed=args.seed, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
+                       data=args.data, seq_len=args.seq_len, max_tokens=args.max_tokens)
+    print(table(results["rows"]))
+    print(f"wrote {out}/results.json, samples.jsonl, sweep.png ({results['seconds']} s)")
