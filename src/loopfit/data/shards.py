@@ -1,0 +1,218 @@
+"""Prepared datasets on disk: memory-mapped token shards, their manifest, validation and evaluation batches.
+
+A prepared dataset is one folder, written whole by `loopfit prepare` (it appears only once complete):
+
+    DATA/NAME/manifest.json            what went in (sources, tokenizer fingerprint, options) and what came out
+    DATA/NAME/train-00000.tokens.npy   1-D uint16 (uint32 if the vocabulary has more than 65536 tokens) token ids
+    DATA/NAME/train-00000.docs.npy     1-D int64: the end offset of each document in that shard (EOS included)
+    DATA/NAME/val-00000.tokens.npy     the held-out documents (`--holdout`), same layout
+
+Every document ends with the tokenizer's EOS token. `open_dataset` memory-maps the shards and checks them
+against the manifest (sizes, document offsets; with `verify=True` also sha256), so a truncated or damaged
+shard is an error, never silent garbage.
+"""
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+
+from .. import LoopfitError
+
+FORMAT = "loopfit-tokens/1"
+MANIFEST = "manifest.json"
+
+
+# ---------------------------------------------------------------- tokenizer identity
+
+
+def load_tokenizer(tokenizer):
+    """A transformers tokenizer from an object, a folder (model or tokenizer) or a GGUF file path."""
+    if not isinstance(tokenizer, (str, Path)):
+        return tokenizer
+    from transformers import AutoTokenizer
+
+    path = Path(tokenizer)
+    if not path.exists():
+        from ..assets import OFFLINE_MODELS, offline_gguf
+
+        if str(tokenizer) in OFFLINE_MODELS:
+            path = offline_gguf(str(tokenizer))
+        else:
+            raise LoopfitError(f"tokenizer '{tokenizer}' does not exist: give a model folder, a GGUF file or a short name")
+    try:
+        if path.suffix == ".gguf":
+            return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+        return AutoTokenizer.from_pretrained(str(path))
+    except Exception as e:  # transformers raises OSError / ValueError / others for unusable folders
+        raise LoopfitError(f"cannot load a tokenizer from {path} ({type(e).__name__}): point at a model or tokenizer folder") from None
+
+
+def tokenizer_fingerprint(tokenizer):
+    """'sha256:<16 hex>' of the vocabulary (token -> id) and the EOS id: equal fingerprints tokenise alike."""
+    tokenizer = load_tokenizer(tokenizer)
+    vocab = sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])
+    blob = json.dumps({"vocab": vocab, "eos": tokenizer.eos_token_id}, ensure_ascii=False).encode()
+    return "sha256:" + hashlib.sha256(blob).hexdigest()[:16]
+
+
+def token_dtype(vocab_size):
+    return np.uint16 if vocab_size <= 2**16 else np.uint32
+
+
+# ---------------------------------------------------------------- reading
+
+
+def read_manifest(folder):
+    folder = Path(folder)
+    path = folder / MANIFEST
+    if not path.exists():
+        if folder.is_dir() and any((sub / MANIFEST).exists() for sub in folder.iterdir() if sub.is_dir()):
+            names = ", ".join(sorted(sub.name for sub in folder.iterdir() if (sub / MANIFEST).exists()))
+            raise LoopfitError(f"{folder} is a data root, not one dataset: use one of its datasets ({names})")
+        raise LoopfitError(f"{folder} is not a prepared dataset (no {MANIFEST}): run `loopfit prepare ... --out {folder.parent}`")
+    try:
+        manifest = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise LoopfitError(f"{path} is damaged: re-run `loopfit prepare` with --force") from None
+    if manifest.get("format") != FORMAT:
+        raise LoopfitError(f"{folder} has format {manifest.get('format')!r}, not {FORMAT!r}: re-run `loopfit prepare` with --force")
+    return manifest
+
+
+def _sha256(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+class TokenDataset:
+    """One split of a prepared dataset, memory-mapped: `tokens(start, length)` reads across shard boundaries.
+
+    Attributes: `name`, `folder`, `manifest`, `num_tokens`, `num_docs`, `doc_ends` (int64 global end offset of
+    each document, EOS included), `eos_token_id`.
+    """
+
+    def __init__(self, folder, split="train", verify=False):
+        self.folder = Path(folder)
+        self.manifest = read_manifest(self.folder)
+        self.name = self.manifest["name"]
+        self.split = split
+        self.eos_token_id = self.manifest["tokenizer"]["eos_token_id"]
+        info = self.manifest["splits"].get(split)
+        if not info or not info["shards"]:
+            hint = " (prepare it with --holdout 0.01)" if split == "val" else ""
+            raise LoopfitError(f"{self.folder} has no '{split}' split{hint}")
+        dtype = np.dtype(self.manifest["dtype"])
+        self._shards, ends, offset = [], [], 0
+        for shard in info["shards"]:
+            tokens = self._open(shard["tokens_file"], dtype, shard["tokens"], shard, verify)
+            docs = self._open(shard["docs_file"], np.dtype(np.int64), shard["documents"], shard, verify)
+            if len(docs) == 0 or docs[-1] != len(tokens) or np.any(np.diff(docs) <= 0) or docs[0] <= 0:
+                raise self._damaged(shard["docs_file"], "document offsets are inconsistent")
+            self._shards.append(tokens)
+            ends.append(docs + offset)
+            offset += len(tokens)
+        self._starts = np.cumsum([0] + [len(t) for t in self._shards])
+        self.doc_ends = np.concatenate(ends)
+        self.num_tokens = int(offset)
+        self.num_docs = len(self.doc_ends)
+
+    def _damaged(self, file, why):
+        return LoopfitError(f"{self.folder / file} is corrupt or truncated ({why}): re-run `loopfit prepare` with --force")
+
+    def _open(self, file, dtype, length, shard, verify):
+        path = self.folder / file
+        if not path.exists():
+            raise self._damaged(file, "file missing")
+        try:
+            array = np.load(path, mmap_mode="r")
+        except (ValueError, OSError, EOFError) as e:
+            raise self._damaged(file, str(e).split("\n")[0]) from None
+        if array.dtype != dtype or array.shape != (length,):
+            raise self._damaged(file, f"{array.dtype}{list(array.shape)}, manifest says {dtype}[{length}]")
+        if verify and _sha256(path) != shard["sha256"][file]:
+            raise self._damaged(file, "checksum mismatch")
+        return array
+
+    def tokens(self, start, length):
+        """Tokens [start, start + length) of the split as an int64 array (reads only those bytes)."""
+        if start < 0 or start + length > self.num_tokens:
+            raise IndexError(f"tokens [{start}, {start + length}) outside [0, {self.num_tokens})")
+        first = int(np.searchsorted(self._starts, start, side="right")) - 1
+        pieces, pos = [], start
+        while length > 0:
+            shard = self._shards[first]
+            lo = pos - self._starts[first]
+            take = min(length, len(shard) - lo)
+            pieces.append(np.asarray(shard[lo : lo + take], dtype=np.int64))
+            pos, length, first = pos + take, length - take, first + 1
+        return pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
+
+    def doc_start(self, i):
+        return 0 if i == 0 else int(self.doc_ends[i - 1])
+
+
+def open_dataset(folder, split="train", verify=False):
+    """Open one split of a prepared dataset folder (see TokenDataset); `verify=True` also checks sha256 sums."""
+    return TokenDataset(folder, split, verify)
+
+
+def verify_dataset(folder):
+    """Check every shard of every split of a prepared dataset (sizes, offsets, sha256); raise LoopfitError if bad."""
+    for split, info in read_manifest(folder)["splits"].items():
+        if info["shards"]:
+            TokenDataset(folder, split, verify=True)
+
+
+def dataset_folders(data_dir):
+    """The prepared dataset folders in `data_dir`: itself if it is one, else its sub-folders that are."""
+    data_dir = Path(data_dir)
+    if (data_dir / MANIFEST).exists():
+        return [data_dir]
+    found = sorted(p for p in data_dir.iterdir() if (p / MANIFEST).exists()) if data_dir.is_dir() else []
+    if not found:
+        raise LoopfitError(f"no prepared dataset in {data_dir}: run `loopfit prepare SOURCE --tokenizer MODEL --out {data_dir}`")
+    return found
+
+
+def check_tokenizer(data_dir, tokenizer):
+    """Raise LoopfitError unless every dataset in `data_dir` (one dataset or a data root) was tokenised with
+    `tokenizer` (an object, folder, GGUF path or short name). Returns the fingerprint."""
+    expected = tokenizer_fingerprint(tokenizer)
+    for folder in dataset_folders(data_dir):
+        tok = read_manifest(folder)["tokenizer"]
+        if tok["fingerprint"] != expected:
+            raise LoopfitError(
+                f"{folder} was tokenised with another tokenizer ({tok['name']}, {tok['fingerprint']}) than the "
+                f"model's ({expected}): re-run `loopfit prepare` with the model's --tokenizer"
+            )
+    return expected
+
+
+# ---------------------------------------------------------------- evaluation batches
+
+
+def iter_eval_batches(data_dir, seq_len, batch_size, split="val", max_batches=None, rank=0, world_size=1):
+    """Held-out loss batches: consecutive, non-overlapping `seq_len` windows over the split, in order.
+
+    Yields dicts {input_ids, labels} of LongTensors [n, seq_len] (n = batch_size except maybe the last), labels
+    equal to input_ids (the model shifts them, transformers-style). Batches are dealt round-robin to ranks:
+    rank r gets batches r, r + world_size, ... The same call always yields the same batches.
+    """
+    import torch
+
+    ds = open_dataset(data_dir, split)
+    windows = ds.num_tokens // seq_len
+    if windows == 0:
+        raise LoopfitError(f"{data_dir} '{split}' holds {ds.num_tokens} tokens, fewer than seq_len {seq_len}: use a shorter seq_len or a larger --holdout")
+    n_batches = -(-windows // batch_size)
+    if max_batches is not None:
+        n_batches = min(n_batches, max_batches)
+    for b in range(rank, n_batches, world_size):
+        first, last = b * batch_size, min(windows, (b + 1) * batch_size)
+        ids = torch.from_numpy(ds.tokens(first * seq_len, (last - first) * seq_len).reshape(-1, seq_len))
+        yield {"input_ids": ids, "labels": ids.clone()}
