@@ -1,0 +1,77 @@
+"""Training FLOPs the way the paper counts them (PAPERS.md §2), and the hardware peak MFU is measured against.
+
+Only non-embedding parameters count: P (prelude), R (core, adapter included), C (coda and final norm).
+A step over D tokens with n no-grad loops and k grad loops costs 6*D*(P + k*R + C) + 2*D*(n*R);
+a plain (non-recurrent) model with N non-embedding parameters costs 6*N*D. Attention's own FLOPs are not
+counted (neither does the paper), so runs compare at equal compute by this measure.
+"""
+
+import time
+
+import torch
+
+# Dense bf16 peak FLOP/s (no sparsity) of common accelerators, by a substring of torch.cuda.get_device_name().
+GPU_PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12, "4090": 165e12}
+
+
+def _numel(modules):
+    return sum(p.numel() for m in modules for p in m.parameters())
+
+
+def param_counts(model):
+    """{'prelude','core','coda'} for a loopfit model, {'plain'} for any other causal LM (non-embedding params)."""
+    inner = getattr(model, "model", model)
+    if all(hasattr(inner, a) for a in ("prelude", "core", "coda", "adapter")):
+        return {
+            "prelude": _numel(inner.prelude),
+            "core": _numel(inner.core) + _numel([inner.adapter]),
+            "coda": _numel(inner.coda) + _numel([inner.norm]),
+        }
+    skip = {id(p) for m in (model.get_input_embeddings(), model.get_output_embeddings()) if m is not None
+            for p in m.parameters()}
+    return {"plain": sum(p.numel() for p in {id(p): p for p in model.parameters()}.values() if id(p) not in skip)}
+
+
+def train_flops(tokens, counts, n=0, k=1):
+    """FLOPs of one training step over `tokens` tokens with n no-grad and k grad loops."""
+    if "plain" in counts:
+        return 6 * counts["plain"] * tokens
+    p, r, c = counts["prelude"], counts["core"], counts["coda"]
+    return 6 * tokens * (p + k * r + c) + 2 * tokens * (n * r)
+
+
+def effective_params(counts, r):
+    """N_eff(r) = P + r*R + C (or N for a plain model)."""
+    if "plain" in counts:
+        return counts["plain"]
+    return counts["prelude"] + r * counts["core"] + counts["coda"]
+
+
+def measure_matmul_peak(size=1024, dtype=torch.float32, device="cpu", seconds=0.5):
+    """Measured FLOP/s of a square matmul: the achievable peak on a CPU (no datasheet number applies)."""
+    g = torch.Generator(device=device).manual_seed(0)  # leaves the global RNG alone (bit-exact resume)
+    a = torch.randn(size, size, dtype=dtype, device=device, generator=g)
+    b = torch.randn(size, size, dtype=dtype, device=device, generator=g)
+    a @ b  # warm up
+    n, t0 = 0, time.perf_counter()
+    while True:
+        a @ b
+        n += 1
+        if device != "cpu":
+            torch.cuda.synchronize()
+        dt = time.perf_counter() - t0
+        if dt >= seconds:
+            return 2 * size**3 * n / dt
+
+
+def peak_flops(device, configured=0.0):
+    """(FLOP/s, how it was obtained): the recipe's value, a datasheet bf16 peak for known GPUs, or a measurement."""
+    if configured:
+        return float(configured), "train.peak_flops"
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, value in GPU_PEAK_BF16.items():
+            if key in name:
+                return value, f"{name} bf16 datasheet"
+        return measure_matmul_peak(4096, torch.bfloat16, device), f"{name} measured bf16 matmul"
+    return measure_matmul_peak(), "measured fp32 matmul on this CPU"

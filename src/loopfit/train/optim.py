@@ -1,0 +1,61 @@
+"""Optimisers: Muon for hidden 2-D matrices (the adapter included), AdamW for embeddings, head and norms.
+
+`name: muon` gives two optimizers, each with its own base lr (PAPERS.md §2: Muon lr 1e-3, AdamW lr 5e-5,
+betas 0.9/0.95, weight decay 1e-4); `name: adamw` gives one AdamW over everything at `adamw_lr`.
+Each param group remembers its base lr as `base_lr`; the schedule multiplies it every step.
+"""
+
+import torch
+
+
+def split_params(model):
+    """(hidden matrices for Muon, everything else for AdamW), each a list of (name, param) with grad."""
+    special = set()
+    for module in (model.get_input_embeddings(), model.get_output_embeddings()):
+        if module is not None:
+            special |= {id(p) for p in module.parameters()}
+    muon, adamw, seen = [], [], set()
+    for name, p in model.named_parameters():
+        if not p.requires_grad or id(p) in seen:
+            continue
+        seen.add(id(p))
+        (muon if p.ndim == 2 and id(p) not in special else adamw).append((name, p))
+    return muon, adamw
+
+
+def build_optimizers(model, cfg):
+    """A list of torch optimizers for `model` (already wrapped for DDP/FSDP if distributed) from the `optim` section."""
+    inner = getattr(model, "module", model)  # DDP keeps the model in .module; FSDP2 modifies it in place
+    muon, adamw = split_params(inner)
+    betas = tuple(cfg.betas)
+    if cfg.name == "adamw":
+        params = [p for _, p in muon + adamw]
+        return [torch.optim.AdamW(params, lr=cfg.adamw_lr, betas=betas, weight_decay=cfg.weight_decay, eps=cfg.eps)]
+    if cfg.name != "muon":
+        raise ValueError(f"unknown optimizer {cfg.name!r}")
+    opts = [
+        torch.optim.Muon(
+            [p for _, p in muon], lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=cfg.muon_momentum,
+            adjust_lr_fn=cfg.muon_adjust_lr,
+        )
+    ]
+    if adamw:
+        opts.append(torch.optim.AdamW([p for _, p in adamw], lr=cfg.adamw_lr, betas=betas,
+                                      weight_decay=cfg.weight_decay, eps=cfg.eps))
+    return opts
+
+
+def remember_base_lr(optimizers):
+    for opt in optimizers:
+        for group in opt.param_groups:
+            group.setdefault("base_lr", group["lr"])
+
+
+def set_lr(optimizers, factor):
+    """Set every group's lr to base_lr * factor; returns the lrs in order (for logging)."""
+    lrs = []
+    for opt in optimizers:
+        for group in opt.param_groups:
+            group["lr"] = group["base_lr"] * factor
+            lrs.append(group["lr"])
+    return lrs

@@ -1,0 +1,120 @@
+"""What the trainer reads: a data source is any object with
+
+    batch(step, lr_fraction) -> {"input_ids": LongTensor[B_rank, T], "labels": LongTensor[B_rank, T]}
+        this rank's rows of the global batch of `step` (labels aligned with input_ids, -100 = ignore; the
+        trainer shifts them), deterministic in (seed, step, rank) so a resumed run reads the same batches
+    state_dict() / load_state_dict(state)     whatever else it needs to resume (JSON-like values)
+    vocab_size                                 largest token id + 1 it can produce (checked against the model)
+    eval_batch(i) -> same dict                 optional: held-out batches for the fixed-r eval loss
+
+`build_source` makes one from the recipe's `data` section: `synthetic:` (random or learnable patterns, for
+smoke tests and benchmarks), `tokens:` (one .npy / .pt file of token ids, sampled in windows), or else the
+prepared shards and phased blends of `loopfit.data`.
+"""
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .. import LoopfitError
+
+
+def _rows(global_batch, rank, world):
+    per = global_batch // world
+    return slice(rank * per, (rank + 1) * per)
+
+
+class SyntheticSource:
+    """Deterministic synthetic batches: 'random' tokens, or 'pattern' (arithmetic sequences mod vocab: learnable)."""
+
+    def __init__(self, kind="pattern", vocab_size=256, seq_len=64, batch_size=8, rank=0, world=1, seed=0):
+        if kind not in ("random", "pattern"):
+            raise LoopfitError(f"data.synthetic is {kind!r}: choose random or pattern")
+        self.kind, self.vocab_size, self.seq_len = kind, int(vocab_size), int(seq_len)
+        self.batch_size, self.rank, self.world, self.seed = int(batch_size), rank, world, int(seed)
+
+    def _make(self, key):
+        rng = np.random.default_rng([self.seed, *key])
+        if self.kind == "random":
+            ids = rng.integers(0, self.vocab_size, (self.batch_size, self.seq_len))
+        else:
+            start = rng.integers(0, self.vocab_size, (self.batch_size, 1))
+            stride = rng.integers(1, 8, (self.batch_size, 1))
+            ids = (start + stride * np.arange(self.seq_len)) % self.vocab_size
+        ids = torch.from_numpy(ids[_rows(self.batch_size, self.rank, self.world)]).long()
+        return {"input_ids": ids, "labels": ids.clone()}
+
+    def batch(self, step, lr_fraction=1.0):
+        return self._make((0, step))
+
+    def eval_batch(self, i):
+        return self._make((1, i))
+
+    def state_dict(self):
+        return {}
+
+    def load_state_dict(self, state):
+        pass
+
+
+class TokenWindowSource:
+    """Random windows of seq_len tokens from one 1-D array of token ids; the last 5% is held out for eval."""
+
+    def __init__(self, tokens, seq_len=1024, batch_size=8, rank=0, world=1, seed=0, vocab_size=None):
+        tokens = torch.as_tensor(np.asarray(tokens)).long().flatten()
+        if len(tokens) < 2 * (seq_len + 1):
+            raise LoopfitError(f"data.tokens holds {len(tokens)} tokens, too few for data.seq_len {seq_len}")
+        cut = int(len(tokens) * 0.95)
+        self.train, self.heldout = tokens[:cut], tokens[cut:]
+        self.seq_len, self.batch_size, self.rank, self.world, self.seed = int(seq_len), int(batch_size), rank, world, int(seed)
+        self.vocab_size = int(vocab_size or int(tokens.max()) + 1)
+
+    def _windows(self, tokens, key):
+        rng = np.random.default_rng([self.seed, *key])
+        hi = max(1, len(tokens) - self.seq_len)
+        starts = rng.integers(0, hi, self.batch_size)[_rows(self.batch_size, self.rank, self.world)]
+        ids = torch.stack([tokens[s:s + self.seq_len] for s in starts])
+        return {"input_ids": ids, "labels": ids.clone()}
+
+    def batch(self, step, lr_fraction=1.0):
+        return self._windows(self.train, (0, step))
+
+    def eval_batch(self, i):
+        return self._windows(self.heldout, (1, i))
+
+    def state_dict(self):
+        return {}
+
+    def load_state_dict(self, state):
+        pass
+
+
+def _load_tokens(path):
+    path = Path(path)
+    if not path.is_file():
+        raise LoopfitError(f"data.tokens file {path} not found: pass a .npy or .pt file of token ids")
+    if path.suffix == ".npy":
+        return np.load(path, mmap_mode="r")
+    if path.suffix == ".pt":
+        return torch.load(path, weights_only=True)
+    raise LoopfitError(f"data.tokens {path} must be a .npy or .pt file of token ids")
+
+
+def build_source(data_cfg, batch_size, rank, world, seed):
+    """A data source for this rank from the recipe's `data` section (see the module docstring)."""
+    cfg = dict(data_cfg or {})
+    seq_len = int(cfg.pop("seq_len", 1024))
+    if not cfg:
+        raise LoopfitError("the recipe has no data: set data.synthetic, data.tokens, or the prepared data of "
+                           "`loopfit prepare` (see recipes/quickstart-smollm2.yaml)")
+    if "synthetic" in cfg:
+        return SyntheticSource(cfg["synthetic"], int(cfg.get("vocab_size", 256)), seq_len, batch_size, rank, world, seed)
+    if "tokens" in cfg:
+        return TokenWindowSource(_load_tokens(cfg["tokens"]), seq_len, batch_size, rank, world, seed, cfg.get("vocab_size"))
+    try:
+        from ..data import sampler as data_sampler  # the prepared shards / phased blends pipeline
+    except ImportError:
+        raise LoopfitError(f"data keys {sorted(cfg)} need loopfit.data, which is not available; use data.synthetic "
+                           "or data.tokens") from None
+    return data_sampler.from_recipe({**cfg, "seq_len": seq_len}, batch_size=batch_size, rank=rank, world=world, seed=seed)

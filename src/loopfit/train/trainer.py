@@ -1,0 +1,409 @@
+"""Continue pretraining a recurrent loopfit model (or a plain transformers causal LM, the baseline) from a recipe.
+
+  loopfit train RECIPE.yaml [--section.key=value ...]        start a run from model.init_from (weights only)
+  loopfit train RECIPE.yaml --resume                          continue the run in train.out_dir (full state)
+  torchrun --nproc-per-node 8 -m loopfit.cli train RECIPE.yaml --distributed.strategy=fsdp
+
+Starting and resuming are different operations. Without --resume, the weights of `model.init_from` (a
+converted loopfit folder, or any folder AutoModelForCausalLM loads) are the starting point and the optimizer,
+schedule and curriculum start fresh; an out_dir that already holds checkpoints is refused. With --resume the
+newest intact checkpoint in out_dir restores model, optimizer (Muon momentum included), step, data position
+and RNG, so the run continues as if never stopped (bit for bit on CPU). A corrupt newest checkpoint is
+skipped with a message. `--resume PATH` picks a checkpoint folder.
+
+Each step draws (n, k) loops for a recurrent model (recurrence.*: Poisson-lognormal depth seeded by the step,
+curriculum of the mean or the backprop depth, or a fixed r), runs n loops without and k with gradients,
+and updates with Muon + AdamW (optim.*) under an lr schedule (schedule.*: wsd, cosine, constant, cpt).
+The global batch is train.batch_size sequences = micro_batch_size x ranks x accumulation steps.
+
+Writes to train.out_dir: metrics.jsonl / metrics.csv / tb/ (loss, lr, grad norm, n, k, tokens, FLOPs by the
+paper's count, tokens/s, MFU), checkpoints/step-N/ (every checkpoint.every steps, at the end, and on
+SIGTERM/SIGINT), and final/, a folder from_pretrained loads. A non-finite loss stops the run with a
+checkpoint of the last good state (or, with train.on_nonfinite=skip, drops that step).
+"""
+
+import dataclasses
+import math
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import yaml
+
+from .. import LoopfitError
+from ..io import atomic_dir, atomic_file
+from . import checkpoint, distributed
+from .config import describe_keys, load_recipe, parse_override
+from .flops import param_counts, peak_flops, train_flops
+from .optim import build_optimizers, remember_base_lr, set_lr
+from .recurrence import depth_for_step
+from .schedules import lr_factor
+from .sources import build_source
+
+# --------------------------------------------------------------------------------------------- command line
+
+
+def add_arguments(parser):
+    parser.add_argument("recipe", help="YAML recipe (see recipes/); every key can be overridden as --section.key=value")
+    parser.add_argument("--resume", nargs="?", const="latest", default=None, metavar="CHECKPOINT",
+                        help="continue the run in train.out_dir from its newest intact checkpoint (or CHECKPOINT)")
+    parser.epilog = "recipe keys and defaults (override any as --section.key=value):\n" + describe_keys()
+    known = parser.parse_known_args
+
+    def parse_args(args=None, namespace=None):
+        ns, rest = known(args, namespace)
+        bad = [a for a in rest if not (a.startswith("--") and "=" in a and "." in a.split("=", 1)[0])]
+        if bad:
+            parser.error(f"unrecognized arguments: {' '.join(bad)} (recipe overrides look like --optim.lr=3e-4)")
+        ns.overrides = rest
+        return ns
+
+    parser.parse_args = parse_args
+
+
+def run(args):
+    result = train(args.recipe, getattr(args, "overrides", ()), resume=args.resume)
+    return {"SIGTERM": 143, "SIGINT": 130}.get(result.get("stopped"), 0)
+
+
+# --------------------------------------------------------------------------------------------- helpers
+
+
+class StopSignal:
+    """SIGTERM / SIGINT set a flag; the loop saves a checkpoint and stops after the current step."""
+
+    def __init__(self):
+        self.name, self._old = None, {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.name is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # second Ctrl-C: stop now, without a checkpoint
+        self.name = signal.Signals(signum).name
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+def _say(d, msg):
+    if d.main:
+        from tqdm import tqdm
+
+        tqdm.write(f"loopfit train: {msg}", file=sys.stderr)
+
+
+def _check_recipe(cfg, d):
+    t = cfg.train
+    if not cfg.model.init_from:
+        raise LoopfitError("no model: set model.init_from to a converted loopfit folder or a transformers model folder")
+    if not Path(cfg.model.init_from).is_dir() or not (Path(cfg.model.init_from) / "config.json").is_file():
+        raise LoopfitError(f"model.init_from {cfg.model.init_from} is not a model folder with a config.json: "
+                           "convert one with `loopfit convert` or point to a saved transformers model")
+    if t.steps < 1 or t.batch_size < 1 or t.micro_batch_size < 1:
+        raise LoopfitError("train.steps, train.batch_size and train.micro_batch_size must be >= 1")
+    per_step = t.micro_batch_size * d.world
+    if t.batch_size % per_step:
+        raise LoopfitError(
+            f"train.batch_size {t.batch_size} is not divisible by micro_batch_size {t.micro_batch_size} x "
+            f"{d.world} rank(s) = {per_step}: choose a batch size that is a multiple of {per_step}")
+    r = cfg.recurrence
+    if r.mean < 1 or r.backprop < 1:
+        raise LoopfitError("recurrence.mean and recurrence.backprop must be >= 1")
+
+
+def _load_model(cfg):
+    import loopfit  # noqa: F401  (registers the loopfit model type with AutoModelForCausalLM)
+    from transformers import AutoModelForCausalLM
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(cfg.model.init_from, dtype=torch.float32)
+    except (OSError, ValueError) as e:
+        raise LoopfitError(f"cannot load model.init_from {cfg.model.init_from}: {str(e).splitlines()[0]}") from None
+    return model
+
+
+def _is_recurrent(model):
+    return getattr(model.config, "model_type", "") == "loopfit"
+
+
+def _check_data(source, model):
+    """Refuse data whose token ids do not fit the model's vocabulary (a different tokenizer)."""
+    vocab = model.get_input_embeddings().num_embeddings
+    data_vocab = getattr(source, "vocab_size", None)
+    if data_vocab is not None and data_vocab > vocab:
+        raise LoopfitError(
+            f"the data has token ids up to {data_vocab - 1} but the model's vocabulary has {vocab} entries: the data "
+            "was tokenized with another tokenizer; prepare it again with the model's tokenizer")
+    if hasattr(source, "check_tokenizer"):  # prepared data knows its tokenizer and raises on a mismatch
+        source.check_tokenizer(model.config.name_or_path)
+
+
+def _export_final(out_dir, model, cfg, d):
+    """OUT/final: a folder from_pretrained loads (weights, config, and the tokenizer files of init_from)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    dest = Path(out_dir) / "final"
+    if d.main:
+        inner = distributed.unwrap(model)
+        with atomic_dir(dest, force=True) as tmp:
+            inner.save_pretrained(tmp, state_dict=sd)
+            src = Path(cfg.model.init_from)
+            for f in src.iterdir():
+                if f.is_file() and f.suffix not in (".safetensors", ".bin", ".pt") and f.name not in (
+                        "config.json", "model.safetensors.index.json") and not (tmp / f.name).exists():
+                    (tmp / f.name).write_bytes(f.read_bytes())
+    distributed.barrier()
+    return dest
+
+
+def _eval_loss(model, source, cfg, d, recurrent, autocast):
+    """Mean held-out next-token loss at a fixed number of loops (recurrence.eval_steps, default its mean)."""
+    if not hasattr(source, "eval_batch"):
+        return None
+    r = cfg.recurrence.eval_steps or cfg.recurrence.mean
+    kwargs = {"num_steps": r} if recurrent else {}
+    model.eval()
+    total = count = 0.0
+    with torch.no_grad(), autocast():
+        for i in range(cfg.train.eval_batches):
+            b = source.eval_batch(i)
+            ids, labels = b["input_ids"].to(d.device), b.get("labels", b["input_ids"]).to(d.device)
+            logits = model(input_ids=ids, use_cache=False, **kwargs).logits
+            total += F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
+                                     ignore_index=-100, reduction="sum").item()
+            count += (labels[:, 1:] != -100).sum().item()
+    model.train()
+    total, count = distributed.all_sum([total, count], d.device)
+    return total / max(count, 1.0)
+
+
+def _grad_norm(model, clip):
+    params = [p for p in model.parameters() if p.grad is not None]
+    norm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf"))
+    if hasattr(norm, "full_tensor"):
+        norm = norm.full_tensor()
+    return float(norm)
+
+
+# --------------------------------------------------------------------------------------------- the run
+
+
+def train(recipe=None, overrides=(), resume=None, data=None):
+    """Run a recipe (YAML path, dict, or None for defaults) with overrides like '--train.steps=10'.
+
+    resume: None (start from model.init_from), 'latest' (newest intact checkpoint in out_dir) or a checkpoint
+    folder. data: a data source object (see loopfit.train.sources) instead of the recipe's data section.
+    Returns a summary dict: step, loss, eval_loss, tokens, flops, out_dir, final, stopped.
+    """
+    cfg = load_recipe(recipe, overrides)
+    started = not torch.distributed.is_initialized()
+    d = distributed.setup()
+    try:
+        return _train(cfg, d, resume, data)
+    finally:
+        if started:
+            distributed.teardown()
+
+
+def _start_state(cfg, d, resume, out_dir):
+    """Checkpoint path to resume from (or None), after the explicit start/resume checks."""
+    existing = checkpoint.list_checkpoints(out_dir)
+    if resume is None:
+        if existing:
+            raise LoopfitError(
+                f"{out_dir} already holds a run (checkpoint at step {existing[0][0]}): continue it with --resume, "
+                "or choose another --train.out_dir")
+        return None
+    if resume != "latest":
+        path = Path(resume)
+        reason = checkpoint.verify(path) if path.is_dir() else "not a folder"
+        if reason:
+            raise LoopfitError(f"cannot resume from {path}: {reason}")
+        return path
+    path, skipped = checkpoint.latest_good(out_dir)
+    for msg in skipped:
+        _say(d, msg)
+    if path is None:
+        raise LoopfitError(f"nothing to resume in {out_dir}: no intact checkpoint there; start without --resume")
+    return path
+
+
+def _train(cfg, d, resume, data):
+    t = cfg.train
+    _check_recipe(cfg, d)
+    out_dir = Path(t.out_dir)
+    ckpt_path = _start_state(cfg, d, resume, out_dir)
+    torch.manual_seed(t.seed * 1000 + d.rank)
+
+    model = _load_model(cfg)
+    recurrent = _is_recurrent(model)
+    counts = param_counts(model)
+    source = data if data is not None else build_source(cfg.data, t.batch_size, d.rank, d.world, t.seed)
+    _check_data(source, model)
+
+    model = distributed.wrap(model, cfg.distributed.strategy, d)
+    model.train()
+    optimizers = build_optimizers(model, cfg.optim)
+    remember_base_lr(optimizers)
+
+    start, tokens_total, flops_total = 0, 0, 0.0
+    if ckpt_path is not None:
+        state = checkpoint.load(ckpt_path, model, optimizers, d)
+        start, tokens_total, flops_total = state["step"], state["tokens"], state["flops"]
+        source.load_state_dict(state.get("data", {}))
+        _say(d, f"resumed from {ckpt_path} at step {start}" + ("" if state["rng_restored"] else
+             f" (saved with {state['world']} ranks, now {d.world}: RNG reseeded, not bit-exact)"))
+    if d.main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        with atomic_file(out_dir / "recipe.yaml", "w") as f:
+            yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)
+
+    from .metrics import Metrics
+
+    metrics = Metrics(out_dir, resume_step=start if ckpt_path else None, tensorboard=t.tensorboard, enabled=d.main)
+    peak, peak_source = peak_flops(d.device, t.peak_flops)
+    bf16 = t.precision == "bf16" or (t.precision == "auto" and d.device.type == "cuda")
+
+    def autocast():
+        return torch.autocast(d.device.type, dtype=torch.bfloat16, enabled=bf16)
+
+    accum = t.batch_size // (t.micro_batch_size * d.world)
+    _say(d, f"{'recurrent' if recurrent else 'plain'} model, non-embedding params {counts}; {t.steps} steps of "
+         f"{t.batch_size} sequences ({t.micro_batch_size} x {d.world} rank(s) x {accum} accumulation); "
+         f"MFU against {peak:.3g} FLOP/s ({peak_source})")
+
+    def trainer_state(step):
+        return {"step": step, "tokens": tokens_total, "flops": flops_total, "data": source.state_dict()}
+
+    def save(step):
+        return checkpoint.save(out_dir, step, model, optimizers, trainer_state(step), d, cfg.checkpoint.keep,
+                               recipe=cfg.to_dict())
+
+    bar = None
+    if d.main and t.progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=t.steps, initial=start, desc="train", dynamic_ncols=True)
+
+    last_saved, loss, eval_loss, stopped = start if ckpt_path else -1, math.nan, None, None
+    with StopSignal() as stop:
+        for step in range(start, t.steps):
+            factor = lr_factor(step, t.steps, cfg.schedule.name, cfg.schedule.warmup, cfg.schedule.decay,
+                               cfg.schedule.decay_shape, cfg.schedule.floor)
+            lrs = set_lr(optimizers, factor)
+            n, k, rbar, kmax = depth_for_step(step, t.steps, cfg.recurrence, t.seed) if recurrent else (0, 1, 0, 0)
+            batch = source.batch(step, factor)
+            ids = batch["input_ids"].to(d.device)
+            labels = batch.get("labels", batch["input_ids"]).to(d.device)
+            local_tokens = float((labels[:, 1:] != -100).sum())
+            # one collective: the global count of predicted tokens (loss normaliser) and whether any rank got a signal
+            global_tokens, stop_votes = distributed.all_sum([local_tokens, float(stop.name is not None)], d.device)
+            if stop_votes:
+                stopped = stop.name or "SIGTERM"
+                break
+
+            t0 = time.perf_counter()
+            loss_sum = 0.0
+            kwargs = {"num_steps": (n, k)} if recurrent else {}
+            for i in range(accum):
+                rows = slice(i * t.micro_batch_size, (i + 1) * t.micro_batch_size)
+                with distributed.grad_sync(model, i == accum - 1), autocast():
+                    logits = model(input_ids=ids[rows], use_cache=False, **kwargs).logits
+                    ce = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[rows, 1:].flatten(),
+                                         ignore_index=-100, reduction="sum")
+                    # sum over tokens / global count, x world because DDP and FSDP average gradients over ranks
+                    (ce * (d.world / max(global_tokens, 1.0))).backward()
+                loss_sum += ce.item()
+            (loss_total,) = distributed.all_sum([loss_sum], d.device)
+            loss = loss_total / max(global_tokens, 1.0)
+            grad_norm = _grad_norm(model, cfg.optim.grad_clip)
+
+            if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+                for opt in optimizers:
+                    opt.zero_grad(set_to_none=True)
+                what = f"loss {loss:.4g}, grad norm {grad_norm:.4g}"
+                if t.on_nonfinite == "skip":
+                    _say(d, f"step {step + 1}: non-finite ({what}); skipped (train.on_nonfinite=skip)")
+                    metrics.log({"step": step + 1, "skipped": 1, "loss": None, "lr": lrs[0]})
+                    if bar:
+                        bar.update(1)
+                    continue
+                path = save(step) if last_saved != step else checkpoint.checkpoint_dir(out_dir) / f"step-{step:08d}"
+                if bar:
+                    bar.close()
+                metrics.close()
+                raise LoopfitError(
+                    f"non-finite training signal at step {step + 1} ({what}): stopped; the last good state (after step "
+                    f"{step}) is saved in {path}. Lower optim.lr / optim.adamw_lr or optim.grad_clip, check the data, "
+                    "then continue with --resume (or set train.on_nonfinite=skip to drop such steps)")
+            for opt in optimizers:
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+
+            dt = time.perf_counter() - t0
+            step_tokens = int(ids.numel() * d.world)
+            step_flops = train_flops(step_tokens, counts, n, k)
+            tokens_total += step_tokens
+            flops_total += step_flops
+            done = step + 1
+            record = {"step": done, "loss": loss, "lr": lrs[0], "grad_norm": grad_norm, "n": n, "k": k, "rbar": rbar,
+                      "tokens": tokens_total, "flops": flops_total, "tokens_per_s": step_tokens / dt,
+                      "mfu": step_flops / dt / (peak * d.world), "time": dt}
+            if len(lrs) > 1:
+                record["lr_adamw"] = lrs[-1]
+            if t.eval_every and done % t.eval_every == 0:
+                eval_loss = record["eval_loss"] = _eval_loss(model, source, cfg, d, recurrent, autocast)
+            if done % max(1, t.log_every) == 0 or "eval_loss" in record or done == t.steps:
+                metrics.log(record)
+            if bar:
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{record['tokens_per_s']:.0f}",
+                                r=f"{n + k}" if recurrent else "-", lr=f"{lrs[0]:.2e}")
+            if cfg.checkpoint.every and done % cfg.checkpoint.every == 0 and done < t.steps:
+                save(done)
+                last_saved = done
+        else:
+            step = t.steps
+
+    done = step if stopped else t.steps
+    if last_saved != done:
+        path = save(done)
+    else:
+        path = checkpoint.checkpoint_dir(out_dir) / f"step-{done:08d}"
+    if bar:
+        bar.close()
+    final = None
+    if stopped:
+        _say(d, f"stopped by {stopped} after step {done}: checkpoint {path}; continue with `loopfit train "
+                f"RECIPE --resume`")
+    else:
+        if not t.eval_every or t.steps % t.eval_every:
+            eval_loss = _eval_loss(model, source, cfg, d, recurrent, autocast)
+            if eval_loss is not None:
+                metrics.log({"step": done, "eval_loss": eval_loss})
+        final = _export_final(out_dir, model, cfg, d)
+        _say(d, f"done: {done} steps, {tokens_total} tokens, {flops_total:.3g} FLOPs, loss {loss:.4f}"
+                + (f", held-out loss {eval_loss:.4f}" if eval_loss is not None else "") + f"; model in {final}")
+    metrics.close()
+    return {"step": done, "loss": loss, "eval_loss": eval_loss, "tokens": tokens_total, "flops": flops_total,
+            "out_dir": str(out_dir), "final": str(final) if final else None, "stopped": stopped,
+            "checkpoint": str(path)}
+
+
+if __name__ == "__main__":  # python -m loopfit.train.trainer RECIPE ...
+    import argparse
+
+    p = argparse.ArgumentParser(prog="loopfit train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(p)
+    sys.exit(run(p.parse_args()))
