@@ -190,6 +190,8 @@ def load_base(source, dtype=torch.float32):
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     kind, path = resolve_source(source)
+    if kind == "gguf" and str(source) in _offline_names():
+        kind, path = "folder", offline_folder(str(source))
     if kind == "folder":
         cfg = AutoConfig.from_pretrained(path)
         if cfg.model_type == "loopfit":
@@ -217,6 +219,28 @@ def load_base(source, dtype=torch.float32):
     return model, tokenizer
 
 
+def _offline_names():
+    from .assets import OFFLINE_MODELS
+
+    return OFFLINE_MODELS
+
+
+def offline_folder(name):
+    """The offline model `name` as a plain fp32 transformers folder, dequantized from its GGUF once and cached
+    (loading a folder takes a second; dequantizing the GGUF takes tens of seconds)."""
+    from .assets import CACHE_DIR, offline_gguf
+    from .io import atomic_dir
+
+    folder = CACHE_DIR / f"{name}-fp32"
+    if (folder / "config.json").exists():
+        return folder
+    model, tokenizer = load_base(offline_gguf(name))
+    with atomic_dir(folder, force=True) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+    return folder
+
+
 def _load_tokenizer(path):
     from transformers import AutoTokenizer
 
@@ -237,6 +261,9 @@ def _dequantized_copy(model):
     with torch.device("meta"):
         plain = AutoModelForCausalLM.from_config(plain_cfg, dtype=torch.float32)
     plain.load_state_dict(model.state_dict(), assign=True)
+    for name, buf in model.named_buffers():  # non-persistent buffers (RoPE) are not in the state dict
+        owner, _, attr = name.rpartition(".")
+        plain.get_submodule(owner)._buffers[attr] = buf
     plain.tie_weights()
     return plain
 
@@ -380,8 +407,10 @@ def model_card(config, plan, source, report):
         f"KV cache policy: `{config.cache_policy}`.", "",
         "```python",
         "from transformers import AutoModelForCausalLM, AutoTokenizer",
-        "model = AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True)  # or `import loopfit` first",
-        "out = model.generate(**AutoTokenizer.from_pretrained(DIR)(\"2 + 2 =\", return_tensors=\"pt\"), num_steps=8)",
+        "import loopfit  # or pass trust_remote_code=True to both from_pretrained calls",
+        "model = AutoModelForCausalLM.from_pretrained(DIR)",
+        "inputs = AutoTokenizer.from_pretrained(DIR)(\"2 + 2 =\", return_tensors=\"pt\")",
+        "out = model.generate(**inputs, num_steps=8, max_new_tokens=20)",
         "```",
     ]
     if report is not None:
@@ -406,7 +435,7 @@ def save_folder(model, tokenizer, out, source, plan, report=None, dtype=None, fo
 
 
 def convert(source, out, layers=None, prelude=None, core=None, coda=None, adapter_init="random",
-            state_init="normal", recurrence=4, dtype="auto", force=False, parity=True, log=print):
+            state_init="normal", recurrence=4, dtype="auto", force=False, parity=True, seed=0, log=print):
     """Convert SOURCE into a loopfit folder at OUT; returns (model, ParityReport or None)."""
     if recurrence < 1:
         raise LoopfitError(f"--recurrence must be >= 1 (got {recurrence}): it is the default number of loops")
@@ -419,6 +448,7 @@ def convert(source, out, layers=None, prelude=None, core=None, coda=None, adapte
     n_layers = base.config.get_text_config().num_hidden_layers
     plan = plan_layers(n_layers, layers, prelude, core, coda)
     log(f"loaded {base.config.model_type} with {n_layers} layers in {time.time() - t0:.0f}s; {plan.describe()}")
+    torch.manual_seed(seed)  # the random adapter init: same seed, same model
     model = build_loopfit(base, plan, adapter_init=adapter_init, state_init=state_init, recurrence=recurrence)
     report = parity_report(base, model, tokenizer, plan) if parity else None
     for line in report.lines() if report else []:
@@ -467,6 +497,7 @@ def add_arguments(parser):
     parser.add_argument("--recurrence", type=int, default=4, metavar="R", help="default number of loops (default 4)")
     parser.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
                         help="weights dtype on disk (auto: the source's; float32 for GGUF)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random adapter init (default 0)")
     parser.add_argument("--force", action="store_true", help="replace --out if it exists")
     parser.add_argument("--no-parity", action="store_true", help="skip the parity report against the original")
 
@@ -479,5 +510,5 @@ def run(args):
         core=parse_range(args.core, "core") if args.core else None,
         coda=parse_range(args.coda, "coda") if args.coda else None,
         adapter_init=args.adapter_init, state_init=args.state_init, recurrence=args.recurrence,
-        dtype=args.dtype, force=args.force, parity=not args.no_parity,
+        dtype=args.dtype, force=args.force, parity=not args.no_parity, seed=args.seed,
     )

@@ -13,6 +13,7 @@ def atomic_dir(dest, force=False):
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
+    os.chmod(tmp, 0o755)  # mkdtemp makes it private; the result is an ordinary folder
     try:
         yield tmp
         _fsync_tree(tmp)
@@ -36,6 +37,7 @@ def atomic_file(dest, mode="wb"):
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.tmp-", dir=dest.parent)
+    os.chmod(tmp, 0o644)
     try:
         with os.fdopen(fd, mode) as f:
             yield f

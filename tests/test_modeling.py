@@ -1,0 +1,246 @@
+"""The recurrent model: parity with the transformers implementation of every family, cache exactness, truncated
+backprop, save/load. Tiny random models built here; fp32; tolerances stated per test."""
+
+import pytest
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    Gemma3TextConfig,
+    LlamaConfig,
+    MistralConfig,
+    Olmo2Config,
+    Qwen2Config,
+    Qwen3Config,
+)
+
+import loopfit
+from loopfit.convert import LayerPlan, build_loopfit, plan_layers
+from loopfit.modeling import LoopfitConfig, LoopfitForCausalLM
+
+VOCAB = 128
+COMMON = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
+              num_key_value_heads=2, max_position_embeddings=256)
+LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 8}
+FAMILIES = {
+    "llama": lambda: LlamaConfig(**COMMON),
+    "llama3-rope": lambda: LlamaConfig(**COMMON, rope_parameters=LLAMA3_ROPE),
+    "tinyllama-mha": lambda: LlamaConfig(**{**COMMON, "num_key_value_heads": 4}, tie_word_embeddings=True),
+    "mistral-window": lambda: MistralConfig(**COMMON, sliding_window=5),
+    "qwen2": lambda: Qwen2Config(**COMMON),
+    "qwen3": lambda: Qwen3Config(**COMMON, head_dim=24),
+    "olmo2": lambda: Olmo2Config(**COMMON),
+    "gemma3": lambda: Gemma3TextConfig(**COMMON, head_dim=16, sliding_window=4, query_pre_attn_scalar=16,
+                                       layer_types=["sliding_attention", "full_attention"] * 2),
+}
+
+
+def random_base(name, seed=0):
+    """A tiny transformers model of the family, with norms and biases randomised so every weight matters."""
+    torch.manual_seed(seed)
+    base = AutoModelForCausalLM.from_config(FAMILIES[name]()).eval()
+    with torch.no_grad():
+        for pname, p in base.named_parameters():
+            if p.dim() == 1:
+                p.normal_(0.2 if name == "gemma3" else 1.0, 0.1) if "norm" in pname else p.normal_(0, 0.1)
+    return base
+
+
+def padded_batch(seed=0, length=14):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, VOCAB, (3, length), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    mask[2, :6] = 0
+    return ids, mask
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_identity_conversion_matches_transformers(family):
+    """Every layer kept, passthrough adapter, r = 1: logits and per-layer hidden states equal the base (1e-5)."""
+    base = random_base(family)
+    model = build_loopfit(base, plan_layers(4, (1, 2, 1)), adapter_init="passthrough", recurrence=1)
+    ids, mask = padded_batch()
+    with torch.no_grad():
+        ref = base(ids, output_hidden_states=True)
+        out = model(ids, num_steps=1, output_hidden_states=True)
+        ref_pad = base(ids, attention_mask=mask).logits
+        out_pad = model(ids, attention_mask=mask, num_steps=1).logits
+    assert (out.logits - ref.logits).abs().max() <= 1e-5
+    # hidden states: inputs of each layer, then the final normed output (the base's last entry)
+    for mine, theirs in zip(out.hidden_states[:-1], ref.hidden_states[:-1]):
+        assert (mine - theirs).abs().max() <= 1e-5
+    keep = mask.bool()[..., None]
+    assert ((out_pad - ref_pad).abs() * keep).max() <= 1e-5
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3", "gemma3"])
+def test_passthrough_equals_base_without_dropped_layers_at_any_r(family):
+    """[0 | I] adapter: the core sees e on every loop, whatever the state, so the output does not depend on r."""
+    base = random_base(family)
+    model = build_loopfit(base, LayerPlan([0], [2], [3], 4), adapter_init="passthrough", state_init="normal")
+    ids, _ = padded_batch()
+    with torch.no_grad():
+        outs = [model(ids, num_steps=r).logits for r in (1, 3, 6)]
+    assert all(torch.equal(outs[0], o) for o in outs[1:])
+
+
+def tiny_loopfit(**overrides):
+    cfg = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
+               num_prelude_layers=1, num_core_layers=2, num_coda_layers=1, mean_recurrence=4)
+    torch.manual_seed(0)
+    return LoopfitForCausalLM(LoopfitConfig(**{**cfg, **overrides})).eval()
+
+
+@pytest.mark.parametrize("r", [1, 4])
+def test_cached_generation_equals_recomputation(r):
+    """Batch of 3, left padding: greedy decoding with the exact cache equals decoding by full recomputation,
+    token for token, and the last step's logits agree to 1e-5."""
+    model = tiny_loopfit(layer_types=["full_attention", "sliding_attention", "full_attention", "full_attention"],
+                         sliding_window=6, rope={"full_attention": {"rope_type": "default", "rope_theta": 1e4},
+                                                 "sliding_attention": {"rope_type": "default", "rope_theta": 1e3}})
+    ids, mask = padded_batch(length=10)
+    with torch.no_grad():
+        cached = model.generate(ids, attention_mask=mask, num_steps=r, max_new_tokens=8, do_sample=False,
+                                pad_token_id=0, output_logits=True, return_dict_in_generate=True)
+        seq, m = ids, mask
+        for _ in range(8):
+            logits = model(seq, attention_mask=m, num_steps=r).logits[:, -1]
+            seq = torch.cat([seq, logits.argmax(-1, keepdim=True)], 1)
+            m = torch.cat([m, torch.ones_like(m[:, :1])], 1)
+    assert torch.equal(cached.sequences, seq)
+    assert (cached.logits[-1] - logits).abs().max() <= 1e-5
+
+
+def test_cache_has_one_slot_per_loop_and_layer_and_ring_bounds_it():
+    ids, mask = padded_batch(length=6)
+    exact = tiny_loopfit()
+    out = exact(ids, attention_mask=mask, num_steps=5, use_cache=True)
+    core_slots = {k for k in out.past_key_values.slots if k[0] == "core"}
+    assert len(core_slots) == 5 * 2
+    ring = tiny_loopfit(cache_policy="ring", cache_ring_size=2)
+    out = ring(ids, attention_mask=mask, num_steps=5, use_cache=True)
+    assert len({k for k in out.past_key_values.slots if k[0] == "core"}) == 2 * 2
+    # the ring policy still generates (approximately: it trades exactness for memory)
+    g = ring.generate(ids, attention_mask=mask, num_steps=5, max_new_tokens=4, do_sample=False, pad_token_id=0)
+    assert g.shape == (3, 10)
+
+
+def test_cache_falls_back_to_latest_loop_when_r_grows():
+    """Decoding with more loops than the prompt ran reads the prompt's latest loop instead of failing."""
+    model = tiny_loopfit()
+    ids, _ = padded_batch(length=6)
+    with torch.no_grad():
+        out = model(ids, num_steps=2, use_cache=True)
+        nxt = model(ids[:, :1], past_key_values=out.past_key_values, num_steps=4, use_cache=True)
+    assert torch.isfinite(nxt.logits).all()
+    assert out.past_key_values.slots[("core", 3, 0)][0].shape[2] == 7
+
+
+def test_truncated_backprop_puts_gradients_only_where_it_should():
+    """(n, k): the n no-grad loops keep no graph, so the loss depends on the state only through the last k loops;
+    every weight that runs in a grad loop gets a gradient, and results equal n + k plain loops."""
+    model = tiny_loopfit(state_init="zeros").train()
+    ids = torch.randint(0, VOCAB, (2, 9))
+    full = model(ids, labels=ids, num_steps=5)
+    trunc = model(ids, labels=ids, num_steps=(3, 2))
+    assert torch.allclose(full.loss, trunc.loss, atol=1e-6)
+    trunc.loss.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
+    # k = 0 grad loops: only the prelude-free path (coda, head, embeddings via nothing) gets gradients
+    model.zero_grad(set_to_none=True)
+    model(ids, labels=ids, num_steps=(3, 0)).loss.backward()
+    assert model.model.adapter.weight.grad is None
+    assert all(p.grad is None for p in model.model.core.parameters())
+    assert all(p.grad is None for p in model.model.prelude.parameters())
+    assert model.lm_head.weight.grad is not None
+
+
+def test_truncated_backprop_gradient_matches_detached_reference():
+    """The gradient under (n, k) equals the gradient of n + k loops with the state detached after loop n."""
+    model = tiny_loopfit(state_init="zeros").train()
+    ids = torch.randint(0, VOCAB, (2, 9))
+    model(ids, labels=ids, num_steps=(2, 2)).loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    inner = model.model
+    e = inner.prelude[0](inner.embed_tokens(ids), inner.rope(torch.arange(9)[None].expand(2, -1), torch.float32),
+                         inner.masks(None, 9, 0, "cpu"))
+    s = torch.zeros_like(e)
+    rope, mask = inner.rope(torch.arange(9)[None].expand(2, -1), torch.float32), inner.masks(None, 9, 0, "cpu")
+    for t in range(4):
+        if t == 2:
+            s = s.detach()
+        x = inner.adapter(torch.cat([s, e.detach() if t < 2 else e], -1))
+        for layer in inner.core:
+            x = layer(x, rope, mask)
+        s = x
+    for layer in inner.coda:
+        s = layer(s, rope, mask)
+    logits = model.lm_head(inner.norm(s))
+    torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten()).backward()
+    for n, p in model.named_parameters():
+        assert torch.allclose(p.grad, grads[n], atol=1e-6), n
+
+
+def test_save_load_round_trip_is_bit_exact(tmp_path):
+    model = tiny_loopfit(adapter_init="random", state_init="normal")
+    model.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert isinstance(loaded, loopfit.LoopfitForCausalLM)
+    for (n, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
+        assert torch.equal(a, b), n
+    ids, mask = padded_batch()
+    assert torch.equal(model(ids, attention_mask=mask).logits, loaded(ids, attention_mask=mask).logits)
+    assert (tmp_path / "modeling.py").exists()
+
+
+def test_inference_is_deterministic_and_training_state_is_random():
+    model = tiny_loopfit()
+    ids, _ = padded_batch()
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, model(ids).logits)
+        model.train()
+        assert not torch.equal(model(ids).logits, model(ids).logits)
+
+
+@pytest.mark.parametrize("kind", ["random", "passthrough", "state", "mean"])
+def test_adapter_inits(kind):
+    model = tiny_loopfit(adapter_init=kind)
+    w = model.model.adapter.weight
+    h = w.shape[0]
+    eye = torch.eye(h)
+    expected = {"passthrough": (0 * eye, eye), "state": (eye, 0 * eye), "mean": (eye / 2, eye / 2)}
+    if kind == "random":  # nn.Linear's default: kaiming-uniform, bound 1/sqrt(fan_in)
+        assert w.abs().max() <= (2 * h) ** -0.5 and w.std() > 0
+    else:
+        assert torch.equal(w, torch.cat(expected[kind], 1))
+
+
+@pytest.mark.parametrize("state_init", ["normal", "zeros", "embed"])
+def test_state_inits(state_init):
+    model = tiny_loopfit(state_init=state_init)
+    e = torch.randn(2, 5, 64)
+    pos = torch.arange(5)[None].expand(2, -1)
+    s = model.model.initial_state(e, pos)
+    if state_init == "zeros":
+        assert torch.equal(s, torch.zeros_like(e))
+    elif state_init == "embed":
+        assert torch.equal(s, e)
+    else:
+        std = model.config.state_init_std
+        assert s.abs().max() <= 3 * std and 0.5 * std < s.std() < 1.5 * std
+
+
+@pytest.mark.parametrize("bad", [0, -1, (0, 0), (-1, 2)])
+def test_num_steps_must_be_positive(bad):
+    model = tiny_loopfit()
+    with pytest.raises(ValueError, match="num_steps"):
+        model(torch.zeros(1, 3, dtype=torch.long), num_steps=bad)
+
+
+def test_config_rejects_empty_core_and_bad_recurrence():
+    with pytest.raises(ValueError, match="core"):
+        LoopfitConfig(num_core_layers=0)
+    with pytest.raises(ValueError, match="mean_recurrence"):
+        LoopfitConfig(mean_recurrence=0)
