@@ -5,7 +5,7 @@
         trainer shifts them), deterministic in (seed, step, rank) so a resumed run reads the same batches
     state_dict() / load_state_dict(state)     whatever else it needs to resume (JSON-like values)
     vocab_size                                 largest token id + 1 it can produce (checked against the model)
-    eval_batch(i) -> same dict                 optional: held-out batches for the fixed-r eval loss
+    eval_batches(n) -> iterable of such dicts  optional: this rank's held-out batches for the fixed-r eval loss
 
 `build_source` makes one from the recipe's `data` section: `synthetic:` (random or learnable patterns, for
 smoke tests and benchmarks), `tokens:` (one .npy / .pt file of token ids, sampled in windows), or else the
@@ -48,8 +48,8 @@ class SyntheticSource:
     def batch(self, step, lr_fraction=1.0):
         return self._make((0, step))
 
-    def eval_batch(self, i):
-        return self._make((1, i))
+    def eval_batches(self, n):
+        return (self._make((1, i)) for i in range(n))
 
     def state_dict(self):
         return {}
@@ -80,8 +80,8 @@ class TokenWindowSource:
     def batch(self, step, lr_fraction=1.0):
         return self._windows(self.train, (0, step))
 
-    def eval_batch(self, i):
-        return self._windows(self.heldout, (1, i))
+    def eval_batches(self, n):
+        return (self._windows(self.heldout, (1, i)) for i in range(n))
 
     def state_dict(self):
         return {}
@@ -101,20 +101,75 @@ def _load_tokens(path):
     raise LoopfitError(f"data.tokens {path} must be a .npy or .pt file of token ids")
 
 
-def build_source(data_cfg, batch_size, rank, world, seed):
-    """A data source for this rank from the recipe's `data` section (see the module docstring)."""
+class BlendSource:
+    """The prepared shards and phased blend of `loopfit.data` (BlendSampler), plus held-out batches of a dataset."""
+
+    def __init__(self, sampler, eval_folder=None, eval_batch_size=4):
+        self.sampler, self.eval_folder, self.eval_batch_size = sampler, eval_folder, eval_batch_size
+
+    def batch(self, step, lr_fraction=None):
+        b = self.sampler.batch(step, lr_fraction)
+        return {"input_ids": b["input_ids"], "labels": b["labels"]}
+
+    def eval_batches(self, n):
+        if self.eval_folder is None:
+            return []
+        from ..data import iter_eval_batches
+
+        s = self.sampler
+        return iter_eval_batches(self.eval_folder, s.seq_len, self.eval_batch_size, max_batches=n, rank=s.rank,
+                                 world_size=s.world_size)
+
+    def check_tokenizer(self, model_dir):
+        from ..data import check_tokenizer
+
+        if not any(Path(model_dir).glob("tokenizer*")):
+            return  # a model folder without tokenizer files: nothing to compare against
+        for folder in self.sampler.blend.datasets.values():
+            check_tokenizer(folder, model_dir)
+
+    def state_dict(self):
+        return self.sampler.state_dict()
+
+    def load_state_dict(self, state):
+        if state:
+            self.sampler.load_state_dict(state)
+
+
+def build_source(data_cfg, batch_size, rank, world, seed, total_steps=None, lr_fraction_at=None, eval_batch_size=4):
+    """A data source for this rank from the recipe's `data` section (see the module docstring).
+
+    Prepared data: `root` (the --out of `loopfit prepare`), `blend` (a blend YAML, or inline `phases:` /
+    `weights:` / `datasets:`), `seq_len`, `pack` (concat | docs), `eval` (dataset whose 'val' split gives the
+    held-out loss).
+    """
     cfg = dict(data_cfg or {})
     seq_len = int(cfg.pop("seq_len", 1024))
     if not cfg:
-        raise LoopfitError("the recipe has no data: set data.synthetic, data.tokens, or the prepared data of "
-                           "`loopfit prepare` (see recipes/quickstart-smollm2.yaml)")
+        raise LoopfitError("the recipe has no data: set data.root and data.blend (from `loopfit prepare`), or "
+                           "data.synthetic / data.tokens (see recipes/)")
     if "synthetic" in cfg:
         return SyntheticSource(cfg["synthetic"], int(cfg.get("vocab_size", 256)), seq_len, batch_size, rank, world, seed)
     if "tokens" in cfg:
         return TokenWindowSource(_load_tokens(cfg["tokens"]), seq_len, batch_size, rank, world, seed, cfg.get("vocab_size"))
-    try:
-        from ..data import sampler as data_sampler  # the prepared shards / phased blends pipeline
-    except ImportError:
-        raise LoopfitError(f"data keys {sorted(cfg)} need loopfit.data, which is not available; use data.synthetic "
-                           "or data.tokens") from None
-    return data_sampler.from_recipe({**cfg, "seq_len": seq_len}, batch_size=batch_size, rank=rank, world=world, seed=seed)
+    from ..data import BlendSampler, load_blend
+
+    root = cfg.pop("root", None)
+    if root is not None and not Path(root).is_dir():
+        raise LoopfitError(f"data.root {root} does not exist: run `loopfit prepare ... --out {root}` first")
+    inline = {k: cfg.pop(k) for k in ("phases", "weights", "datasets") if k in cfg}
+    blend_spec = cfg.pop("blend", None) or inline
+    if not blend_spec:
+        raise LoopfitError("data needs a blend: data.blend: FILE.yaml, or data.weights: {DATASET: 1.0}")
+    blend = load_blend(blend_spec, root)
+    eval_name = cfg.pop("eval", None)
+    pack = cfg.pop("pack", "concat")
+    if cfg:
+        raise LoopfitError(f"unknown data key '{sorted(cfg)[0]}': data takes root, blend (or phases / weights / "
+                           "datasets), seq_len, pack, eval")
+    sampler = BlendSampler(blend, seq_len, batch_size, rank=rank, world_size=world, seed=seed, total_steps=total_steps,
+                           pack=pack, lr_fraction_at=lr_fraction_at)
+    eval_folder = None
+    if eval_name:
+        eval_folder = blend.datasets.get(eval_name) or Path(root or ".") / eval_name
+    return BlendSource(sampler, eval_folder, eval_batch_size)

@@ -37,7 +37,7 @@ import yaml
 from .. import LoopfitError
 from ..io import atomic_dir, atomic_file
 from . import checkpoint, distributed
-from .config import describe_keys, load_recipe, parse_override
+from .config import ScheduleConfig, describe_keys, load_recipe
 from .flops import param_counts, peak_flops, train_flops
 from .optim import build_optimizers, remember_base_lr, set_lr
 from .recurrence import depth_for_step
@@ -109,6 +109,8 @@ def _check_recipe(cfg, d):
     if not Path(cfg.model.init_from).is_dir() or not (Path(cfg.model.init_from) / "config.json").is_file():
         raise LoopfitError(f"model.init_from {cfg.model.init_from} is not a model folder with a config.json: "
                            "convert one with `loopfit convert` or point to a saved transformers model")
+    if cfg.schedule.name == "cpt" and cfg.schedule.floor == ScheduleConfig.floor:
+        cfg.schedule.floor = 0.01  # continued pretraining decays to lr_start / 100 unless told otherwise
     if t.steps < 1 or t.batch_size < 1 or t.micro_batch_size < 1:
         raise LoopfitError("train.steps, train.batch_size and train.micro_batch_size must be >= 1")
     per_step = t.micro_batch_size * d.world
@@ -169,15 +171,14 @@ def _export_final(out_dir, model, cfg, d):
 
 def _eval_loss(model, source, cfg, d, recurrent, autocast):
     """Mean held-out next-token loss at a fixed number of loops (recurrence.eval_steps, default its mean)."""
-    if not hasattr(source, "eval_batch"):
+    if not hasattr(source, "eval_batches"):
         return None
     r = cfg.recurrence.eval_steps or cfg.recurrence.mean
     kwargs = {"num_steps": r} if recurrent else {}
     model.eval()
     total = count = 0.0
     with torch.no_grad(), autocast():
-        for i in range(cfg.train.eval_batches):
-            b = source.eval_batch(i)
+        for b in source.eval_batches(cfg.train.eval_batches):
             ids, labels = b["input_ids"].to(d.device), b.get("labels", b["input_ids"]).to(d.device)
             logits = model(input_ids=ids, use_cache=False, **kwargs).logits
             total += F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
@@ -249,7 +250,12 @@ def _train(cfg, d, resume, data):
     model = _load_model(cfg)
     recurrent = _is_recurrent(model)
     counts = param_counts(model)
-    source = data if data is not None else build_source(cfg.data, t.batch_size, d.rank, d.world, t.seed)
+    def lr_at(step):
+        s = cfg.schedule
+        return lr_factor(step, t.steps, s.name, s.warmup, s.decay, s.decay_shape, s.floor)
+
+    source = data if data is not None else build_source(cfg.data, t.batch_size, d.rank, d.world, t.seed, t.steps,
+                                                        lr_at, t.micro_batch_size)
     _check_data(source, model)
 
     model = distributed.wrap(model, cfg.distributed.strategy, d)
@@ -299,8 +305,7 @@ def _train(cfg, d, resume, data):
     last_saved, loss, eval_loss, stopped = start if ckpt_path else -1, math.nan, None, None
     with StopSignal() as stop:
         for step in range(start, t.steps):
-            factor = lr_factor(step, t.steps, cfg.schedule.name, cfg.schedule.warmup, cfg.schedule.decay,
-                               cfg.schedule.decay_shape, cfg.schedule.floor)
+            factor = lr_at(step)
             lrs = set_lr(optimizers, factor)
             n, k, rbar, kmax = depth_for_step(step, t.steps, cfg.recurrence, t.seed) if recurrent else (0, 1, 0, 0)
             batch = source.batch(step, factor)
