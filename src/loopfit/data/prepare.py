@@ -59,8 +59,10 @@ def add_arguments(parser):
 
 
 def run(args):
+    # The shell passes "\n" in a template as backslash + n: mean a newline, as the examples do.
+    template = args.template.replace("\\n", "\n").replace("\\t", "\t") if args.template else None
     results = prepare(
-        args.sources, args.tokenizer, args.out, text_field=args.text_field, template=args.template,
+        args.sources, args.tokenizer, args.out, text_field=args.text_field, template=template,
         holdout=args.holdout, limit=args.limit, shard_tokens=args.shard_tokens, workers=args.workers,
         encoding_errors=args.encoding_errors, force=args.force,
     )  # fmt: skip

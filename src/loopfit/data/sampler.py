@@ -82,6 +82,7 @@ class BlendSampler:
         self.local_batch_size = global_batch_size // world_size
         self.dataset_names = blend.dataset_names
         self.datasets = [open_dataset(blend.datasets[n], split) for n in self.dataset_names]
+        self.vocab_size = self.datasets[0].manifest["tokenizer"]["vocab_size"]  # token ids are < vocab_size
         self.units = np.asarray([self._num_units(ds) for ds in self.datasets], dtype=np.int64)
         # Per phase: cumulative weights over all datasets (fixed order), last exactly 1.
         self._cum_weights = []
