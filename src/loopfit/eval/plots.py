@@ -31,17 +31,20 @@ def save(fig, path):
 
 def plot_sweep(rows, path, title="", train_steps=None):
     """Metric vs test-time recurrence r, one line per task and metric, log2 r axis."""
+    rows = [r for r in rows if r["metric"] != "perplexity"]  # exp(loss): the loss panel already shows it
     panels = sorted({panel_of(r["metric"]) for r in rows}, key=lambda p: (p != "accuracy", p))
+    ticks = sorted({r["steps"] for r in rows})
     fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4), squeeze=False)
     for ax, panel in zip(axes[0], panels):
         for (task, metric), points in lines([r for r in rows if panel_of(r["metric"]) == panel]).items():
             xs, ys = zip(*points)
             ax.plot(xs, ys, marker="o", label=f"{task} {metric.removeprefix('accuracy_')}".strip())
         ax.set_xscale("log", base=2)
+        ax.set_xticks(ticks, [str(t) for t in ticks])
         ax.set_xlabel("test-time recurrence r")
         ax.set_ylabel(panel)
-        if panel == "perplexity":
-            ax.set_yscale("log")
+        if panel == "accuracy":
+            ax.set_ylim(-0.02, max(0.1, max(r["value"] for r in rows if panel_of(r["metric"]) == panel) * 1.15))
         if train_steps:
             ax.axvline(train_steps, color="grey", linestyle=":", label=f"train mean r = {train_steps}")
         ax.grid(alpha=0.3)

@@ -50,7 +50,7 @@ def run_task(task, model, tok, steps, opts):
     if task == "loss":
         data = opts.get("data")
         if data and Path(data).is_dir():
-            rows = loss.prepared_batches(data, opts["max_tokens"])
+            rows = loss.prepared_rows(data, tok, opts["seq_len"], opts["max_tokens"])
         else:
             rows = loss.pack(tok, loss.read_texts(data), opts["seq_len"], opts["max_tokens"])
         return loss.evaluate(model, rows, steps, opts["batch_size"]), []
