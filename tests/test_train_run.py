@@ -1,0 +1,171 @@
+"""`loopfit train` end to end on tiny models: loss falls, the final folder loads, bad input is refused clearly."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from loopfit import LoopfitConfig, LoopfitError, LoopfitForCausalLM
+from loopfit.train import train
+
+TINY = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # two cores shared by several jobs: one thread per process avoids oversubscription (100x slower here)
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    torch.manual_seed(0)
+    model = LoopfitForCausalLM(LoopfitConfig(**TINY, num_prelude_layers=1, num_core_layers=2, num_coda_layers=1,
+                                             mean_recurrence=4))
+    out = tmp_path_factory.mktemp("tiny-loopfit")
+    model.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def plain_dir(tmp_path_factory):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**TINY, num_hidden_layers=2))
+    out = tmp_path_factory.mktemp("tiny-llama")
+    model.save_pretrained(out)
+    return out
+
+
+def recipe(init_from, out_dir, **sections):
+    r = {
+        "model": {"init_from": str(init_from)},
+        "data": {"synthetic": "pattern", "seq_len": 32},
+        "recurrence": {"mean": 4, "backprop": 2, "curriculum": "linear", "curriculum_fraction": 0.5},
+        "optim": {"lr": 0.02, "adamw_lr": 0.003},
+        "schedule": {"name": "wsd", "warmup": 2, "decay": 0.3},
+        "train": {"out_dir": str(out_dir), "steps": 30, "batch_size": 8, "micro_batch_size": 4, "progress": False,
+                  "eval_every": 15, "eval_batches": 2},
+        "checkpoint": {"every": 10, "keep": 2},
+    }
+    for section, values in sections.items():
+        r[section] = {**r.get(section, {}), **values}
+    return r
+
+
+def read_metrics(out_dir):
+    return [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_recurrent_loss_falls_and_final_folder_loads(tiny_dir, tmp_path):
+    out = tmp_path / "run"
+    result = train(recipe(tiny_dir, out))
+    rows = [r for r in read_metrics(out) if "loss" in r]
+    assert result["step"] == 30 and result["stopped"] is None
+    first, last = sum(r["loss"] for r in rows[:3]) / 3, sum(r["loss"] for r in rows[-3:]) / 3
+    assert last < first - 0.5, (first, last)
+    evals = [r["eval_loss"] for r in read_metrics(out) if "eval_loss" in r]
+    assert len(evals) == 2 and evals[1] < evals[0]
+    # recurrence draws follow the curriculum; FLOPs add up per the paper's formula
+    assert rows[0]["rbar"] == 1 and rows[-1]["rbar"] == 4
+    assert all(r["k"] <= 2 for r in rows)
+    assert rows[-1]["flops"] == pytest.approx(result["flops"]) and rows[-1]["tokens"] == 30 * 8 * 32
+    # checkpoints: last K kept; the final folder is an ordinary transformers checkpoint
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-00000020", "step-00000030"]
+    import loopfit  # noqa: F401
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(out / "final")
+    saved = load_file(out / "checkpoints/step-00000030/model.safetensors")
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in saved.items())
+    assert (out / "metrics.csv").read_text().splitlines()[0].startswith("step,loss,eval_loss")
+    assert list((out / "tb").iterdir())
+
+
+def test_plain_baseline_cli_with_overrides(plain_dir, tmp_path):
+    path = tmp_path / "plain.yaml"
+    path.write_text(yaml.safe_dump(recipe(plain_dir, tmp_path / "unused")))
+    out = tmp_path / "plain"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "loopfit.cli", "train", str(path), f"--train.out_dir={out}", "--train.steps=20",
+           "--optim.name=adamw", "--optim.adamw_lr=3e-3", "--checkpoint.every=0"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = [r for r in read_metrics(out) if "loss" in r]
+    assert len(rows) == 20 and rows[-1]["loss"] < rows[0]["loss"] - 0.5
+    assert rows[0]["flops"] == 6 * (sum(p.numel() for p in _plain_params(plain_dir))) * 8 * 32
+    assert "n" in rows[0] and rows[0]["n"] == 0
+    # a typo is refused with a suggestion, as one line
+    bad = subprocess.run(cmd[:5] + ["--optim.adamw_lrr=1"], capture_output=True, text=True, env=env, timeout=300)
+    assert bad.returncode == 2 and "did you mean 'optim.adamw_lr'" in bad.stderr
+
+
+def _plain_params(folder):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    skip = {id(model.get_input_embeddings().weight), id(model.get_output_embeddings().weight)}
+    return [p for p in model.parameters() if id(p) not in skip]
+
+
+def test_bad_input_is_refused_with_the_fix(tiny_dir, tmp_path):
+    out = tmp_path / "bad"
+    with pytest.raises(LoopfitError, match="no model: set model.init_from"):
+        train(recipe("", out))
+    with pytest.raises(LoopfitError, match="not a model folder"):
+        train(recipe(tmp_path / "missing", out))
+    with pytest.raises(LoopfitError, match="the recipe has no data"):
+        train({**recipe(tiny_dir, out), "data": {}})
+    with pytest.raises(LoopfitError, match="data.root .* does not exist"):
+        train({**recipe(tiny_dir, out), "data": {"root": str(tmp_path / "nodata"), "weights": {"x": 1}}})
+    with pytest.raises(LoopfitError, match="batch_size 10 is not divisible by micro_batch_size 4"):
+        train(recipe(tiny_dir, out, train={"batch_size": 10}))
+    with pytest.raises(LoopfitError, match="token ids up to 999 .* another tokenizer"):
+        train({**recipe(tiny_dir, out), "data": {"synthetic": "random", "vocab_size": 1000, "seq_len": 16}})
+    with pytest.raises(LoopfitError, match="nothing to resume"):
+        train(recipe(tiny_dir, out), resume="latest")
+    train(recipe(tiny_dir, out, train={"steps": 2, "eval_every": 0}))
+    with pytest.raises(LoopfitError, match="already holds a run .* --resume"):
+        train(recipe(tiny_dir, out, train={"steps": 2}))
+
+
+def test_corrupt_latest_checkpoint_falls_back(tiny_dir, tmp_path, capfd):
+    out = tmp_path / "corrupt"
+    r = recipe(tiny_dir, out, train={"steps": 6, "eval_every": 0}, checkpoint={"every": 2, "keep": 3})
+    train(r)
+    f = out / "checkpoints/step-00000006/model.safetensors"
+    data = bytearray(f.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    f.write_bytes(bytes(data))
+    capfd.readouterr()
+    result = train(r, ["--train.steps=8"], resume="latest")
+    err = capfd.readouterr().err
+    assert "step-00000006 is unusable: model.safetensors does not match its checksum" in err
+    assert "resumed from" in err and "step-00000004 at step 4" in err
+    assert result["step"] == 8
+    steps = [row["step"] for row in read_metrics(out) if "loss" in row]
+    assert steps == list(range(1, 9))  # rows the lost checkpoint covered were rewritten, none duplicated
+
+
+def test_nonfinite_loss_stops_with_last_good_checkpoint(tiny_dir, tmp_path):
+    out = tmp_path / "nan"
+    r = recipe(tiny_dir, out, optim={"name": "adamw", "adamw_lr": 1e30, "grad_clip": 0},
+               schedule={"name": "constant", "warmup": 0}, train={"steps": 20, "eval_every": 0})
+    with pytest.raises(LoopfitError, match=r"non-finite training signal at step (\d+) .* last good state .* --resume") as e:
+        train(r)
+    bad_step = int(e.value.args[0].split("at step ")[1].split()[0])
+    saved = out / f"checkpoints/step-{bad_step - 1:08d}/model.safetensors"
+    assert saved.exists() and all(torch.isfinite(t).all() for t in load_file(saved).values())
+    # with skip, the run goes on and finishes
+    result = train(r, ["--train.on_nonfinite=skip", f"--train.out_dir={tmp_path / 'skip'}"])
+    assert result["step"] == 20
+    assert any(row.get("skipped") for row in read_metrics(tmp_path / "skip"))
