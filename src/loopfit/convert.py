@@ -184,22 +184,40 @@ def resolve_source(source):
     return "folder", path
 
 
+def base_config(source):
+    """The base model's text config, read without loading weights; raises LoopfitError if unsupported."""
+    from transformers import AutoConfig
+
+    kind, path = resolve_source(source)
+    try:
+        if kind == "folder":
+            cfg = AutoConfig.from_pretrained(path)
+        else:
+            cfg = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
+    except (ValueError, KeyError, OSError) as e:
+        raise LoopfitError(f"cannot read the config of {source} ({str(e).splitlines()[0][:160]}): loopfit reads "
+                           f"{', '.join(SUPPORTED)} models") from None
+    if cfg.model_type == "loopfit":
+        raise LoopfitError(f"{source} is already a loopfit model: convert its base model instead")
+    cfg = cfg.get_text_config()
+    _family_flags(cfg)
+    return cfg
+
+
 def load_base(source, dtype=torch.float32):
     """A plain transformers causal LM (fp32, no quantization config) and its tokenizer, from a folder, GGUF
     file or short name. Raises LoopfitError for unsupported architectures and missing or corrupt weights."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from safetensors import SafetensorError
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     kind, path = resolve_source(source)
     if kind == "gguf" and str(source) in _offline_names():
         kind, path = "folder", offline_folder(str(source))
+    base_config(path)
     if kind == "folder":
-        cfg = AutoConfig.from_pretrained(path)
-        if cfg.model_type == "loopfit":
-            raise LoopfitError(f"{path} is already a loopfit model: convert its base model instead")
-        _family_flags(cfg.get_text_config())
         try:
             model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-        except (OSError, ValueError, RuntimeError) as e:
+        except (OSError, ValueError, RuntimeError, SafetensorError) as e:
             raise LoopfitError(f"cannot read the weights in {path} ({str(e).splitlines()[0][:160]}): "
                                "check that model.safetensors is complete, or re-save the model") from None
         tokenizer = _load_tokenizer(path)
@@ -444,9 +462,9 @@ def convert(source, out, layers=None, prelude=None, core=None, coda=None, adapte
     if Path(out).exists() and not force:
         raise LoopfitError(f"{out} already exists: choose another --out or pass --force to replace it")
     t0 = time.time()
+    n_layers = base_config(source).num_hidden_layers
+    plan = plan_layers(n_layers, layers, prelude, core, coda)  # checked before any weights are read
     base, tokenizer = load_base(source)
-    n_layers = base.config.get_text_config().num_hidden_layers
-    plan = plan_layers(n_layers, layers, prelude, core, coda)
     log(f"loaded {base.config.model_type} with {n_layers} layers in {time.time() - t0:.0f}s; {plan.describe()}")
     torch.manual_seed(seed)  # the random adapter init: same seed, same model
     model = build_loopfit(base, plan, adapter_init=adapter_init, state_init=state_init, recurrence=recurrence)
