@@ -244,3 +244,49 @@ def test_config_rejects_empty_core_and_bad_recurrence():
         LoopfitConfig(num_core_layers=0)
     with pytest.raises(ValueError, match="mean_recurrence"):
         LoopfitConfig(mean_recurrence=0)
+
+
+@pytest.mark.parametrize("rule", ["kl:1e-3", "entropy:1e-2", "latent:0.05", "argmax:2"])
+def test_adaptive_exit_in_a_batch_equals_each_row_alone(rule):
+    """Rows stop looping independently; with the cache falling back to each token's latest loop, a batch with
+    left padding decodes exactly what each row decodes alone."""
+    model = tiny_loopfit(adapter_init="mean", state_init="zeros")
+    ids, mask = padded_batch(length=8)
+    kw = dict(num_steps=6, max_new_tokens=6, do_sample=False, pad_token_id=0, exit_criterion=rule)
+    cache = model.new_cache()
+    batched = model.generate(ids, attention_mask=mask, past_key_values=cache, **kw)[:, -6:]
+    alone = [model.generate(ids[b:b + 1, mask[b].bool()], **kw)[0, -6:] for b in range(3)]
+    assert torch.equal(batched, torch.stack(alone))
+    loops = torch.stack(cache.loops_used)
+    assert loops.shape == (5, 3) and loops.min() >= 2 and loops.max() <= 6
+
+
+def test_adaptive_exit_saves_loops_and_a_zero_threshold_changes_nothing():
+    model = tiny_loopfit(adapter_init="mean", state_init="zeros")
+    ids, mask = padded_batch(length=8)
+    kw = dict(num_steps=6, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    plain = model.generate(ids, attention_mask=mask, **kw)
+    assert torch.equal(plain, model.generate(ids, attention_mask=mask, exit_criterion="kl:0", **kw))
+    cache = model.new_cache()
+    model.generate(ids, attention_mask=mask, exit_criterion="kl:1e9", past_key_values=cache, **kw)
+    assert torch.stack(cache.loops_used).float().mean() == 2  # the earliest a rule can fire: after loop 2
+    with pytest.raises(ValueError, match="unknown exit rule"):
+        model.generate(ids, exit_criterion="bogus:1", **kw)
+
+
+def test_warm_start_carries_the_state_between_tokens():
+    model = tiny_loopfit(adapter_init="mean", state_init="zeros")
+    ids, mask = padded_batch(length=8)
+    kw = dict(num_steps=3, max_new_tokens=1, do_sample=False, pad_token_id=0, output_logits=True,
+              return_dict_in_generate=True)
+    first = model.generate(ids, attention_mask=mask, **kw)
+    seq, m = first.sequences, torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+    cache = model.new_cache()
+    model(seq[:, :-1], attention_mask=m[:, :-1], past_key_values=cache, use_cache=True, num_steps=3)
+    cold = model(seq[:, -1:], attention_mask=m, past_key_values=cache, use_cache=True, num_steps=3).logits
+    cache = model.new_cache()
+    model(seq[:, :-1], attention_mask=m[:, :-1], past_key_values=cache, use_cache=True, num_steps=3)
+    state = cache.last_state.clone()
+    warm = model(seq[:, -1:], attention_mask=m, past_key_values=cache, use_cache=True, num_steps=3,
+                 warm_start=True).logits
+    assert state.shape == (3, 1, 64) and not torch.equal(cold, warm)

@@ -278,6 +278,8 @@ class LoopfitCache:
         self.slots = {}  # (segment, loop, layer) -> (keys, values), each [batch, kv_heads, seq, head_dim]
         self.seen = 0  # tokens cached before the current forward
         self.start = 0
+        self.last_state = None  # final recurrent state of the last token (continuous chain of thought)
+        self.loops_used = []  # per decoded token, loops each row ran under adaptive exit
 
     def key(self, segment, loop, layer):
         if segment == "core" and self.policy == "ring":
@@ -455,7 +457,8 @@ class LoopfitModel(LoopfitPreTrainedModel):
         return self._noise_bank[position_ids.cpu()]
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
-                inputs_embeds=None, num_steps=None, output_hidden_states=False, use_cache=False):
+                inputs_embeds=None, num_steps=None, output_hidden_states=False, use_cache=False,
+                exit_rule=None, head=None, warm_start=False):
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         if self.config.embed_scale != 1.0:
             x = x * torch.tensor(self.config.embed_scale, dtype=x.dtype)
@@ -482,17 +485,118 @@ class LoopfitModel(LoopfitPreTrainedModel):
             return x
 
         e = run("prelude", self.prelude, x)
-        s = self.initial_state(e, position_ids)
+        decoding = cache is not None and q_len == 1 and past > 0
+        if warm_start and decoding and cache.last_state is not None:  # continuous chain of thought
+            s = cache.last_state
+        else:
+            s = self.initial_state(e, position_ids)
         n, k = resolve_steps(num_steps, self.config.mean_recurrence)
-        for t in range(n + k):
-            with torch.set_grad_enabled(torch.is_grad_enabled() and t >= n):  # truncated backprop: last k loops
-                s = run("core", self.core, self.adapter(torch.cat([s, e], dim=-1)), loop=t)
+        if exit_rule is not None and decoding:
+            s = self.loop_with_exit(s, e, n + k, run, exit_rule, head, rope, mask, cache)
+        else:
+            for t in range(n + k):
+                with torch.set_grad_enabled(torch.is_grad_enabled() and t >= n):  # truncated backprop: last k loops
+                    s = run("core", self.core, self.adapter(torch.cat([s, e], dim=-1)), loop=t)
+        if cache is not None:
+            cache.last_state = s[:, -1:].detach()
         x = self.norm(run("coda", self.coda, s))
         if hidden is not None:
             hidden.append(x)
         if cache is not None:
             cache.end(q_len)
         return x, cache, hidden
+
+    @torch.no_grad()
+    def loop_with_exit(self, s, e, max_loops, run, rule, head, rope, mask, cache):
+        """Decode one token per row, each row stopping its loops once `rule` says its next-token distribution has
+        settled. Rows that stopped keep their state; the loop ends when every row has stopped. Afterwards each
+        cache slot of a loop a row skipped holds that row's latest loop (Huginn's fallback), so later tokens
+        read what an unbatched run would have left there."""
+        peek = _ReadOnlyCache(cache)
+
+        def next_token_logprobs(state):
+            x = state
+            for j, layer in enumerate(self.coda):
+                x = layer(x, rope, mask, peek, cache.key("coda", 0, j))
+            return torch.log_softmax(head(self.norm(x))[:, -1].float(), dim=-1)
+
+        b = s.shape[0]
+        done = torch.zeros(b, dtype=torch.bool, device=s.device)
+        loops = torch.full((b,), max_loops, dtype=torch.long, device=s.device)
+        prev, history = None, []
+        for t in range(max_loops):
+            new = run("core", self.core, self.adapter(torch.cat([s, e], dim=-1)), loop=t)
+            new = torch.where(done[:, None, None], s, new)
+            logp = next_token_logprobs(new)
+            if prev is not None:
+                stop = rule(prev_logp=prev[0], logp=logp, prev_state=prev[1], state=new, history=history) & ~done
+                loops = torch.where(stop, torch.full_like(loops, t + 1), loops)
+                done = done | stop
+            history.append(logp.argmax(-1))
+            prev, s = (logp, new), new
+            if bool(done.all()):
+                break
+        if cache.policy == "exact":  # rows that stopped early: later loops' slots fall back to their last loop
+            last = min(max_loops, t + 1)
+            for j in range(len(self.core)):
+                for u in range(1, last):
+                    k_u, v_u = cache.slots[("core", u, j)]
+                    k_p, v_p = cache.slots[("core", u - 1, j)]
+                    skip = (loops <= u)[:, None, None, None]
+                    k_u[:, :, -1:] = torch.where(skip, k_p[:, :, -1:], k_u[:, :, -1:])
+                    v_u[:, :, -1:] = torch.where(skip, v_p[:, :, -1:], v_u[:, :, -1:])
+        cache.loops_used.append(loops.cpu())
+        return s
+
+
+class _ReadOnlyCache:
+    """Reads a LoopfitCache's past keys/values without writing this forward's (probing the coda mid-loop)."""
+
+    def __init__(self, cache):
+        self.cache = cache
+
+    def update(self, key, k, v):
+        start, slot = self.cache.start, self.cache.slots.get(key)
+        if slot is None or start == 0:
+            return k, v
+        return torch.cat([slot[0][:, :, :start], k], 2), torch.cat([slot[1][:, :, :start], v], 2)
+
+
+def exit_rule(spec):
+    """Parse an adaptive-exit rule 'kind:threshold' into a function of successive loops -> rows that may stop.
+
+      kl:5e-4       KL(p_t || p_t-1) of the next-token distributions below the threshold (Huginn's default rule)
+      entropy:1e-3  |H(p_t) - H(p_t-1)| below the threshold
+      latent:0.03   ||s_t - s_t-1|| / ||s_t|| below the threshold
+      argmax:5      the argmax has not changed for this many loops
+    """
+    kind, _, value = str(spec).partition(":")
+    try:
+        thr = float(value)
+    except ValueError:
+        raise ValueError(f"exit rule {spec!r} must look like kl:5e-4, entropy:1e-3, latent:0.03 or argmax:5") from None
+
+    def kl(prev_logp, logp, **_):
+        return (logp.exp() * (logp - prev_logp)).sum(-1) < thr
+
+    def entropy(prev_logp, logp, **_):
+        h = lambda lp: -(lp.exp() * lp).sum(-1)  # noqa: E731
+        return (h(logp) - h(prev_logp)).abs() < thr
+
+    def latent(prev_state, state, **_):
+        return ((state - prev_state).norm(dim=-1) / state.norm(dim=-1).clamp_min(1e-12))[:, -1] < thr
+
+    def argmax(logp, history, **_):
+        n = int(thr)
+        if len(history) < n:
+            return torch.zeros(logp.shape[0], dtype=torch.bool, device=logp.device)
+        current = logp.argmax(-1)
+        return torch.stack([h == current for h in history[-n:]]).all(0)
+
+    rules = {"kl": kl, "entropy": entropy, "latent": latent, "argmax": argmax}
+    if kind not in rules:
+        raise ValueError(f"unknown exit rule {kind!r}: choose one of {', '.join(rules)} (e.g. kl:5e-4)")
+    return rules[kind]
 
 
 class LoopfitForCausalLM(LoopfitPreTrainedModel, GenerationMixin):
@@ -516,13 +620,17 @@ class LoopfitForCausalLM(LoopfitPreTrainedModel, GenerationMixin):
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
                 inputs_embeds=None, labels=None, num_steps=None, use_cache=None, output_hidden_states=None,
-                logits_to_keep=0, num_items_in_batch=None, return_dict=None, **kwargs):
+                logits_to_keep=0, num_items_in_batch=None, return_dict=None, exit_criterion=None,
+                warm_start=False, **kwargs):
+        """`exit_criterion` ('kl:5e-4', see `exit_rule`) stops each row's loops early while decoding with the
+        cache, up to `num_steps` loops; `warm_start` starts each new token's state from the previous token's."""
         use_cache = bool(use_cache) and not self.training
         if use_cache and past_key_values is None:
             past_key_values = self.new_cache()
+        rule = exit_rule(exit_criterion) if exit_criterion else None
         x, cache, hidden = self.model(
             input_ids, attention_mask, position_ids, past_key_values, inputs_embeds, num_steps,
-            bool(output_hidden_states), use_cache,
+            bool(output_hidden_states), use_cache, rule, self.lm_head, warm_start,
         )
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) and logits_to_keep else slice(None)
         logits = self.lm_head(x[:, keep])
@@ -541,13 +649,14 @@ class LoopfitForCausalLM(LoopfitPreTrainedModel, GenerationMixin):
 
     def prepare_inputs_for_generation(self, input_ids, past_key_values=None, attention_mask=None,
                                       inputs_embeds=None, position_ids=None, use_cache=True, num_steps=None,
-                                      logits_to_keep=None, **kwargs):
+                                      logits_to_keep=None, exit_criterion=None, warm_start=False, **kwargs):
         # Feed only the tokens the cache has not seen; positions come from the attention mask (left padding).
         if use_cache and past_key_values is None:
             past_key_values = self.new_cache()
         seen = past_key_values.seen if past_key_values is not None else 0
         inputs = {"input_ids": input_ids[:, seen:], "attention_mask": attention_mask, "past_key_values": past_key_values,
-                  "use_cache": use_cache, "num_steps": num_steps}
+                  "use_cache": use_cache, "num_steps": num_steps, "exit_criterion": exit_criterion,
+                  "warm_start": warm_start}
         if inputs_embeds is not None and seen == 0:
             inputs = {**inputs, "input_ids": None, "inputs_embeds": inputs_embeds}
         if position_ids is not None:
