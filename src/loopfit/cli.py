@@ -20,10 +20,10 @@ VERBS = {
 }
 
 EPILOG = """typical path:
-  loopfit convert smollm2-135m --layers 4,8,4 --out runs/smol-448
-  loopfit prepare general math --tokenizer runs/smol-448 --out data/
+  loopfit convert smollm2-135m --layers 4,8,4 --out runs/smol-484
+  loopfit prepare general math --tokenizer runs/smol-484 --out data/
   loopfit train recipes/quickstart.yaml
-  loopfit eval runs/smol-448 --steps 1,2,4,8 --tasks loss,gsm8k
+  loopfit eval runs/smol-484 --steps 1,2,4,8 --tasks loss,gsm8k
 run `loopfit VERB --help` for each verb's options."""
 
 

@@ -1,0 +1,96 @@
+"""Generate text with a chosen number of loops, optionally stopping each token's loops early.
+
+examples:
+  loopfit generate runs/smol-484 --prompt "Natalia sold 48 clips in April and half as many in May." --steps 8
+  loopfit generate runs/smol-484 --prompt "2 + 3 * 4 =" --steps 32 --exit kl:5e-4     # adaptive depth
+  loopfit generate runs/smol-484 --prompt-file prompts.txt --steps 8 --warm-start      # one prompt per line
+  loopfit generate smollm2-135m --prompt "Hello"                                        # a plain model: no loops
+
+--exit stops a token's loops once its next-token distribution settles: kl:T (KL between successive loops
+below T; 5e-4 to 1e-3 works for Huginn), entropy:T, latent:T (relative state change, e.g. 0.03), argmax:N
+(unchanged for N loops). The mean number of loops used is reported. --warm-start starts each new token's
+state from the previous token's final state (continuous chain of thought) instead of noise.
+"""
+
+import sys
+import time
+
+import torch
+
+from . import LoopfitError
+
+
+def add_arguments(parser):
+    parser.add_argument("model", metavar="MODEL", help="loopfit or transformers folder, GGUF file, or short name")
+    src = parser.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", action="append", help="a prompt (repeat for a batch)")
+    src.add_argument("--prompt-file", help="a text file with one prompt per line")
+    parser.add_argument("--steps", type=int, default=None, help="loops per token (default: the model's "
+                        "mean_recurrence); with --exit, the most loops a token may use")
+    parser.add_argument("--exit", dest="exit_criterion", metavar="RULE", help="adaptive exit rule, e.g. kl:5e-4")
+    parser.add_argument("--warm-start", action="store_true", help="continuous chain of thought: carry the state")
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--chat", action="store_true", help="wrap each prompt in the tokenizer's chat template")
+
+
+def generate(model, tokenizer, prompts, steps=None, exit_criterion=None, warm_start=False, max_new_tokens=64,
+             temperature=0.0, top_p=1.0, chat=False):
+    """Generate continuations for a batch of prompts (left padded). Returns (texts, mean loops or None)."""
+    from .eval.loading import is_recurrent
+
+    if chat:
+        prompts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
+                                                 add_generation_prompt=True) for p in prompts]
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    batch = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left")
+    kwargs = dict(max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+                  do_sample=temperature > 0, **({"temperature": temperature, "top_p": top_p} if temperature > 0 else {}))
+    cache = None
+    if is_recurrent(model):
+        if steps is not None and steps < 1:
+            raise LoopfitError(f"--steps must be >= 1 (got {steps})")
+        cache = model.new_cache()
+        kwargs.update(num_steps=steps, exit_criterion=exit_criterion, warm_start=warm_start, past_key_values=cache)
+    elif exit_criterion or warm_start:
+        raise LoopfitError("--exit and --warm-start need a loopfit (recurrent) model; this one is plain")
+    try:
+        with torch.no_grad():
+            out = model.generate(**batch, **kwargs)
+    except ValueError as e:
+        if "exit rule" in str(e):
+            raise LoopfitError(str(e)) from None
+        raise
+    texts = tokenizer.batch_decode(out[:, batch.input_ids.shape[1]:], skip_special_tokens=True)
+    loops = torch.stack(cache.loops_used).float().mean().item() if cache is not None and cache.loops_used else None
+    return texts, loops
+
+
+def run(args):
+    from .eval.loading import load
+
+    prompts = args.prompt
+    if args.prompt_file:
+        try:
+            prompts = [line for line in open(args.prompt_file, encoding="utf-8").read().splitlines() if line.strip()]
+        except OSError as e:
+            raise LoopfitError(f"cannot read --prompt-file {args.prompt_file}: {e.strerror}") from None
+        if not prompts:
+            raise LoopfitError(f"--prompt-file {args.prompt_file} has no prompts: write one per line")
+    torch.manual_seed(args.seed)
+    model, tokenizer = load(args.model)
+    t0 = time.time()
+    texts, loops = generate(model, tokenizer, prompts, args.steps, args.exit_criterion, args.warm_start,
+                            args.max_new_tokens, args.temperature, args.top_p, args.chat)
+    for prompt, text in zip(prompts, texts):
+        print(f"{prompt}{text}\n")
+    steps = args.steps or getattr(model.config, "mean_recurrence", None)
+    summary = f"{len(prompts)} prompt(s), {time.time() - t0:.1f}s"
+    if loops is not None:
+        summary += f", mean loops per token {loops:.2f} of at most {steps} ({args.exit_criterion})"
+    elif steps:
+        summary += f", {steps} loops per token"
+    print(summary, file=sys.stderr)
