@@ -43,6 +43,14 @@ def list_checkpoints(out_dir):
     return sorted(found, reverse=True)
 
 
+def remove_partial(out_dir):
+    """Delete the temporary folders of checkpoint writes that were killed midway; returns how many."""
+    stale = [p for p in checkpoint_dir(out_dir).glob(".step-*.tmp-*") if p.is_dir()]
+    for p in stale:
+        shutil.rmtree(p, ignore_errors=True)
+    return len(stale)
+
+
 def _sha256(path):
     h = hashlib.sha256()
     with open(path, "rb") as f:

@@ -232,6 +232,8 @@ def _start_state(cfg, d, resume, out_dir):
         if reason:
             raise LoopfitError(f"cannot resume from {path}: {reason}")
         return path
+    if d.main and checkpoint.remove_partial(out_dir):
+        _say(d, "removed the partial checkpoint of an interrupted write")
     path, skipped = checkpoint.latest_good(out_dir)
     for msg in skipped:
         _say(d, msg)

@@ -1,0 +1,98 @@
+"""Resume after `kill -9` (between checkpoints and in the middle of writing one) is bit-exact on CPU."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from loopfit import LoopfitConfig, LoopfitForCausalLM
+
+STEPS = 24
+
+
+@pytest.fixture(scope="module")
+def recipe_path(tmp_path_factory):
+    root = tmp_path_factory.mktemp("resume")
+    torch.manual_seed(0)
+    LoopfitForCausalLM(LoopfitConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                                     num_key_value_heads=2, num_prelude_layers=1, num_core_layers=2, num_coda_layers=1,
+                                     mean_recurrence=4)).save_pretrained(root / "tiny")
+    recipe = {
+        "model": {"init_from": str(root / "tiny")},
+        "data": {"synthetic": "pattern", "seq_len": 16},
+        # sampled depth (state noise uses the RNG), Muon + AdamW, accumulation, warmup + decay: all must resume
+        "recurrence": {"mean": 4, "backprop": 2, "curriculum": "1-sqrt", "curriculum_fraction": 0.5},
+        "optim": {"lr": 0.02, "adamw_lr": 0.003},
+        "schedule": {"name": "wsd", "warmup": 3, "decay": 0.5},
+        "train": {"steps": STEPS, "batch_size": 4, "micro_batch_size": 2, "progress": False, "eval_every": 8,
+                  "eval_batches": 1, "tensorboard": False},
+        "checkpoint": {"every": 4, "keep": 2},
+    }
+    path = root / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def launch(recipe_path, out, *extra, pause=0.0):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "LOOPFIT_TEST_CHECKPOINT_PAUSE": str(pause)}
+    cmd = [sys.executable, "-m", "loopfit.cli", "train", str(recipe_path), f"--train.out_dir={out}", *extra]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+
+
+def finish(proc):
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0, stderr[-3000:]
+    return stderr
+
+
+def kill_when(proc, ready, timeout=120):
+    t0 = time.time()
+    while not ready():
+        assert proc.poll() is None, "the run ended before it could be killed: " + proc.stderr.read()[-2000:]
+        assert time.time() - t0 < timeout
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+
+
+@pytest.fixture(scope="module")
+def reference(recipe_path, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ref") / "run"
+    finish(launch(recipe_path, out))
+    return load_file(out / "final/model.safetensors")
+
+
+def assert_same_weights(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_kill_9_between_checkpoints_resumes_bit_exact(recipe_path, reference, tmp_path):
+    out = tmp_path / "run"
+    proc = launch(recipe_path, out)
+    kill_when(proc, lambda: (out / "checkpoints/step-00000008/manifest.json").exists())
+    assert not (out / "final").exists()
+    err = finish(launch(recipe_path, out, "--resume"))
+    assert "resumed from" in err
+    assert_same_weights(load_file(out / "final/model.safetensors"), reference)
+    steps = [line for line in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
+    assert len(steps) == STEPS
+
+
+def test_kill_9_while_writing_a_checkpoint_resumes_bit_exact(recipe_path, reference, tmp_path):
+    out = tmp_path / "run"
+    ckpts = out / "checkpoints"
+    proc = launch(recipe_path, out, pause=1.0)  # the checkpoint writer sleeps before its manifest: kill it there
+    kill_when(proc, lambda: ckpts.exists() and any(p.name.startswith(".step-00000008.tmp") for p in ckpts.iterdir()))
+    assert not (ckpts / "step-00000008").exists() and (ckpts / "step-00000004/manifest.json").exists()
+    err = finish(launch(recipe_path, out, "--resume"))
+    assert "step-00000004 at step 4" in err
+    assert_same_weights(load_file(out / "final/model.safetensors"), reference)
+    assert not any(p.name.startswith(".step-") for p in ckpts.iterdir())  # the killed write left nothing behind
