@@ -1,0 +1,267 @@
+"""Compare runs at equal training compute: the recurrent model against the plain one trained on the same FLOPs.
+
+  loopfit compare runs/smol-448 runs/smol-plain --out reports/smol
+
+Each RUN is a `loopfit train` output folder (RUN/metrics.jsonl: lines with step, tokens, flops = cumulative
+training FLOPs by the paper's count, loss, eval_loss) and/or a `loopfit eval` output (results.json, looked for
+in RUN, RUN/eval and RUN/final/eval). Writes OUT/report.md with:
+  - the runs (recurrent or plain, tokens, training FLOPs, tokenizer),
+  - loss at matched FLOPs: each run's last logged loss at or below the largest FLOPs all runs reached,
+  - eval metrics at every test r, with each run's training FLOPs named,
+and OUT/flops.png (loss vs training FLOPs, one line per run) and OUT/steps.png (eval metric vs test r).
+Runs of different tokenizers are compared with a warning: their losses are not on the same scale.
+"""
+
+import json
+import sys
+import warnings
+from pathlib import Path
+
+from .. import LoopfitError
+from ..io import atomic_file
+from .plots import panel_of, save
+
+RESULTS_PLACES = ("results.json", "eval/results.json", "final/eval/results.json")
+
+
+# ------------------------------------------------------------------------------------------------ reading
+
+
+def read_metrics(run):
+    """Training records of a run (list of dicts, in step order); [] if the run has no metrics.jsonl."""
+    path = Path(run) / "metrics.jsonl"
+    if not path.exists():
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def read_results(run):
+    """The `loopfit eval` results of a run (dict) or None."""
+    run = Path(run)
+    for place in ((run,) if run.is_file() else [run / p for p in RESULTS_PLACES]):
+        if place.is_file():
+            with open(place) as f:
+                return json.load(f)
+    return None
+
+
+def read_run(path):
+    """{'name', 'path', 'metrics', 'results', 'recurrent', 'tokenizer', 'flops', 'tokens'} of one run."""
+    path = Path(path)
+    if not path.exists():
+        raise LoopfitError(f"run {path} does not exist: pass `loopfit train` output folders or eval results.json files")
+    metrics, results = read_metrics(path), read_results(path)
+    if not metrics and results is None:
+        raise LoopfitError(f"{path} has neither metrics.jsonl nor eval results: pass a `loopfit train` out_dir "
+                           f"or run `loopfit eval` on it first")
+    config = path / "final" / "config.json"
+    recurrent = results["recurrent"] if results else (
+        config.exists() and json.loads(config.read_text()).get("model_type") == "loopfit")
+    with_flops = [m for m in metrics if m.get("flops") is not None]
+    return {
+        "name": path.stem if path.is_file() else path.name,
+        "path": str(path),
+        "metrics": metrics,
+        "results": results,
+        "recurrent": bool(recurrent),
+        "tokenizer": (results or {}).get("tokenizer") or _folder_fingerprint(path / "final"),
+        "flops": with_flops[-1]["flops"] if with_flops else None,
+        "tokens": with_flops[-1].get("tokens") if with_flops else None,
+    }
+
+
+def _folder_fingerprint(folder):
+    if not (folder / "tokenizer_config.json").exists() and not (folder / "tokenizer.json").exists():
+        return None
+    from ..data.shards import tokenizer_fingerprint
+
+    try:
+        return tokenizer_fingerprint(folder)
+    except LoopfitError:
+        return None
+
+
+def tokenizer_warning(runs):
+    """A warning line if the runs do not share one tokenizer, else None."""
+    known = {r["tokenizer"] for r in runs if r["tokenizer"]}
+    if len(known) > 1:
+        names = ", ".join(f"{r['name']} ({r['tokenizer']})" for r in runs)
+        return f"runs use different tokenizers, so their losses are not comparable: {names}"
+    return None
+
+
+# ------------------------------------------------------------------------------------------------ figures
+
+
+def series(metrics, key):
+    """[(flops, value)] of the records that have both."""
+    return [(m["flops"], m[key]) for m in metrics if m.get("flops") is not None and m.get(key) is not None]
+
+
+def at_flops(points, budget):
+    """The last (flops, value) at or below `budget`, or None."""
+    below = [p for p in points if p[0] <= budget * (1 + 1e-9)]
+    return below[-1] if below else None
+
+
+def matched_budget(runs):
+    """The largest training FLOPs every run reached (None if some run has no FLOPs)."""
+    totals = [r["flops"] for r in runs]
+    return None if not totals or any(t is None for t in totals) else min(totals)
+
+
+def kind(run):
+    return "recurrent" if run["recurrent"] else "plain"
+
+
+def fmt(x, spec=".4g"):
+    return "" if x is None else format(x, spec)
+
+
+def plot_flops(runs, path):
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for i, run in enumerate(runs):
+        color = f"C{i}"
+        for key, style in (("loss", "-"), ("eval_loss", "o--")):
+            pts = series(run["metrics"], key)
+            if pts:
+                xs, ys = zip(*pts)
+                ax.plot(xs, ys, style, color=color, alpha=0.9 if key == "eval_loss" else 0.6,
+                        label=f"{run['name']} ({kind(run)}) {key.replace('_', ' ')}")
+    budget = matched_budget(runs)
+    if budget:
+        ax.axvline(budget, color="grey", linestyle=":", label=f"matched FLOPs {budget:.3g}")
+    ax.set_xscale("log")
+    ax.set_xlabel("training FLOPs (paper's count: non-embedding parameters)")
+    ax.set_ylabel("loss")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    save(fig, path)
+
+
+def plot_steps(runs, path):
+    import matplotlib.pyplot as plt
+
+    rows = [dict(row, run=r["name"]) for r in runs if r["results"] for row in r["results"]["rows"]
+            if row["metric"] != "perplexity"]
+    panels = sorted({panel_of(r["metric"]) for r in rows}, key=lambda p: (p != "accuracy", p))
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4), squeeze=False)
+    ticks = sorted({r["steps"] for r in rows})
+    for ax, panel in zip(axes[0], panels):
+        lines = {}
+        for r in rows:
+            if panel_of(r["metric"]) == panel:
+                lines.setdefault((r["run"], r["task"], r["metric"]), []).append((r["steps"], r["value"]))
+        for (run, task, metric), pts in lines.items():
+            xs, ys = zip(*sorted(pts))
+            ax.plot(xs, ys, marker="o", label=f"{run}: {task} {metric.removeprefix('accuracy_')}")
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(ticks, [str(t) for t in ticks])
+        ax.set_xlabel("test-time recurrence r")
+        ax.set_ylabel(panel)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    save(fig, path)
+
+
+# ------------------------------------------------------------------------------------------------ report
+
+
+def runs_table(runs):
+    lines = ["| run | model | tokens | training FLOPs | final loss | held-out loss | tokenizer |",
+             "|---|---|---:|---:|---:|---:|---|"]
+    for r in runs:
+        last_loss = next((m["loss"] for m in reversed(r["metrics"]) if m.get("loss") is not None), None)
+        last_eval = next((m["eval_loss"] for m in reversed(r["metrics"]) if m.get("eval_loss") is not None), None)
+        lines.append(f"| {r['name']} | {kind(r)} | {fmt(r['tokens'], ',')} | {fmt(r['flops'], '.3e')} | "
+                     f"{fmt(last_loss)} | {fmt(last_eval)} | {r['tokenizer'] or '?'} |")
+    return "\n".join(lines)
+
+
+def matched_table(runs, budget):
+    lines = [f"Matched training compute: **{budget:.3e} FLOPs** (the least any run reached). Each value is the "
+             "run's last logged one at or below it, with the FLOPs where it was logged.", "",
+             "| run | model | loss | at FLOPs | held-out loss | at FLOPs |", "|---|---|---:|---:|---:|---:|"]
+    for r in runs:
+        loss = at_flops(series(r["metrics"], "loss"), budget)
+        ev = at_flops(series(r["metrics"], "eval_loss"), budget)
+        lines.append(f"| {r['name']} | {kind(r)} | {fmt(loss and loss[1])} | {fmt(loss and loss[0], '.3e')} | "
+                     f"{fmt(ev and ev[1])} | {fmt(ev and ev[0], '.3e')} |")
+    return "\n".join(lines)
+
+
+def eval_table(runs):
+    rows = [(r, row) for r in runs if r["results"] for row in r["results"]["rows"]]
+    if not rows:
+        return "No eval results: run `loopfit eval RUN/final --steps ...` to add accuracy by test r."
+    steps = sorted({row["steps"] for _, row in rows})
+    cells = {}
+    for r, row in rows:
+        cells.setdefault((row["task"], row["metric"], r["name"]), {})[row["steps"]] = row["value"]
+    flops = {r["name"]: r["flops"] for r in runs}
+    lines = ["| task | metric | run | training FLOPs | " + " | ".join(f"r={s}" for s in steps) + " |",
+             "|---|---|---|---:|" + "---:|" * len(steps)]
+    for (task, metric, name), by_r in sorted(cells.items()):
+        vals = " | ".join(fmt(by_r.get(s)) for s in steps)
+        lines.append(f"| {task} | {metric} | {name} | {fmt(flops[name], '.3e')} | {vals} |")
+    return "\n".join(lines)
+
+
+def report(runs, warning=None):
+    budget = matched_budget(runs)
+    parts = ["# loopfit comparison", ""]
+    if warning:
+        parts += [f"> **Warning:** {warning}", ""]
+    parts += ["## Runs", "", runs_table(runs), ""]
+    if budget:
+        parts += ["## Loss at matched training FLOPs", "", matched_table(runs, budget), "",
+                  "![loss vs training FLOPs](flops.png)", ""]
+    parts += ["## Eval metrics by test-time recurrence", "", eval_table(runs), ""]
+    if any(r["results"] for r in runs):
+        parts += ["![metric vs test r](steps.png)", ""]
+        totals = {r["flops"] for r in runs if r["results"]}
+        if len(totals) > 1 and None not in totals and max(totals) > 1.05 * min(totals):
+            parts += ["Eval results come from each run's final model; their training FLOPs differ by more than 5%, "
+                      "so read them with the FLOPs column.", ""]
+    return "\n".join(parts)
+
+
+def compare(paths, out):
+    """Read the runs, write OUT/report.md, flops.png and steps.png; returns the report text."""
+    if len(paths) < 1:
+        raise LoopfitError("compare needs at least one run: loopfit compare RUN_A RUN_B --out REPORT")
+    runs = [read_run(p) for p in paths]
+    names = [r["name"] for r in runs]
+    for i, r in enumerate(runs):  # same folder names (e.g. two .../final): disambiguate with the parent
+        if names.count(r["name"]) > 1:
+            r["name"] = f"{Path(r['path']).parent.name}/{r['name']}"
+    warning = tokenizer_warning(runs)
+    if warning:
+        warnings.warn(warning, stacklevel=2)
+    out = Path(out)
+    if matched_budget(runs):
+        plot_flops(runs, out / "flops.png")
+    if any(r["results"] for r in runs):
+        plot_steps(runs, out / "steps.png")
+    text = report(runs, warning)
+    with atomic_file(out / "report.md", "w") as f:
+        f.write(text)
+    return text
+
+
+def add_arguments(parser):
+    parser.add_argument("runs", nargs="+", metavar="RUN", help="`loopfit train` out_dirs and/or eval results.json")
+    parser.add_argument("--out", required=True, help="report folder (report.md, flops.png, steps.png)")
+
+
+def run(args):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        text = compare(args.runs, args.out)
+    for w in caught:
+        print(f"loopfit compare: warning: {w.message}", file=sys.stderr)
+    print(text)
+    print(f"wrote {args.out}/report.md")

@@ -1,0 +1,112 @@
+"""`loopfit eval` on tiny models with SmolLM2's real tokenizer: r reaches the model, plain models run once,
+batched generation equals one-by-one generation, results/plots are written, bad input is refused clearly."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from loopfit import LoopfitConfig, LoopfitError, LoopfitForCausalLM
+from loopfit.cli import main as cli
+from loopfit.eval import run as eval_run
+from loopfit.eval.generation import generate
+from loopfit.eval.loading import load, parse_steps
+from loopfit.eval.prompts import gsm8k_prompt
+
+TINY = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+def _save(model, tok, path):
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_loopfit(smollm2_tokenizer, tmp_path_factory):
+    torch.manual_seed(0)
+    tok = smollm2_tokenizer
+    cfg = LoopfitConfig(vocab_size=len(tok), **TINY, num_prelude_layers=1, num_core_layers=2, num_coda_layers=1,
+                        mean_recurrence=4, eos_token_id=tok.eos_token_id, state_init="zeros")
+    return _save(LoopfitForCausalLM(cfg), tok, tmp_path_factory.mktemp("tiny-loopfit"))
+
+
+@pytest.fixture(scope="module")
+def tiny_plain(smollm2_tokenizer, tmp_path_factory):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    tok = smollm2_tokenizer
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), **TINY, num_hidden_layers=2, eos_token_id=tok.eos_token_id))
+    return _save(model, tok, tmp_path_factory.mktemp("tiny-plain"))
+
+
+def by(rows, task, metric):
+    return {r["steps"]: r["value"] for r in rows if r["task"] == task and r["metric"] == metric}
+
+
+def test_cli_sweep_writes_results_plot_and_samples(tiny_loopfit, tmp_path, capsys):
+    out = tmp_path / "eval"
+    code = cli(["eval", str(tiny_loopfit), "--steps", "1,4,2", "--tasks", "loss,gsm8k_1shot", "--limit", "2",
+                "--max-new-tokens", "4", "--seq-len", "64", "--max-tokens", "256", "--out", str(out)])
+    assert code == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["recurrent"] and results["steps"] == [1, 2, 4] and results["train_mean_recurrence"] == 4
+    loss = by(results["rows"], "loss", "loss")
+    assert sorted(loss) == [1, 2, 4]
+    assert len({round(v, 6) for v in loss.values()}) == 3  # each r really ran a different number of loops
+    acc = by(results["rows"], "gsm8k_1shot", "accuracy_flexible")
+    assert sorted(acc) == [1, 2, 4] and all(0 <= v <= 1 for v in acc.values())
+    samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert len(samples) == 2 * 3 and {s["steps"] for s in samples} == {1, 2, 4}
+    assert (out / "sweep.png").read_bytes()[:4] == b"\x89PNG"
+    table = capsys.readouterr().out
+    assert "| loss | loss |" in table and "r=4" in table
+
+
+def test_plain_model_runs_once_and_repeats_across_r(tiny_plain, tmp_path):
+    results = eval_run.evaluate(str(tiny_plain), steps=[1, 8], tasks=["loss"], seq_len=64, max_tokens=256,
+                                out=tmp_path / "e")
+    assert results["recurrent"] is False and results["train_mean_recurrence"] is None
+    loss = by(results["rows"], "loss", "loss")
+    assert loss[1] == loss[8]
+    assert results["tokenizer"].startswith("sha256:")
+
+
+def test_batched_left_padded_generation_equals_one_by_one(tiny_loopfit):
+    model, tok = load(tiny_loopfit)
+    prompts = [gsm8k_prompt(q, "1shot") for q in ("What is 2 + 2?", "Tom has 3 cats and buys 12 more. How many?",
+                                                   "A")]
+    batched = generate(model, tok, prompts, num_steps=3, max_new_tokens=6, stop=["\n\n"], batch_size=3)
+    single = generate(model, tok, prompts, num_steps=3, max_new_tokens=6, stop=["\n\n"], batch_size=1)
+    assert batched == single
+    assert tok.padding_side == "right" or tok.padding_side == "left"  # restored, whatever it was
+
+
+def test_bad_input_is_refused_with_one_line(tiny_loopfit, tmp_path, capsys):
+    for steps in ("", "0,2", "-1", "1,x"):
+        with pytest.raises(LoopfitError, match="--steps"):
+            parse_steps(steps)
+    assert cli(["eval", str(tiny_loopfit), "--tasks", "gsm9k"]) == 2
+    assert "unknown task 'gsm9k'" in capsys.readouterr().err
+    no_tok = tmp_path / "no-tokenizer"
+    LoopfitForCausalLM.from_pretrained(tiny_loopfit).save_pretrained(no_tok)
+    capsys.readouterr()
+    assert cli(["eval", str(no_tok), "--steps", "1"]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("loopfit eval:")]
+    assert len(err) == 1 and "no tokenizer in" in err[0] and "save_pretrained" in err[0]
+
+
+def test_cli_help_teaches_the_tasks():
+    out = subprocess.run([sys.executable, "-m", "loopfit.cli", "eval", "--help"], capture_output=True, text=True)
+    assert out.returncode == 0 and "gsm8k_1shot" in out.stdout and "math-verify" in out.stdout
