@@ -1,0 +1,73 @@
+"""The real lm-evaluation-harness on loopfit's offline GSM8K tasks: num_steps reaches the model, the prompts
+equal loopfit's own, and the `python -m loopfit.eval.harness` CLI runs a loopfit folder."""
+
+import json
+import os
+import subprocess
+import sys
+
+import lm_eval
+import pytest
+import torch
+
+from loopfit import LoopfitConfig, LoopfitForCausalLM
+from loopfit.eval.harness import LoopfitLM, run_tasks, task_manager
+from loopfit.eval.prompts import gsm8k_prompt
+
+
+@pytest.fixture(scope="module")
+def tiny(smollm2_tokenizer, tmp_path_factory):
+    torch.manual_seed(0)
+    tok = smollm2_tokenizer
+    model = LoopfitForCausalLM(LoopfitConfig(
+        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
+        num_prelude_layers=1, num_core_layers=2, num_coda_layers=1, mean_recurrence=4, eos_token_id=tok.eos_token_id))
+    folder = tmp_path_factory.mktemp("tiny-lmeval")
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return model.eval(), tok, folder
+
+
+def core_visits(model):
+    calls = []
+    handle = model.model.core[0].register_forward_hook(lambda *a: calls.append(1))
+    return calls, handle
+
+
+def test_num_steps_reaches_the_model_and_prompts_match(tiny):
+    model, tok, _ = tiny
+    lm = LoopfitLM(pretrained=model, tokenizer=tok, batch_size=1, num_steps=3)
+    calls, handle = core_visits(model)
+    try:
+        out = lm_eval.simple_evaluate(model=lm, tasks=["gsm8k_loopfit", "gsm8k_loopfit_1shot"], limit=2,
+                                      task_manager=task_manager(), gen_kwargs="max_gen_toks=3", log_samples=True)
+    finally:
+        handle.remove()
+    assert len(calls) > 0 and len(calls) % 3 == 0  # every forward ran exactly 3 loops
+    for task, style in (("gsm8k_loopfit", "8shot"), ("gsm8k_loopfit_1shot", "1shot")):
+        samples = out["samples"][task]  # one entry per (document, filter): strict-match and flexible-extract
+        assert sorted({s["doc_id"] for s in samples}) == [0, 1]
+        for s in samples:
+            assert s["arguments"][0][0] == gsm8k_prompt(s["doc"]["question"], style)
+        assert {"exact_match,strict-match", "exact_match,flexible-extract"} <= set(out["results"][task])
+
+
+def test_run_tasks_gives_rows_per_r(tiny):
+    model, tok, _ = tiny
+    rows, raw = run_tasks(model, tok, ["gsm8k_loopfit_1shot"], [1, 2], limit=1, max_gen_toks=2)
+    assert sorted(raw) == [1, 2]
+    assert {(r["steps"], r["metric"]) for r in rows} >= {(1, "exact_match_strict-match"), (2, "exact_match_flexible-extract")}
+    assert all(r["task"] == "lm:gsm8k_loopfit_1shot" for r in rows)
+
+
+def test_harness_cli_runs_a_loopfit_folder(tiny, tmp_path):
+    _, _, folder = tiny
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "loopfit.eval.harness", "--model", "loopfit", "--model_args",
+           f"pretrained={folder},num_steps=2", "--tasks", "gsm8k_loopfit", "--limit", "1", "--device", "cpu",
+           "--gen_kwargs", "max_gen_toks=2", "--output_path", str(tmp_path / "out")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "gsm8k_loopfit" in proc.stdout and "'num_steps': 2" in proc.stdout
+    results = list((tmp_path / "out").rglob("results_*.json"))
+    assert results and "gsm8k_loopfit" in json.loads(results[0].read_text())["results"]
