@@ -11,7 +11,7 @@ from loopfit.train.config import load_recipe
 from loopfit.train.flops import param_counts, train_flops
 from loopfit.train.optim import build_optimizers, split_params
 from loopfit.train.recurrence import curriculum_value, depth_for_step, fixed_depth, sample_depth
-from loopfit.train.schedules import lr_factor
+from loopfit.train.schedules import lr_factor, lr_fraction
 
 
 def tiny_loopfit():
@@ -92,6 +92,10 @@ def test_schedule_values():
     assert cpt[0] == 1.0 and cpt[-1] == pytest.approx(0.01)
     switch = next(s for s, v in enumerate(cpt) if v <= 0.2)  # the blend switch at lr_start / 5
     assert 0.68 < switch / 1000 < 0.72  # about 71% of the way (PAPERS.md §5)
+    # the blend reads 1 during warmup (a warmup starting below 1/5 must not trigger the switch), then the factor
+    assert lr_factor(0, 100, "wsd", warmup=10) == pytest.approx(0.1) and lr_fraction(0, 100, "wsd", warmup=10) == 1.0
+    assert lr_fraction(95, 100, "wsd", warmup=10) == lr_factor(95, 100, "wsd", warmup=10) < 0.2
+    assert lr_fraction(0, 100, "cpt", warmup=10) == lr_factor(0, 100, "cpt", warmup=10) == 1.0
 
 
 # ------------------------------------------------------------------ FLOPs

@@ -7,7 +7,8 @@
 - `cpt`:      continued pretraining (PAPERS.md §5): start at the given lr with no warmup, cosine to `floor`
               (default 1/100 of the start). A data blend can switch when the factor falls to 1/5.
 
-The multiplier is relative to the start/peak lr, so it is also the "lr fraction" the data blend reads.
+The multiplier is relative to the start/peak lr; `lr_fraction` is what the data blend reads (the same, but 1
+during warmup, so a switch at lr_start / 5 means after the peak, never in the first steps of a warmup).
 """
 
 import math
@@ -49,3 +50,10 @@ def lr_factor(step, total, name="wsd", warmup=0.0, decay=0.8, decay_shape="cosin
         return 1.0
     x = (step - start) / max(1, total - 1 - start)
     return floor + (1.0 - floor) * _decay(x, decay_shape)
+
+
+def lr_fraction(step, total, name="wsd", warmup=0.0, decay=0.8, decay_shape="cosine", floor=0.001):
+    """lr / lr_start for the data blend's lr-triggered switch: 1 during warmup, then `lr_factor`."""
+    if name != "cpt" and step < _warmup_steps(warmup, total):
+        return 1.0
+    return lr_factor(step, total, name, warmup, decay, decay_shape, floor)

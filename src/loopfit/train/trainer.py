@@ -41,7 +41,7 @@ from .config import ScheduleConfig, describe_keys, load_recipe
 from .flops import param_counts, peak_flops, train_flops
 from .optim import build_optimizers, remember_base_lr, set_lr
 from .recurrence import depth_for_step
-from .schedules import lr_factor
+from .schedules import lr_factor, lr_fraction
 from .sources import build_source
 
 # --------------------------------------------------------------------------------------------- command line
@@ -252,12 +252,16 @@ def _train(cfg, d, resume, data):
     model = _load_model(cfg)
     recurrent = _is_recurrent(model)
     counts = param_counts(model)
+    sched = (cfg.schedule.name, cfg.schedule.warmup, cfg.schedule.decay, cfg.schedule.decay_shape, cfg.schedule.floor)
+
     def lr_at(step):
-        s = cfg.schedule
-        return lr_factor(step, t.steps, s.name, s.warmup, s.decay, s.decay_shape, s.floor)
+        return lr_factor(step, t.steps, *sched)
+
+    def blend_lr_at(step):  # what an lr-triggered blend switch reads (1 during warmup)
+        return lr_fraction(step, t.steps, *sched)
 
     source = data if data is not None else build_source(cfg.data, t.batch_size, d.rank, d.world, t.seed, t.steps,
-                                                        lr_at, t.micro_batch_size)
+                                                        blend_lr_at, t.micro_batch_size)
     _check_data(source, model)
 
     model = distributed.wrap(model, cfg.distributed.strategy, d)
@@ -310,7 +314,7 @@ def _train(cfg, d, resume, data):
             factor = lr_at(step)
             lrs = set_lr(optimizers, factor)
             n, k, rbar, kmax = depth_for_step(step, t.steps, cfg.recurrence, t.seed) if recurrent else (0, 1, 0, 0)
-            batch = source.batch(step, factor)
+            batch = source.batch(step, blend_lr_at(step))
             ids = batch["input_ids"].to(d.device)
             labels = batch.get("labels", batch["input_ids"]).to(d.device)
             local_tokens = float((labels[:, 1:] != -100).sum())
