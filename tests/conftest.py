@@ -34,3 +34,12 @@ def smollm2_tokenizer(smollm2_tokenizer_dir):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(smollm2_tokenizer_dir)
+
+
+@pytest.fixture
+def one_thread():
+    """Two cores shared by two xdist workers: one torch thread per process avoids oversubscription."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)

@@ -11,12 +11,7 @@ from loopfit.analyze import layer_importance, suggest_layers
 from loopfit.cli import main as cli
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_llama(vocab, layers=6):
