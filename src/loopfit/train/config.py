@@ -16,7 +16,7 @@ from .. import LoopfitError
 
 @dataclass
 class ModelConfig:
-    init_from: str = ""            # folder that from_pretrained loads (a converted loopfit model or a plain HF model)
+    init_from: str = ""            # a converted loopfit folder, a plain transformers folder, or an offline short name
 
 
 @dataclass

@@ -35,6 +35,7 @@ import torch.nn.functional as F
 import yaml
 
 from .. import LoopfitError
+from ..assets import OFFLINE_MODELS
 from ..io import atomic_dir, atomic_file
 from . import checkpoint, distributed
 from .config import ScheduleConfig, describe_keys, load_recipe
@@ -105,7 +106,15 @@ def _say(d, msg):
 def _check_recipe(cfg, d):
     t = cfg.train
     if not cfg.model.init_from:
-        raise LoopfitError("no model: set model.init_from to a converted loopfit folder or a transformers model folder")
+        raise LoopfitError("no model: set model.init_from to a converted loopfit folder, a transformers model folder "
+                           f"or an offline model ({', '.join(OFFLINE_MODELS)})")
+    if cfg.model.init_from in OFFLINE_MODELS:  # a short name: its fp32 folder, dequantized once by the main rank
+        from ..convert import offline_folder
+
+        if d.main:
+            offline_folder(cfg.model.init_from)
+        distributed.barrier()
+        cfg.model.init_from = str(offline_folder(cfg.model.init_from))
     if not Path(cfg.model.init_from).is_dir() or not (Path(cfg.model.init_from) / "config.json").is_file():
         raise LoopfitError(f"model.init_from {cfg.model.init_from} is not a model folder with a config.json: "
                            "convert one with `loopfit convert` or point to a saved transformers model")
