@@ -105,3 +105,19 @@ def test_bad_input_is_refused_with_one_line(tiny_loopfit, tmp_path, capsys):
 def test_cli_help_teaches_the_tasks():
     out = subprocess.run([sys.executable, "-m", "loopfit.cli", "eval", "--help"], capture_output=True, text=True)
     assert out.returncode == 0 and "gsm8k_1shot" in out.stdout and "math-verify" in out.stdout
+
+
+def test_exit_rule_counts_loops_of_real_tokens(tiny_loopfit, tiny_plain, tmp_path, capsys):
+    """--exit adds a mean_loops row: with a threshold every step passes, each decoded token stops after 2 loops
+    (the earliest a rule can compare two loops); tokens are counted only up to each row's end."""
+    out = tmp_path / "exit"
+    assert cli(["eval", str(tiny_loopfit), "--steps", "4", "--tasks", "gsm8k_1shot", "--limit", "3",
+                "--max-new-tokens", "5", "--exit", "kl:1e9", "--out", str(out)]) == 0
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    (loops,) = [r for r in rows if r["metric"] == "mean_loops"]
+    assert loops["value"] == 2 and loops["exit"] == "kl:1e9" and 1 <= loops["n"] <= 3 * 4
+    capsys.readouterr()
+    assert cli(["eval", str(tiny_plain), "--tasks", "gsm8k", "--exit", "kl:1e-3"]) == 2
+    assert "--exit needs a loopfit (recurrent) model" in capsys.readouterr().err
+    assert cli(["eval", str(tiny_loopfit), "--tasks", "gsm8k", "--exit", "kl"]) == 2
+    assert "must look like kl:5e-4" in capsys.readouterr().err

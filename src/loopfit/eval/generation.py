@@ -1,14 +1,16 @@
 """Batched greedy generation with stop strings, for recurrent and plain models alike.
 
 Prompts are sorted by length and left-padded in batches; the model's own `generate()` runs with its KV cache.
-Each completion is cut at the first stop string.
+Each completion is cut at the first stop string. With an adaptive-exit rule (recurrent models), each token stops
+looping once its next-token distribution settles, and the loops each real token used are counted.
 """
 
 import torch
 from tqdm.auto import tqdm
 from transformers import StoppingCriteria, StoppingCriteriaList
 
-from .loading import steps_kwargs
+from .. import LoopfitError
+from .loading import is_recurrent, steps_kwargs
 
 
 class StopOnStrings(StoppingCriteria):
@@ -34,8 +36,13 @@ def batches(indices, size):
 
 
 @torch.no_grad()
-def generate(model, tokenizer, prompts, num_steps=None, max_new_tokens=256, stop=(), batch_size=8, desc="generate"):
-    """Greedy completions of `prompts` (in order), each cut at the first stop string."""
+def generate(model, tokenizer, prompts, num_steps=None, max_new_tokens=256, stop=(), batch_size=8, desc="generate",
+             exit_criterion=None, loops_used=None):
+    """Greedy completions of `prompts` (in order), each cut at the first stop string. `exit_criterion` ('kl:5e-4')
+    lets each token of a recurrent model stop looping early; the loops of every decoded token (padding after a row
+    ended not counted; the first token comes from the prompt's pass, at full r) are appended to `loops_used`."""
+    if exit_criterion and not is_recurrent(model):
+        raise LoopfitError("--exit needs a loopfit (recurrent) model; this one is plain")
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     out = [None] * len(prompts)
     device = next(model.parameters()).device
@@ -45,6 +52,8 @@ def generate(model, tokenizer, prompts, num_steps=None, max_new_tokens=256, stop
         for batch in tqdm(batches(order, batch_size), desc=desc, leave=False):
             enc = tokenizer([prompts[i] for i in batch], return_tensors="pt", padding=True).to(device)
             n = enc["input_ids"].shape[1]
+            cache = model.new_cache() if exit_criterion else None
+            extra = {"exit_criterion": exit_criterion, "past_key_values": cache} if exit_criterion else {}
             ids = model.generate(
                 **enc,
                 max_new_tokens=max_new_tokens,
@@ -52,7 +61,14 @@ def generate(model, tokenizer, prompts, num_steps=None, max_new_tokens=256, stop
                 pad_token_id=tokenizer.pad_token_id,
                 stopping_criteria=StoppingCriteriaList([StopOnStrings(tokenizer, stop, n)]) if stop else None,
                 **steps_kwargs(model, num_steps),
+                **extra,
             )
+            if loops_used is not None and cache is not None and cache.loops_used:
+                per_token = torch.stack(cache.loops_used, 1)  # [rows, decode steps]: step k made token k + 1
+                ended = ids[:, n:] == tokenizer.pad_token_id  # finished rows are padded (pad may equal EOS)
+                length = (~ended).long().cumprod(1).sum(1)
+                for row, count in zip(per_token, length.tolist()):
+                    loops_used += row[: max(count - 1, 0)].tolist()
             for i, row in zip(batch, ids[:, n:]):
                 out[i] = cut_at_stop(tokenizer.decode(row, skip_special_tokens=True), stop)
     finally:

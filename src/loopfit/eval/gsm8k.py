@@ -16,14 +16,20 @@ def score(completion, reference):
 
 
 def evaluate(model, tokenizer, steps, prompt="8shot", limit=None, seed=1234, max_new_tokens=256, batch_size=8,
-             problems=None):
-    """(rows, samples): one row per (r, metric) with the accuracy; samples hold every completion."""
+             problems=None, exit_criterion=None):
+    """(rows, samples): one row per (r, metric) with the accuracy; samples hold every completion. With
+    `exit_criterion` (adaptive exit, r the most loops a token may use) a 'mean_loops' row is added per r."""
     problems = test_sets.subset(problems or test_sets.gsm8k_test(), limit, seed)
     prompts = [gsm8k_prompt(p["question"], prompt) for p in problems]
     task = "gsm8k" if prompt == "8shot" else f"gsm8k_{prompt}"
     rows, samples = [], []
     for r in steps:
-        completions = generate(model, tokenizer, prompts, r, max_new_tokens, GSM8K_STOP, batch_size, f"{task} r={r}")
+        loops = []
+        completions = generate(model, tokenizer, prompts, r, max_new_tokens, GSM8K_STOP, batch_size, f"{task} r={r}",
+                               exit_criterion, loops)
+        if loops:
+            rows.append({"task": task, "steps": r, "metric": "mean_loops", "value": sum(loops) / len(loops),
+                         "n": len(loops), "exit": exit_criterion})
         scores = [score(c, p["answer"]) for c, p in zip(completions, problems)]
         for metric in ("strict", "flexible"):
             value = sum(s[metric] for s in scores) / len(scores)

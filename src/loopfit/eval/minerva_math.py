@@ -9,14 +9,20 @@ from .prompts import MATH_STOP, math_prompt
 
 
 def evaluate(model, tokenizer, steps, subset="all", limit=None, seed=1234, max_new_tokens=512, batch_size=8,
-             problems=None):
-    """(rows, samples): one row per r with math-verify accuracy; samples hold every completion."""
+             problems=None, exit_criterion=None):
+    """(rows, samples): one row per r with math-verify accuracy; samples hold every completion. With
+    `exit_criterion` (adaptive exit) a 'mean_loops' row is added per r."""
     problems = test_sets.subset(problems or test_sets.math_test(subset), limit, seed)
     prompts = [math_prompt(p["question"]) for p in problems]
     task = "math" if subset == "all" else f"math{subset}"
     rows, samples = [], []
     for r in steps:
-        completions = generate(model, tokenizer, prompts, r, max_new_tokens, MATH_STOP, batch_size, f"{task} r={r}")
+        loops = []
+        completions = generate(model, tokenizer, prompts, r, max_new_tokens, MATH_STOP, batch_size, f"{task} r={r}",
+                               exit_criterion, loops)
+        if loops:
+            rows.append({"task": task, "steps": r, "metric": "mean_loops", "value": sum(loops) / len(loops),
+                         "n": len(loops), "exit": exit_criterion})
         answers = [math_answer(c) for c in completions]
         correct = [float(math_equal(a, p["answer"])) for a, p in zip(answers, problems)]
         rows.append({"task": task, "steps": r, "metric": "accuracy_math_verify", "value": sum(correct) / len(correct),

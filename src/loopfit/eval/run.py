@@ -13,6 +13,8 @@ tasks (comma-separated):
                 (offline: lm:gsm8k_loopfit, lm:gsm8k_loopfit_1shot)
 
 A plain transformers model (the baseline) runs once and its figures are repeated at every r.
+--exit kl:5e-4 lets each generated token stop looping early (r is then the most loops a token may use) and adds
+a `mean_loops` row per generation task and r.
 Writes OUT/results.json (one row per task, metric and r), OUT/samples.jsonl (every completion) and
 OUT/sweep.png (metric vs r); OUT defaults to MODEL/eval. Generation is greedy, batched, with the KV cache;
 --limit takes the same fixed random subset (--seed) for every r and every model.
@@ -44,7 +46,8 @@ def parse_tasks(text):
 
 def run_task(task, model, tok, steps, opts):
     """(rows, samples) of one task at every r."""
-    gen = {"limit": opts["limit"], "seed": opts["seed"], "batch_size": opts["batch_size"]}
+    gen = {"limit": opts["limit"], "seed": opts["seed"], "batch_size": opts["batch_size"],
+           "exit_criterion": opts.get("exit_criterion")}
     if opts.get("max_new_tokens"):
         gen["max_new_tokens"] = opts["max_new_tokens"]
     if task == "loss":
@@ -65,17 +68,20 @@ def run_task(task, model, tok, steps, opts):
 
 
 def evaluate(model, steps=(1, 2, 4, 8), tasks=("loss",), out=None, limit=None, seed=1234, batch_size=8,
-             max_new_tokens=None, data=None, seq_len=512, max_tokens=16384, plot=True):
+             max_new_tokens=None, data=None, seq_len=512, max_tokens=16384, plot=True, exit_criterion=None):
     """Run `tasks` at each r in `steps` on a model folder / name (or a loaded (model, tokenizer) pair).
+    `exit_criterion` ('kl:5e-4') lets generated tokens stop looping early (recurrent models).
     Returns the results dict and, when `out` is given, writes results.json, samples.jsonl and sweep.png there."""
     steps = parse_steps(",".join(map(str, steps)) if not isinstance(steps, str) else steps)
     tasks = parse_tasks(",".join(tasks) if not isinstance(tasks, str) else tasks)
     name = str(model) if not isinstance(model, tuple) else getattr(model[0].config, "_name_or_path", "model")
     model, tok = model if isinstance(model, tuple) else load(model)
     recurrent = is_recurrent(model)
+    if exit_criterion:
+        check_exit(exit_criterion, recurrent)
     run_steps = steps if recurrent else steps[:1]  # a plain model ignores r: run once
     opts = dict(limit=limit, seed=seed, batch_size=batch_size, max_new_tokens=max_new_tokens, data=data,
-                seq_len=seq_len, max_tokens=max_tokens)
+                seq_len=seq_len, max_tokens=max_tokens, exit_criterion=exit_criterion)
     rows, samples, started = [], [], time.time()
     for task in tasks:
         task_rows, task_samples = run_task(task, model, tok, run_steps, opts)
@@ -96,6 +102,18 @@ def evaluate(model, steps=(1, 2, 4, 8), tasks=("loss",), out=None, limit=None, s
     if out is not None:
         write(results, samples, out, plot)
     return results
+
+
+def check_exit(spec, recurrent):
+    """Refuse an adaptive-exit rule that is malformed or given for a plain model, before any work is done."""
+    from ..modeling import exit_rule
+
+    if not recurrent:
+        raise LoopfitError("--exit needs a loopfit (recurrent) model; this one is plain: drop --exit")
+    try:
+        exit_rule(spec)
+    except ValueError as e:
+        raise LoopfitError(str(e)) from None
 
 
 def write(results, samples, out, plot=True):
@@ -135,6 +153,8 @@ def add_arguments(parser):
     parser.add_argument("--data", help="loss text: .txt (blank-line separated), .jsonl ('text'), or prepared folder")
     parser.add_argument("--seq-len", type=int, default=512, help="loss sequence length (default 512)")
     parser.add_argument("--max-tokens", type=int, default=16384, help="loss tokens in all (default 16384)")
+    parser.add_argument("--exit", dest="exit_criterion", metavar="RULE",
+                        help="adaptive exit while generating, e.g. kl:5e-4 (adds a mean_loops row per r)")
     parser.add_argument("--out", help="output folder (default MODEL/eval for a folder, else eval-NAME)")
 
 
@@ -144,6 +164,7 @@ def run(args):
     out = args.out or (Path(args.model) / "eval" if Path(args.model).is_dir() else Path(f"eval-{Path(args.model).stem}"))
     results = evaluate(args.model, parse_steps(args.steps), parse_tasks(args.tasks), out=out, limit=args.limit,
                        seed=args.seed, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
-                       data=args.data, seq_len=args.seq_len, max_tokens=args.max_tokens)
+                       data=args.data, seq_len=args.seq_len, max_tokens=args.max_tokens,
+                       exit_criterion=args.exit_criterion)
     print(table(results["rows"]))
     print(f"wrote {out}/results.json, samples.jsonl, sweep.png ({results['seconds']} s)")
