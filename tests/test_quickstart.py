@@ -1,0 +1,72 @@
+"""`loopfit quickstart` end to end at its smallest setting, through the command line, on the real SmolLM2-135M."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SMALLEST = ["--steps", "2", "--limit", "200", "--gsm8k", "2", "--max-new-tokens", "8", "--eval-steps", "1,2",
+            "--gsm8k-steps", "1,2", "--eval-tokens", "256", "--device", "cpu"]
+
+
+def loopfit(*args, cwd=None):
+    env = dict(os.environ, OMP_NUM_THREADS="2", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    return subprocess.run([sys.executable, "-m", "loopfit.cli", *args], capture_output=True, text=True, env=env,
+                          cwd=cwd, timeout=900)
+
+
+@pytest.mark.real
+def test_quickstart_smallest_end_to_end(tmp_path):
+    out = tmp_path / "qs"
+    p = loopfit("quickstart", *SMALLEST, "--out", str(out))
+    assert p.returncode == 0, p.stderr[-3000:]
+    # one summary line per stage
+    for i, stage in enumerate(("convert", "prepare", "train", "eval", "report"), 1):
+        assert re.search(rf"^\[{i}/5\] {stage}: .+\(\d+ s\)$", p.stderr, re.M), f"no summary line for {stage}"
+
+    report = (out / "REPORT.md").read_text()
+    assert "## At equal training FLOPs" in report
+    table = [line for line in report.splitlines() if line.startswith("| recurrent (5, 10, 5) |")]
+    assert [line.split("|")[2].strip() for line in table] == ["1", "2"]  # one row per test r
+    assert any(line.startswith("| plain smollm2-135m") for line in report.splitlines())
+    for png in re.findall(r"\]\(([^)]+\.png)\)", report):
+        assert (out / png).stat().st_size > 1000, png
+    assert len(re.findall(r"\.png\)", report)) == 3
+
+    # equal training FLOPs: the plain model's steps are chosen so its FLOPs are within half a plain step's FLOPs
+    state = json.loads((out / "quickstart.json").read_text())
+    train = state["stages"]["train"]
+    rec, plain = train["recurrent"]["flops"], train["plain"]["flops"]
+    assert abs(plain - rec) <= 0.5 * train["plain_flops_per_step"] * (1 + 1e-9)
+    for name in ("recurrent", "plain"):  # the figures come from the runs' own metrics
+        metrics = [json.loads(x) for x in (out / "runs" / name / "metrics.jsonl").read_text().splitlines()]
+        assert max(m.get("flops") or 0 for m in metrics) == pytest.approx(train[name]["flops"], rel=1e-9)
+        assert not (out / "runs" / name / "checkpoints").exists()  # dropped once final/ is written
+
+    # a re-run reuses every stage; other settings over the same folder are refused with the fix
+    again = loopfit("quickstart", *SMALLEST, "--out", str(out))
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert again.stderr.count("done earlier") == 4
+    other = loopfit("quickstart", *SMALLEST, "--steps", "3", "--out", str(out))
+    assert other.returncode == 2
+    assert "other settings (steps)" in other.stderr and "--force" in other.stderr
+
+
+def test_unknown_model_is_one_line_error(tmp_path):
+    p = loopfit("quickstart", "--model", "llama-70b", "--out", str(tmp_path / "qs"))
+    assert p.returncode == 2
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and "unknown model 'llama-70b'" in lines[0] and "smollm2-135m" in lines[0]
+    assert not (tmp_path / "qs").exists()
+
+
+def test_help_describes_the_stages():
+    p = loopfit("quickstart", "--help")
+    assert p.returncode == 0
+    for word in ("--minutes", "--steps", "--model", "--device", "passthrough", "equal", "REPORT.md"):
+        assert word in p.stdout
+    assert Path(__file__).resolve().parents[1].joinpath("recipes", "quickstart.yaml").is_file()
