@@ -160,3 +160,25 @@ def test_recipe_overrides_types_and_suggestions(tmp_path):
         load_recipe({}, ["--schedule.decay_shape=sqrt"])
     with pytest.raises(LoopfitError, match="expects int"):
         load_recipe({}, ["--train.steps=ten"])
+
+
+def test_muon_runs_newton_schulz_in_fp32_on_cpu_and_matches_torch():
+    from torch.optim import _muon
+
+    from loopfit.train.optim import Muon, _newton_schulz
+
+    g = torch.randn(96, 40, generator=torch.Generator().manual_seed(0))
+    coeffs = (_muon.DEFAULT_A, _muon.DEFAULT_B, _muon.DEFAULT_C)
+    ours = _newton_schulz(g, coeffs, 5, 1e-7)
+    ref = _muon._zeropower_via_newtonschulz(g, coeffs, 5, 1e-7).float()  # torch's, in bf16
+    assert ours.dtype == torch.float32 and ours.shape == g.shape
+    assert (ours - ref).abs().max() < 0.03  # bf16 rounding of torch's; the iterate's entries are ~0.1-0.2
+    # two optimizer steps agree with torch.optim.Muon to that precision, and the state has the same keys
+    a, b = torch.nn.Parameter(g.clone()), torch.nn.Parameter(g.clone())
+    opt_a, opt_b = Muon([a], lr=0.02, weight_decay=0.1), torch.optim.Muon([b], lr=0.02, weight_decay=0.1)
+    for step in range(2):
+        grad = torch.randn(96, 40, generator=torch.Generator().manual_seed(step + 1))
+        a.grad, b.grad = grad.clone(), grad.clone()
+        opt_a.step(), opt_b.step()
+    assert (a - b).abs().max() < 2e-3 and not torch.equal(a, g)
+    assert torch.equal(opt_a.state[a]["momentum_buffer"], opt_b.state[b]["momentum_buffer"])
