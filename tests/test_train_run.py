@@ -198,3 +198,25 @@ def test_real_smollm2_slice_loss_falls(tmp_path, smollm2_tokenizer):
     assert last < first - 2.0, (first, last)
     assert result["eval_loss"] is not None and result["eval_loss"] < first - 2.0
     assert all(row["mfu"] > 0 and row["tokens_per_s"] > 0 for row in rows)
+
+
+def test_data_from_another_tokenizer_is_refused(tmp_path, smollm2_tokenizer):
+    """Prepared data carries its tokenizer's fingerprint; a model folder with another tokenizer is refused even
+    when every token id fits its vocabulary."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from loopfit.data import prepare
+
+    model_dir = tmp_path / "model"
+    LoopfitForCausalLM(LoopfitConfig(**{**TINY, "vocab_size": 49152}, num_prelude_layers=1, num_core_layers=1,
+                                     num_coda_layers=1)).save_pretrained(model_dir)
+    raw = Tokenizer(models.WordLevel({"<eos>": 0, "[UNK]": 1, "hello": 2}, unk_token="[UNK]"))
+    raw.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    PreTrainedTokenizerFast(tokenizer_object=raw, eos_token="<eos>", unk_token="[UNK]").save_pretrained(model_dir)
+    (tmp_path / "text.txt").write_text("Some words to tokenise, enough for a few windows. " * 50)
+    prepare([f"general={tmp_path / 'text.txt'}"], smollm2_tokenizer, tmp_path / "data", progress=False)
+    r = recipe(model_dir, tmp_path / "run")
+    r["data"] = {"root": str(tmp_path / "data"), "weights": {"general": 1.0}, "seq_len": 32}
+    with pytest.raises(LoopfitError, match="another tokenizer .* re-run `loopfit prepare` with the model's --tokenizer"):
+        train(r)

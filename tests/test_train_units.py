@@ -84,6 +84,13 @@ def test_schedule_values():
     assert f[74] == pytest.approx(0.01 + 0.99 * (1 - 24 / 49))
     cos = [lr_factor(s, 101, "cosine", warmup=0, floor=0.1) for s in range(101)]
     assert cos[0] == 1.0 and cos[50] == pytest.approx(0.55) and cos[100] == pytest.approx(0.1)
+    # cosine with warmup: 10 linear warmup steps, then cosine from 1 at step 10 to the floor at step 100
+    cw = [lr_factor(s, 101, "cosine", warmup=10, floor=0.0) for s in range(101)]
+    assert cw[4] == pytest.approx(0.5) and cw[10] == 1.0 and cw[55] == pytest.approx(0.5) and cw[100] == 0.0
+    # wsd with cosine decay over the last 20 of 101 steps (81 -> 100) to 0.001 (the GPU recipes' shape)
+    wc = [lr_factor(s, 101, "wsd", warmup=0, decay=0.2, decay_shape="cosine", floor=0.001) for s in range(101)]
+    assert wc[80] == wc[81] == 1.0 and wc[100] == pytest.approx(0.001)
+    assert wc[90] == pytest.approx(0.001 + 0.999 * 0.5 * (1 + math.cos(math.pi * 9 / 19)))
     sq = lr_factor(75, 101, "wsd", warmup=0, decay=1.0, decay_shape="1-sqrt", floor=0.0)
     assert sq == pytest.approx(1 - math.sqrt(0.75))
     assert lr_factor(0, 100, "constant", warmup=0.1) == pytest.approx(0.1) and lr_factor(50, 100, "constant") == 1
