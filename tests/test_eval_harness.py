@@ -71,3 +71,14 @@ def test_harness_cli_runs_a_loopfit_folder(tiny, tmp_path):
     assert "gsm8k_loopfit" in proc.stdout and "'num_steps': 2" in proc.stdout
     results = list((tmp_path / "out").rglob("results_*.json"))
     assert results and "gsm8k_loopfit" in json.loads(results[0].read_text())["results"]
+
+
+def test_metric_rows_keep_metrics_only():
+    """lm-eval's alias, stderr and sample count are not metrics: they get no row (nor a plot panel)."""
+    from loopfit.eval.harness import metric_rows
+
+    results = {"gsm8k_loopfit": {"alias": "gsm8k_loopfit", "exact_match,strict-match": 0.5,
+                                 "exact_match_stderr,strict-match": 0.1, "sample_len": 2, "acc,none": 0.25}}
+    assert metric_rows(results, 4, 2) == [
+        {"task": "lm:gsm8k_loopfit", "steps": 4, "metric": "exact_match_strict-match", "value": 0.5, "n": 2},
+        {"task": "lm:gsm8k_loopfit", "steps": 4, "metric": "acc", "value": 0.25, "n": 2}]

@@ -121,3 +121,15 @@ def test_exit_rule_counts_loops_of_real_tokens(tiny_loopfit, tiny_plain, tmp_pat
     assert "--exit needs a loopfit (recurrent) model" in capsys.readouterr().err
     assert cli(["eval", str(tiny_loopfit), "--tasks", "gsm8k", "--exit", "kl"]) == 2
     assert "must look like kl:5e-4" in capsys.readouterr().err
+
+
+def test_math_task_scores_with_math_verify(tiny_loopfit, tmp_path):
+    """`math500` end to end: Minerva prompt, the boxed answer extracted, math-verify's verdict per sample."""
+    out = tmp_path / "math"
+    assert cli(["eval", str(tiny_loopfit), "--steps", "1,2", "--tasks", "math500", "--limit", "2",
+                "--max-new-tokens", "3", "--out", str(out)]) == 0
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    assert {(r["steps"], r["metric"]) for r in rows} == {(1, "accuracy_math_verify"), (2, "accuracy_math_verify")}
+    samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert len(samples) == 4 and all(s["reference"] and s["correct"] in (0.0, 1.0) for s in samples)
+    assert all(s["completion"] and "Problem:" not in s["completion"] for s in samples)

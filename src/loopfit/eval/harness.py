@@ -65,12 +65,13 @@ def run_tasks(model, tokenizer, tasks, steps, limit=None, batch_size=1, max_gen_
 
 
 def metric_rows(results, steps, n=None):
-    """lm-eval results {task: {'exact_match,strict-match': x, ...}} -> loopfit rows (stderr dropped)."""
+    """lm-eval results {task: {'exact_match,strict-match': x, ...}} -> loopfit rows (stderr and the sample count
+    dropped)."""
     rows = []
     for task, metrics in results.items():
         for key, value in metrics.items():
             name, _, filt = key.partition(",")
-            if name.endswith("_stderr") or not isinstance(value, (int, float)) or name == "alias":
+            if name.endswith("_stderr") or not isinstance(value, (int, float)) or name in ("alias", "sample_len"):
                 continue
             metric = f"{name}_{filt}" if filt and filt != "none" else name
             rows.append({"task": f"lm:{task}", "steps": steps, "metric": metric, "value": float(value), "n": n})
