@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-SMALLEST = ["--steps", "2", "--limit", "200", "--gsm8k", "2", "--max-new-tokens", "8", "--eval-steps", "1,2",
+SMALLEST = ["--steps", "1", "--limit", "200", "--gsm8k", "2", "--max-new-tokens", "8", "--eval-steps", "1,2",
             "--gsm8k-steps", "1,2", "--eval-tokens", "256", "--device", "cpu"]
 
 
@@ -51,7 +51,7 @@ def test_quickstart_smallest_end_to_end(tmp_path):
     again = loopfit("quickstart", *SMALLEST, "--out", str(out))
     assert again.returncode == 0, again.stderr[-2000:]
     assert again.stderr.count("done earlier") == 4
-    other = loopfit("quickstart", *SMALLEST, "--steps", "3", "--out", str(out))
+    other = loopfit("quickstart", *SMALLEST, "--steps", "2", "--out", str(out))
     assert other.returncode == 2
     assert "other settings (steps)" in other.stderr and "--force" in other.stderr
 

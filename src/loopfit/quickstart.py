@@ -1,6 +1,6 @@
 """The whole loopfit path on a real small model, offline, on a CPU: convert, prepare, train, eval, report.
 
-  loopfit quickstart                         # SmolLM2-135M, ~15 minutes on a 2-core CPU (default --minutes 6)
+  loopfit quickstart                         # SmolLM2-135M, ~15 minutes on an idle 2-core CPU (--minutes 8)
   loopfit quickstart --minutes 20            # train longer (steps scale with the minutes)
   loopfit quickstart --steps 2 --limit 50 --gsm8k 2 --max-new-tokens 8 --eval-steps 1,2   # smoke test, ~3 min
   loopfit quickstart --model qwen2.5-0.5b --device cuda --steps 500 --out quickstart-qwen
@@ -40,8 +40,11 @@ from . import LoopfitError
 
 STAGES = ("convert", "prepare", "train", "eval", "report")
 RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "quickstart.yaml"  # the repository's (editable install)
-STEPS_PER_MINUTE = 5  # recurrent-model steps per training minute on a 2-core CPU, both models' training included
-DEFAULT_MINUTES = 6.0
+# Recurrent-model steps per training minute on an idle 2-core CPU, the plain model's equal-FLOPs steps included:
+# a 1024-token step is ~7 s of forward+backward and ~8-12 s of Muon's Newton-Schulz (~1-1.5 TFLOP: at this batch
+# it costs more than the step itself), for each model. Estimated from benchmarks/BENCHMARKS.md, not measured idle.
+STEPS_PER_MINUTE = 2
+DEFAULT_MINUTES = 8.0
 HOLDOUT = 0.02
 
 
@@ -62,7 +65,7 @@ def add_arguments(parser):
     parser.add_argument("--eval-tokens", type=int, default=2048, help="held-out math tokens for the loss (default 2048)")
     parser.add_argument("--gsm8k", type=int, default=8, help="GSM8K test items (a fixed subset; 0 skips; default 8)")
     parser.add_argument("--gsm8k-steps", default="1,2,4,8", help="r for GSM8K (default 1,2,4,8)")
-    parser.add_argument("--max-new-tokens", type=int, default=96, help="GSM8K generation budget (default 96)")
+    parser.add_argument("--max-new-tokens", type=int, default=64, help="GSM8K generation budget (default 64)")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
                         help="auto: a GPU when there is one (default)")
     parser.add_argument("--recipe", default=str(RECIPE), help="training recipe (default recipes/quickstart.yaml)")
@@ -327,8 +330,11 @@ def report_text(s, state, device, seconds):
     with_r = (f"The recurrent model's held-out loss is lowest at r = {best} ({rl[best]:.4f}); going from r = {r_lo} "
               f"to r = {best} lowers it by {gain:.4f}" if best != r_lo else
               f"The recurrent model's held-out loss does not improve beyond r = {r_lo} ({rl[r_lo]:.4f})")
-    with_r += f", and at r = {r_hi} it is {rl[r_hi]:.4f}."
-    versus = ("below" if rl[best] < plain_loss else "above")
+    with_r += f", and at r = {r_hi} it is {rl[r_hi]:.4f}." if r_hi != best else "."
+    versus = "below" if rl[best] < plain_loss else "above"
+    leader = ("so the plain model leads here, and the gap says nothing about the method at scale"
+              if versus == "above" else "so the recurrent model's lead here is a small-budget result, not evidence "
+              "about the method at scale")
     total = sum(seconds.values())
     timing = ", ".join(f"{k} {v / 60:.1f} min" for k, v in seconds.items())
     parts = [
@@ -369,9 +375,9 @@ def report_text(s, state, device, seconds):
         "training with curriculum and truncated backprop, a plain baseline held to the same FLOPs, and a sweep "
         "over test-time depth — and how each number moves in a few minutes. What it does not show: whether "
         "recurrence beats the plain model. Converting drops "
-        f"layers {conv['dropped']} of the base, which costs far more loss than these minutes can heal, while the "
-        "plain model starts "
-        "from the intact base; so the plain model leads here, and the gap says nothing about the method at scale. "
+        f"layers {conv['dropped']} of the base (sample-text loss {conv['base_loss']:.2f} -> {conv['converted_loss']:.2f}), "
+        "more than these minutes can heal, while the plain model starts from the intact base; "
+        f"{leader}. "
         "A gain (or not) from larger r at this budget is small and noisy: held-out loss is measured on "
         f"{s['eval_tokens']:,} tokens"
         + (f", and GSM8K on {s['gsm8k']} items, where models of this size score near 0% anyway: its accuracies "
