@@ -7,28 +7,6 @@ Each param group remembers its base lr as `base_lr`; the schedule multiplies it 
 
 import torch
 from torch.optim import _muon
-from torch.optim import _muon
-
-_newton_schulz_bf16 = _muon._zeropower_via_newtonschulz
-
-
-def _newton_schulz(grad, ns_coefficients, ns_steps, eps):
-    """torch's Muon orthogonalises in bf16, which CPUs without bf16 matmul units run ~25x slower than fp32
-    (a SmolLM2 step took minutes in Newton-Schulz alone): on CPU, run the same iteration in fp32."""
-    if grad.device.type != "cpu":
-        return _newton_schulz_bf16(grad, ns_coefficients, ns_steps, eps)
-    a, b, c = ns_coefficients
-    x = grad.float()
-    if grad.size(0) > grad.size(1):
-        x = x.T
-    x = x / x.norm().clamp(min=eps)
-    for _ in range(ns_steps):
-        gram = x @ x.T
-        x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
-    return x.T if grad.size(0) > grad.size(1) else x
-
-
-_muon._zeropower_via_newtonschulz = _newton_schulz  # torch.optim.Muon looks it up at each step
 
 
 def split_params(model):
