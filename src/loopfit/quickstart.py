@@ -2,7 +2,8 @@
 
   loopfit quickstart                         # SmolLM2-135M, ~15 minutes on an idle 2-core CPU (--minutes 8)
   loopfit quickstart --minutes 20            # train longer (steps scale with the minutes)
-  loopfit quickstart --steps 2 --limit 50 --gsm8k 2 --max-new-tokens 8 --eval-steps 1,2   # smoke test, ~3 min
+  loopfit quickstart --steps 1 --limit 200 --gsm8k 2 --max-new-tokens 8 --eval-steps 1,2 --gsm8k-steps 1,2 \
+      --eval-tokens 256 --out /tmp/qs        # the smallest setting (the test's): a few minutes
   loopfit quickstart --model qwen2.5-0.5b --device cuda --steps 500 --out quickstart-qwen
 
 Stages (each prints one summary line; a finished stage is reused when re-run with the same settings):
