@@ -116,6 +116,7 @@ def test_folder_loads_without_loopfit_installed(tiny_llama_dir, tmp_path, capsys
     script = f"""
 import sys; sys.modules["loopfit"] = None  # make loopfit unimportable
 import torch
+torch.set_num_threads({torch.get_num_threads()})  # this process's thread count: the same float sums, bit for bit
 from transformers import AutoModelForCausalLM
 m = AutoModelForCausalLM.from_pretrained({str(out)!r}, trust_remote_code=True)
 assert type(m).__module__.startswith("transformers_modules"), type(m).__module__

@@ -9,13 +9,7 @@ PROMPTS = ["The capital of France is", "Q: Tom has 3 apples and buys 5 more. How
            "Once upon a time, in a small village by the sea,", "def fibonacci(n):"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # two cores shared by several jobs: two threads per process thrash (10x slower here)
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.real

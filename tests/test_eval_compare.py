@@ -16,13 +16,7 @@ TEXT = "\n\n".join(f"The keeper climbed {n} steps at dusk and lit the lamp befor
                    range(40))
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # two cores shared by several jobs: one thread per process avoids oversubscription
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def train_and_eval(model, tok, root, name):

@@ -74,3 +74,13 @@ def generate(model, tokenizer, prompts, num_steps=None, max_new_tokens=256, stop
     finally:
         tokenizer.padding_side = padding_side
     return out
+
+
+def generate_at(model, tokenizer, prompts, r, task, max_new_tokens, stop, batch_size, exit_criterion=None):
+    """(completions, rows) at r loops; under an adaptive exit, rows holds the task's 'mean_loops' row for r."""
+    loops = []
+    completions = generate(model, tokenizer, prompts, r, max_new_tokens, stop, batch_size, f"{task} r={r}",
+                           exit_criterion, loops)
+    rows = [{"task": task, "steps": r, "metric": "mean_loops", "value": sum(loops) / len(loops), "n": len(loops),
+             "exit": exit_criterion}] if loops else []
+    return completions, rows

@@ -3,7 +3,7 @@ flexible extraction (see `loopfit.eval.extract` and `loopfit.eval.prompts`)."""
 
 from . import items as test_sets
 from .extract import flexible_answer, strict_answer
-from .generation import generate
+from .generation import generate_at
 from .prompts import GSM8K_STOP, gsm8k_prompt
 
 
@@ -24,12 +24,9 @@ def evaluate(model, tokenizer, steps, prompt="8shot", limit=None, seed=1234, max
     task = "gsm8k" if prompt == "8shot" else f"gsm8k_{prompt}"
     rows, samples = [], []
     for r in steps:
-        loops = []
-        completions = generate(model, tokenizer, prompts, r, max_new_tokens, GSM8K_STOP, batch_size, f"{task} r={r}",
-                               exit_criterion, loops)
-        if loops:
-            rows.append({"task": task, "steps": r, "metric": "mean_loops", "value": sum(loops) / len(loops),
-                         "n": len(loops), "exit": exit_criterion})
+        completions, loop_rows = generate_at(model, tokenizer, prompts, r, task, max_new_tokens, GSM8K_STOP, batch_size,
+                                             exit_criterion)
+        rows += loop_rows
         scores = [score(c, p["answer"]) for c, p in zip(completions, problems)]
         for metric in ("strict", "flexible"):
             value = sum(s[metric] for s in scores) / len(scores)

@@ -4,7 +4,7 @@ standard library module for anyone running files from this folder.)"""
 
 from . import items as test_sets
 from .extract import math_answer, math_equal
-from .generation import generate
+from .generation import generate_at
 from .prompts import MATH_STOP, math_prompt
 
 
@@ -17,12 +17,9 @@ def evaluate(model, tokenizer, steps, subset="all", limit=None, seed=1234, max_n
     task = "math" if subset == "all" else f"math{subset}"
     rows, samples = [], []
     for r in steps:
-        loops = []
-        completions = generate(model, tokenizer, prompts, r, max_new_tokens, MATH_STOP, batch_size, f"{task} r={r}",
-                               exit_criterion, loops)
-        if loops:
-            rows.append({"task": task, "steps": r, "metric": "mean_loops", "value": sum(loops) / len(loops),
-                         "n": len(loops), "exit": exit_criterion})
+        completions, loop_rows = generate_at(model, tokenizer, prompts, r, task, max_new_tokens, MATH_STOP, batch_size,
+                                             exit_criterion)
+        rows += loop_rows
         answers = [math_answer(c) for c in completions]
         correct = [float(math_equal(a, p["answer"])) for a, p in zip(answers, problems)]
         rows.append({"task": task, "steps": r, "metric": "accuracy_math_verify", "value": sum(correct) / len(correct),
