@@ -125,12 +125,13 @@ def plot_flops(runs, path):
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for i, run in enumerate(runs):
         color = f"C{i}"
-        for key, style in (("loss", "-"), ("eval_loss", "o--")):
+        name = run["name"] if run["name"] == kind(run) else f"{run['name']} ({kind(run)})"
+        for key, style, what in (("loss", "-", "train loss"), ("eval_loss", "o--", "held-out loss")):
             pts = series(run["metrics"], key)
             if pts:
                 xs, ys = zip(*pts)
                 ax.plot(xs, ys, style, color=color, alpha=0.9 if key == "eval_loss" else 0.6,
-                        label=f"{run['name']} ({kind(run)}) {key.replace('_', ' ')}")
+                        label=f"{name}: {what}")
     budget = matched_budget(runs)
     if budget:
         ax.axvline(budget, color="grey", linestyle=":", label=f"matched FLOPs {budget:.3g}")
@@ -147,6 +148,7 @@ def plot_steps(runs, path):
 
     rows = [dict(row, run=r["name"]) for r in runs if r["results"] for row in r["results"]["rows"]
             if row["metric"] != "perplexity"]
+    recurrent = {r["name"]: r["recurrent"] for r in runs}
     panels = sorted({panel_of(r["metric"]) for r in rows}, key=lambda p: (p != "accuracy", p))
     fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4), squeeze=False)
     ticks = sorted({r["steps"] for r in rows})
@@ -157,7 +159,12 @@ def plot_steps(runs, path):
                 lines.setdefault((r["run"], r["task"], r["metric"]), []).append((r["steps"], r["value"]))
         for (run, task, metric), pts in lines.items():
             xs, ys = zip(*sorted(pts))
-            ax.plot(xs, ys, marker="o", label=f"{run}: {task} {metric.removeprefix('accuracy_')}")
+            what = metric.removeprefix("accuracy_")
+            label = f"{run}: {task}" if what == task else f"{run}: {task} {what}"
+            if recurrent.get(run, True):
+                ax.plot(xs, ys, marker="o", label=label)
+            else:  # a plain model has no loops: r changes nothing, so draw it as a level
+                ax.plot(xs, ys, linestyle="--", label=f"{label} (no loops)")
         ax.set_xscale("log", base=2)
         ax.set_xticks(ticks, [str(t) for t in ticks])
         ax.set_xlabel("test-time recurrence r")
