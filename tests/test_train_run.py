@@ -67,8 +67,11 @@ def test_recurrent_loss_falls_and_final_folder_loads(tiny_dir, tmp_path):
     assert result["step"] == 30 and result["stopped"] is None
     first, last = sum(r["loss"] for r in rows[:3]) / 3, sum(r["loss"] for r in rows[-3:]) / 3
     assert last < first - 0.5, (first, last)
-    evals = [r["eval_loss"] for r in read_metrics(out) if "eval_loss" in r]
-    assert len(evals) == 2 and evals[1] < evals[0]
+    evals = [r for r in read_metrics(out) if "eval_loss" in r]
+    assert len(evals) == 2 and evals[1]["eval_loss"] < evals[0]["eval_loss"]
+    # each held-out loss is logged with the compute spent so far, so `loopfit compare` can place it
+    at_step = {r["step"]: r["flops"] for r in rows}
+    assert [(e["step"], e["flops"]) for e in evals] == [(15, at_step[15]), (30, result["flops"])]
     # recurrence draws follow the curriculum; FLOPs add up per the paper's formula
     assert rows[0]["rbar"] == 1 and rows[-1]["rbar"] == 4
     assert all(r["k"] <= 2 for r in rows)
@@ -127,7 +130,10 @@ def test_bad_input_is_refused_with_the_fix(tiny_dir, tmp_path):
         train({**recipe(tiny_dir, out), "data": {"synthetic": "random", "vocab_size": 1000, "seq_len": 16}})
     with pytest.raises(LoopfitError, match="nothing to resume"):
         train(recipe(tiny_dir, out), resume="latest")
-    train(recipe(tiny_dir, out, train={"steps": 2, "eval_every": 0}))
+    result = train(recipe(tiny_dir, out, train={"steps": 2, "eval_every": 0}))
+    # with no periodic eval, the one at the end still carries the run's tokens and FLOPs
+    (end,) = [r for r in read_metrics(out) if "eval_loss" in r]
+    assert (end["step"], end["tokens"], end["flops"]) == (2, result["tokens"], result["flops"])
     with pytest.raises(LoopfitError, match="already holds a run .* --resume"):
         train(recipe(tiny_dir, out, train={"steps": 2}))
 

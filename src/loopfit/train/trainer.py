@@ -411,7 +411,7 @@ def _train(cfg, d, resume, data):
         if not t.eval_every or t.steps % t.eval_every:
             eval_loss = _eval_loss(model, source, cfg, d, recurrent, autocast)
             if eval_loss is not None:
-                metrics.log({"step": done, "eval_loss": eval_loss})
+                metrics.log({"step": done, "eval_loss": eval_loss, "tokens": tokens_total, "flops": flops_total})
         final = _export_final(out_dir, model, cfg, d)
         _say(d, f"done: {done} steps, {tokens_total} tokens, {flops_total:.3g} FLOPs, loss {loss:.4f}"
                 + (f", held-out loss {eval_loss:.4f}" if eval_loss is not None else "") + f"; model in {final}")
