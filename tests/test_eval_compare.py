@@ -8,10 +8,9 @@ import pytest
 import torch
 import yaml
 
-from loopfit import LoopfitConfig, LoopfitForCausalLM
+import tiny_models
 from loopfit.cli import main as cli
 
-TINY = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2)
 TEXT = "\n\n".join(f"The keeper climbed {n} steps at dusk and lit the lamp before the boats came home." for n in
                    range(40))
 
@@ -45,8 +44,6 @@ def train_and_eval(model, tok, root, name):
 @pytest.fixture(scope="module")
 def runs(smollm2_tokenizer, tmp_path_factory):
     """Two real runs with SmolLM2's tokenizer: 'recurrent' (1,2,1 layers, mean r 4) and 'plain' (2-layer Llama)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     root = tmp_path_factory.mktemp("compare-runs")
     (root / "text.txt").write_text(TEXT)
     tok = smollm2_tokenizer
@@ -54,10 +51,8 @@ def runs(smollm2_tokenizer, tmp_path_factory):
     torch.set_num_threads(1)
     try:
         torch.manual_seed(0)
-        rec = LoopfitForCausalLM(LoopfitConfig(vocab_size=len(tok), **TINY, num_prelude_layers=1, num_core_layers=2,
-                                               num_coda_layers=1, mean_recurrence=4, eos_token_id=tok.eos_token_id))
-        plain = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), **TINY, num_hidden_layers=2,
-                                             eos_token_id=tok.eos_token_id))
+        rec = tiny_models.recurrent(len(tok), eos_token_id=tok.eos_token_id)
+        plain = tiny_models.llama(len(tok), eos_token_id=tok.eos_token_id)
         return {"root": root, "recurrent": train_and_eval(rec, tok, root, "recurrent"),
                 "plain": train_and_eval(plain, tok, root, "plain")}
     finally:
@@ -126,13 +121,10 @@ def char_tokenizer(folder):
 
 
 def test_runs_with_different_tokenizers_warn(runs, tmp_path, capsys):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     other = tmp_path / "char-model"
     tok = char_tokenizer(other)
     torch.manual_seed(0)
-    LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), **TINY, num_hidden_layers=1,
-                                 eos_token_id=tok.eos_token_id)).save_pretrained(other)
+    tiny_models.llama(len(tok), num_hidden_layers=1, eos_token_id=tok.eos_token_id).save_pretrained(other)
     assert cli(["eval", str(other), "--steps", "1,2", "--data", str(runs["root"] / "text.txt"), "--seq-len", "32",
                 "--max-tokens", "128"]) == 0
     capsys.readouterr()

@@ -10,7 +10,7 @@ import lm_eval
 import pytest
 import torch
 
-from loopfit import LoopfitConfig, LoopfitForCausalLM
+import tiny_models
 from loopfit.eval.harness import LoopfitLM, run_tasks, task_manager
 from loopfit.eval.prompts import gsm8k_prompt
 
@@ -19,9 +19,7 @@ from loopfit.eval.prompts import gsm8k_prompt
 def tiny(smollm2_tokenizer, tmp_path_factory):
     torch.manual_seed(0)
     tok = smollm2_tokenizer
-    model = LoopfitForCausalLM(LoopfitConfig(
-        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
-        num_prelude_layers=1, num_core_layers=2, num_coda_layers=1, mean_recurrence=4, eos_token_id=tok.eos_token_id))
+    model = tiny_models.recurrent(len(tok), eos_token_id=tok.eos_token_id)
     folder = tmp_path_factory.mktemp("tiny-lmeval")
     model.save_pretrained(folder)
     tok.save_pretrained(folder)

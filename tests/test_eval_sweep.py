@@ -8,15 +8,13 @@ import sys
 import pytest
 import torch
 
-from loopfit import LoopfitConfig, LoopfitError, LoopfitForCausalLM
+import tiny_models
+from loopfit import LoopfitError, LoopfitForCausalLM
 from loopfit.cli import main as cli
 from loopfit.eval import run as eval_run
 from loopfit.eval.generation import generate
 from loopfit.eval.loading import load, parse_steps
 from loopfit.eval.prompts import gsm8k_prompt
-
-TINY = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2)
-
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -31,18 +29,15 @@ def _save(model, tok, path):
 def tiny_loopfit(smollm2_tokenizer, tmp_path_factory):
     torch.manual_seed(0)
     tok = smollm2_tokenizer
-    cfg = LoopfitConfig(vocab_size=len(tok), **TINY, num_prelude_layers=1, num_core_layers=2, num_coda_layers=1,
-                        mean_recurrence=4, eos_token_id=tok.eos_token_id, state_init="zeros")
-    return _save(LoopfitForCausalLM(cfg), tok, tmp_path_factory.mktemp("tiny-loopfit"))
+    model = tiny_models.recurrent(len(tok), eos_token_id=tok.eos_token_id, state_init="zeros")
+    return _save(model, tok, tmp_path_factory.mktemp("tiny-loopfit"))
 
 
 @pytest.fixture(scope="module")
 def tiny_plain(smollm2_tokenizer, tmp_path_factory):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     torch.manual_seed(0)
     tok = smollm2_tokenizer
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), **TINY, num_hidden_layers=2, eos_token_id=tok.eos_token_id))
+    model = tiny_models.llama(len(tok), eos_token_id=tok.eos_token_id)
     return _save(model, tok, tmp_path_factory.mktemp("tiny-plain"))
 
 

@@ -14,8 +14,9 @@ from transformers import (
 )
 
 import loopfit
+import tiny_models
 from loopfit.convert import LayerPlan, build_loopfit, plan_layers
-from loopfit.modeling import LoopfitConfig, LoopfitForCausalLM
+from loopfit.modeling import LoopfitConfig
 
 VOCAB = 128
 COMMON = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
@@ -86,10 +87,8 @@ def test_passthrough_equals_base_without_dropped_layers_at_any_r(family):
 
 
 def tiny_loopfit(**overrides):
-    cfg = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
-               num_prelude_layers=1, num_core_layers=2, num_coda_layers=1, mean_recurrence=4)
     torch.manual_seed(0)
-    return LoopfitForCausalLM(LoopfitConfig(**{**cfg, **overrides})).eval()
+    return tiny_models.recurrent(VOCAB, **overrides).eval()
 
 
 @pytest.mark.parametrize("r", [1, 4])

@@ -11,7 +11,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from loopfit import LoopfitConfig, LoopfitForCausalLM
+import tiny_models
 
 STEPS = 4
 # absolute, on the loss. DDP differs only in the order of the gradient sum. Under FSDP2, Muon's Newton-Schulz runs
@@ -25,9 +25,7 @@ def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("dist")
     torch.manual_seed(0)
     # zero initial state: no per-rank noise, so the runs are comparable step by step
-    LoopfitForCausalLM(LoopfitConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_attention_heads=4,
-                                     num_key_value_heads=2, num_prelude_layers=1, num_core_layers=2, num_coda_layers=1,
-                                     mean_recurrence=3, state_init="zeros")).save_pretrained(root / "tiny")
+    tiny_models.recurrent(mean_recurrence=3, state_init="zeros").save_pretrained(root / "tiny")
     recipe = {
         "model": {"init_from": str(root / "tiny")},
         "data": {"synthetic": "pattern", "seq_len": 16},

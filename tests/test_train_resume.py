@@ -11,7 +11,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from loopfit import LoopfitConfig, LoopfitForCausalLM
+import tiny_models
 
 STEPS = 24
 
@@ -20,9 +20,7 @@ STEPS = 24
 def recipe_path(tmp_path_factory):
     root = tmp_path_factory.mktemp("resume")
     torch.manual_seed(0)
-    LoopfitForCausalLM(LoopfitConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_attention_heads=4,
-                                     num_key_value_heads=2, num_prelude_layers=1, num_core_layers=2, num_coda_layers=1,
-                                     mean_recurrence=4)).save_pretrained(root / "tiny")
+    tiny_models.recurrent().save_pretrained(root / "tiny")
     recipe = {
         "model": {"init_from": str(root / "tiny")},
         "data": {"synthetic": "pattern", "seq_len": 16},

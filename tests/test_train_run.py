@@ -10,11 +10,9 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+import tiny_models
 from loopfit import LoopfitConfig, LoopfitError, LoopfitForCausalLM
 from loopfit.train import train
-
-TINY = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2)
-
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -22,8 +20,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
     torch.manual_seed(0)
-    model = LoopfitForCausalLM(LoopfitConfig(**TINY, num_prelude_layers=1, num_core_layers=2, num_coda_layers=1,
-                                             mean_recurrence=4))
+    model = tiny_models.recurrent()
     out = tmp_path_factory.mktemp("tiny-loopfit")
     model.save_pretrained(out)
     return out
@@ -31,10 +28,8 @@ def tiny_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def plain_dir(tmp_path_factory):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(**TINY, num_hidden_layers=2))
+    model = tiny_models.llama()
     out = tmp_path_factory.mktemp("tiny-llama")
     model.save_pretrained(out)
     return out
@@ -209,7 +204,7 @@ def test_data_from_another_tokenizer_is_refused(tmp_path, smollm2_tokenizer):
     from loopfit.data import prepare
 
     model_dir = tmp_path / "model"
-    LoopfitForCausalLM(LoopfitConfig(**{**TINY, "vocab_size": 49152}, num_prelude_layers=1, num_core_layers=1,
+    LoopfitForCausalLM(LoopfitConfig(vocab_size=49152, **tiny_models.SIZES, num_prelude_layers=1, num_core_layers=1,
                                      num_coda_layers=1)).save_pretrained(model_dir)
     raw = Tokenizer(models.WordLevel({"<eos>": 0, "[UNK]": 1, "hello": 2}, unk_token="[UNK]"))
     raw.pre_tokenizer = pre_tokenizers.WhitespaceSplit()

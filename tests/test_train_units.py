@@ -6,18 +6,13 @@ import numpy as np
 import pytest
 import torch
 
-from loopfit import LoopfitConfig, LoopfitError, LoopfitForCausalLM
+import tiny_models
+from loopfit import LoopfitError
 from loopfit.train.config import load_recipe
 from loopfit.train.flops import param_counts, train_flops
 from loopfit.train.optim import build_optimizers, split_params
 from loopfit.train.recurrence import curriculum_value, depth_for_step, fixed_depth, sample_depth
 from loopfit.train.schedules import lr_factor, lr_fraction
-
-
-def tiny_loopfit():
-    return LoopfitForCausalLM(LoopfitConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_attention_heads=4,
-                                            num_key_value_heads=2, num_prelude_layers=1, num_core_layers=2,
-                                            num_coda_layers=1, mean_recurrence=4))
 
 
 # ------------------------------------------------------------------ recurrence
@@ -116,7 +111,7 @@ def test_flops_formula_by_hand():
 
 
 def test_param_counts_split_model():
-    model = tiny_loopfit()
+    model = tiny_models.recurrent()
     c = param_counts(model)
     inner = model.model
     n = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
@@ -135,7 +130,7 @@ def test_param_counts_split_model():
 
 
 def test_muon_gets_hidden_matrices_and_adapter():
-    model = tiny_loopfit()
+    model = tiny_models.recurrent()
     muon, adamw = split_params(model)
     muon_names = {n for n, _ in muon}
     assert "model.adapter.weight" in muon_names

@@ -30,7 +30,6 @@ continues from its checkpoint; other settings over an existing --out need --forc
 
 import hashlib
 import json
-import math
 import os
 import shutil
 import sys
@@ -42,8 +41,8 @@ from . import LoopfitError
 STAGES = ("convert", "prepare", "train", "eval", "report")
 RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "quickstart.yaml"  # the repository's (editable install)
 # Recurrent-model steps per training minute on an idle 2-core CPU, the plain model's equal-FLOPs steps included:
-# a 1024-token step is ~7 s of forward+backward and ~8-12 s of Muon's Newton-Schulz (~1-1.5 TFLOP: at this batch
-# it costs more than the step itself), for each model. Estimated from benchmarks/BENCHMARKS.md, not measured idle.
+# measured ~13 s a recurrent 1024-token step and ~17 s a plain one (Muon's Newton-Schulz is about half of each),
+# so ~30 s a pair (benchmarks/BENCHMARKS.md, fresh-clone `make quickstart`).
 STEPS_PER_MINUTE = 2
 DEFAULT_MINUTES = 8.0
 HOLDOUT = 0.02
@@ -236,7 +235,7 @@ def stage_train(s, out, recipe):
 def stage_eval(s, out, device):
     from .convert import offline_folder
     from .eval.loading import load
-    from .eval.run import evaluate
+    from .eval.run import evaluate, write
 
     data = str(out / "data" / "math")
     common = dict(data=data, seq_len=256, max_tokens=s["eval_tokens"], limit=s["gsm8k"] or None,
@@ -255,9 +254,7 @@ def stage_eval(s, out, device):
             gsm = run(folder, s["gsm8k_steps"], ["gsm8k_1shot"], dest / "gsm8k")
             rows = rows + gsm["rows"]
             res = dict(res, rows=rows, tasks=res["tasks"] + gsm["tasks"], seconds=res["seconds"] + gsm["seconds"])
-            from .eval.run import write
-
-            write(res, [], dest)
+            write(res, [], dest)  # one results.json with both tasks, for `loopfit compare`
         found[name] = _by_metric(rows)
     # before training: the base model, and the converted model at its default r (passthrough: the same at every r)
     base = run(offline_folder(s["model"]), [1], ["loss"], out / "base-eval")
@@ -265,7 +262,7 @@ def stage_eval(s, out, device):
     found["base"], found["converted"] = _by_metric(base["rows"]), _by_metric(conv["rows"])
     rec_loss = found["recurrent"]["loss"]
     best = min(rec_loss, key=rec_loss.get)
-    line = (f"held-out math loss: recurrent " + ", ".join(f"r={r} {v:.3f}" for r, v in sorted(rec_loss.items()))
+    line = ("held-out math loss: recurrent " + ", ".join(f"r={r} {v:.3f}" for r, v in sorted(rec_loss.items()))
             + f"; plain {found['plain']['loss'][min(found['plain']['loss'])]:.3f}; base before training "
             f"{found['base']['loss'][1]:.3f}")
     if s["gsm8k"]:
@@ -289,7 +286,30 @@ def _by_metric(rows):
 # ------------------------------------------------------------------------------------------------ report
 
 
-def report_text(s, state, device, seconds):
+def recipe_summary(path):
+    """What the training recipe does, in a phrase for the report (read from the recipe, not assumed)."""
+    from .train.config import load_recipe
+
+    cfg = load_recipe(path)
+    rc = cfg.recurrence
+    depth = f"exactly {rc.mean} loops" if rc.mode == "fixed" else "Poisson-lognormal depth"
+    if rc.curriculum != "none":
+        depth += f", {rc.curriculum} curriculum of the mean to {rc.mean}"
+    elif rc.mode != "fixed":
+        depth += f" of mean {rc.mean}"
+    optim = "Muon + AdamW" if cfg.optim.name == "muon" else "AdamW"
+    schedule = "continued-pretraining schedule" if cfg.schedule.name == "cpt" else f"`{cfg.schedule.name}` schedule"
+    phases = cfg.data.get("phases") or [{"weights": cfg.data.get("weights", {})}]
+    blend = ", then ".join(
+        (f"`{p['name']}` " if p.get("name") else "")
+        + "(" + ", ".join(f"{w / sum(p['weights'].values()):.0%} `{k}`" for k, w in p["weights"].items()) + ")"
+        for p in phases)
+    name = "recipes/quickstart.yaml" if Path(path).resolve() == RECIPE else str(path)
+    return (f"`{name}` (recurrence: {depth}, backprop through the last {rc.backprop} loops; {optim}; {schedule}; "
+            f"data: {blend})")
+
+
+def report_text(s, state, device, seconds, recipe):
     conv, prep, tr, ev = (state["stages"][k] for k in ("convert", "prepare", "train", "eval"))
     m = ev["metrics"]
     rec, plain = m["recurrent"], m["plain"]
@@ -304,7 +324,7 @@ def report_text(s, state, device, seconds):
     head = "| model | test r | training FLOPs | training tokens | held-out math loss |"
     sep = "|---|---:|---:|---:|---:|"
     if gsm:
-        head += f" GSM8K strict | GSM8K flexible |"
+        head += " GSM8K strict | GSM8K flexible |"
         sep += "---:|---:|"
     rows = []
     for r in steps:
@@ -352,9 +372,7 @@ def report_text(s, state, device, seconds):
            "adapter to use the state." if s["adapter_init"] == "passthrough" else ".")
         + f" Sample-text loss right after conversion: base {conv['base_loss']:.3f}, converted {conv['converted_loss']:.3f}.",
         f"2. **Prepare** the built-in corpora: {prep['line']}.",
-        f"3. **Train** both models with `recipes/quickstart.yaml` (recurrence: Poisson-lognormal depth, 1-sqrt "
-        "curriculum of the mean to 4, backprop through the last 2 loops; Muon + AdamW; continued-pretraining "
-        "schedule; heal on `general`, then a 50/50 `general`/`math` blend). The recurrent model trained "
+        f"3. **Train** both models with {recipe_summary(recipe)}. The recurrent model trained "
         f"{tr['recurrent']['step']} steps; the plain model (every layer of the base, no recurrence) trained "
         f"{tr['plain']['step']} steps, the number that gives it the same training FLOPs by the paper's count "
         f"(6 x non-embedding parameters x tokens; loops counted for the recurrent model): "
@@ -394,12 +412,12 @@ def report_text(s, state, device, seconds):
     return "\n".join(parts)
 
 
-def stage_report(s, out, state, device, seconds):
+def stage_report(s, out, state, device, seconds, recipe):
     from .eval.compare import compare
     from .io import atomic_file
 
     compare([out / "runs" / "recurrent", out / "runs" / "plain"], out / "compare")
-    text = report_text(s, state.data, device, seconds)
+    text = report_text(s, state.data, device, seconds, recipe)
     with atomic_file(out / "REPORT.md", "w") as f:
         f.write(text)
     return {"line": f"wrote {out / 'REPORT.md'} (table at equal FLOPs, plots in {out / 'compare'})"}
@@ -436,7 +454,7 @@ def quickstart(args):
             summary = stage_eval(s, out, device)
         else:
             seconds[stage] = 0.0
-            summary = stage_report(s, out, state, device, seconds)
+            summary = stage_report(s, out, state, device, seconds, args.recipe)
         seconds[stage] = time.time() - t0
         summary["seconds"] = round(seconds[stage], 1)
         state.finish(stage, summary)

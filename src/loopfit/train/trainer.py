@@ -22,7 +22,6 @@ SIGTERM/SIGINT), and final/, a folder from_pretrained loads. A non-finite loss s
 checkpoint of the last good state (or, with train.on_nonfinite=skip, drops that step).
 """
 
-import dataclasses
 import math
 import signal
 import sys
