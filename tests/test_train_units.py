@@ -93,7 +93,7 @@ def test_schedule_values():
     cpt = [lr_factor(s, 1001, "cpt", warmup=0.5, floor=0.01) for s in range(1001)]
     assert cpt[0] == 1.0 and cpt[-1] == pytest.approx(0.01)
     switch = next(s for s, v in enumerate(cpt) if v <= 0.2)  # the blend switch at lr_start / 5
-    assert 0.68 < switch / 1000 < 0.72  # about 71% of the way (PAPERS.md §5)
+    assert 0.68 < switch / 1000 < 0.72  # about 71% of the way (docs/papers.md §5)
     # the blend reads 1 during warmup (a warmup starting below 1/5 must not trigger the switch), then the factor
     assert lr_factor(0, 100, "wsd", warmup=10) == pytest.approx(0.1) and lr_fraction(0, 100, "wsd", warmup=10) == 1.0
     assert lr_fraction(95, 100, "wsd", warmup=10) == lr_factor(95, 100, "wsd", warmup=10) < 0.2

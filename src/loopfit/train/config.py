@@ -11,7 +11,7 @@ from pathlib import Path
 
 import yaml
 
-from .. import LoopfitError
+from .. import LoopfitError, recipes
 
 
 @dataclass
@@ -181,9 +181,9 @@ def load_recipe(source=None, overrides=()):
     """Recipe from a YAML path or dict (or defaults), then `overrides`: strings like '--train.steps=10' or pairs."""
     recipe = Recipe()
     if isinstance(source, (str, Path)):
-        path = Path(source)
+        path = recipes.resolve(source)
         if not path.is_file():
-            raise LoopfitError(f"recipe {path} not found: pass a YAML file (see recipes/ for examples)")
+            raise LoopfitError(f"recipe {path} not found: pass a YAML file or a shipped recipe ({', '.join(recipes.shipped())})")
         try:
             data = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as e:

@@ -1,4 +1,4 @@
-"""Training FLOPs the way the paper counts them (PAPERS.md §2), and the hardware peak MFU is measured against.
+"""Training FLOPs the way the paper counts them (docs/papers.md §2), and the hardware peak MFU is measured against.
 
 Only non-embedding parameters count: P (prelude), R (core, adapter included), C (coda and final norm).
 A step over D tokens with n no-grad loops and k grad loops costs 6*D*(P + k*R + C) + 2*D*(n*R);

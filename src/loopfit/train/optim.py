@@ -1,6 +1,6 @@
 """Optimisers: Muon for hidden 2-D matrices (the adapter included), AdamW for embeddings, head and norms.
 
-`name: muon` gives two optimizers, each with its own base lr (PAPERS.md §2: Muon lr 1e-3, AdamW lr 5e-5,
+`name: muon` gives two optimizers, each with its own base lr (docs/papers.md §2: Muon lr 1e-3, AdamW lr 5e-5,
 betas 0.9/0.95, weight decay 1e-4); `name: adamw` gives one AdamW over everything at `adamw_lr`.
 Each param group remembers its base lr as `base_lr`; the schedule multiplies it every step.
 """

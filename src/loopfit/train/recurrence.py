@@ -3,7 +3,7 @@
 Every function here is pure and seeded by (seed, step) only, so all ranks draw the same depth for a step and a
 resumed run draws exactly what the uninterrupted run drew.
 
-Sampling rule (PAPERS.md §2), with s = min(k_max, rbar) the backprop depth:
+Sampling rule (docs/papers.md §2), with s = min(k_max, rbar) the backprop depth:
     t = max(rbar - s, 0);  mu = ln(t + s) - sigma^2 / 2;  lam ~ LogNormal(mu, sigma)
     p = Poisson(lam) + 1;  n = max(p - s, 0) loops without grad;  k = min(s, p) loops with grad
 E[p] = rbar + 1 (the +1 guarantees at least one loop). For rbar >= k_max this is Huginn's rule exactly; for

@@ -48,7 +48,8 @@ from .sources import build_source
 
 
 def add_arguments(parser):
-    parser.add_argument("recipe", help="YAML recipe (see recipes/); every key can be overridden as --section.key=value")
+    parser.add_argument("recipe", help="YAML recipe file, or the name of a shipped one (quickstart, tinyllama-448, ...); "
+                        "every key can be overridden as --section.key=value")
     parser.add_argument("--resume", nargs="?", const="latest", default=None, metavar="CHECKPOINT",
                         help="continue the run in train.out_dir from its newest intact checkpoint (or CHECKPOINT)")
     parser.epilog = "recipe keys and defaults (override any as --section.key=value):\n" + describe_keys()
