@@ -99,19 +99,15 @@ def layer_importance(model, input_ids, attention_mask, progress=True):
 # ------------------------------------------------------------------------------------------------ suggestion
 
 
-def default_sizes(num_layers):
-    """(p, k, c) in the paper's TinyLlama (4,8,4)-of-22 proportions."""
-    p = max(1, round(num_layers * 4 / 22))
-    return p, max(1, min(2 * p, num_layers - 2 * p)), p
-
-
 def suggest_layers(loss_increase, sizes=None):
     """Paper-shaped layers: prelude 0..p-1, then d dropped layers, then a core of k, then the coda to the end.
     `sizes` (p, k, c) fixes the core size k and the number dropped d = L - p - k - c; the prelude/coda split
     is then chosen (each at least half its given size) so that the dropped block is the one whose layers cost the least loss when removed.
     Returns {'prelude', 'core', 'coda', 'dropped' (layer lists), 'dropped_loss_increase'}."""
+    from .convert import default_layers
+
     n = len(loss_increase)
-    p0, k, c0 = sizes or default_sizes(n)
+    p0, k, c0 = sizes or default_layers(n)
     if min(p0, c0) < 0 or k < 1 or p0 + k + c0 > n:
         raise LoopfitError(f"--layers {p0},{k},{c0} needs {p0 + k + c0} layers but the model has {n}: "
                            f"choose p + k + c <= {n}")

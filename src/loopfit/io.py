@@ -1,6 +1,7 @@
-"""Atomic writes: a crash never leaves a half-written file or folder in place of a good one."""
+"""Atomic writes (a crash never leaves a half-written file or folder in place of a good one) and file checksums."""
 
 import contextlib
+import hashlib
 import os
 import shutil
 import tempfile
@@ -54,3 +55,12 @@ def _fsync_tree(root):
         if path.is_file():
             with open(path, "rb") as f:
                 os.fsync(f.fileno())
+
+
+def sha256_file(path):
+    """The hex sha256 of a file's bytes, read in 16 MiB chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            digest.update(chunk)
+    return digest.hexdigest()

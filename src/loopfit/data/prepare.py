@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import LoopfitError, __version__
-from ..io import atomic_dir, atomic_file
+from ..io import atomic_dir, atomic_file, sha256_file
 from . import sources
 from .shards import FORMAT, MANIFEST, load_tokenizer, token_dtype, tokenizer_fingerprint
 
@@ -193,19 +193,13 @@ class _ShardWriter:
                  "documents": len(ends), "sha256": {}}  # fmt: skip
         for file, array in ((shard["tokens_file"], tokens), (shard["docs_file"], ends)):
             np.save(self.folder / file, array)
-            shard["sha256"][file] = _file_sha256(self.folder / file)
+            shard["sha256"][file] = sha256_file(self.folder / file)
         self.shards.append(shard)
         self.pending, self.pending_tokens = [], 0
 
     def summary(self):
         self.flush()
         return {"tokens": self.tokens, "documents": self.documents, "shards": self.shards}
-
-
-def _file_sha256(path):
-    from .shards import _sha256
-
-    return _sha256(path)
 
 
 def is_holdout(i, holdout):

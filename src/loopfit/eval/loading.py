@@ -65,10 +65,3 @@ def load(path, dtype=torch.float32, device="cpu"):
         if tok.pad_token is None:
             tok.pad_token = tok.eos_token
     return model.to(device).eval(), tok
-
-
-def tokenizer_fingerprint(tok):
-    """'sha256:<16 hex>' of the vocabulary, as `loopfit prepare` records it: runs compared on loss must share it."""
-    from ..data.shards import tokenizer_fingerprint as fingerprint
-
-    return fingerprint(tok)

@@ -26,9 +26,10 @@ import time
 from pathlib import Path
 
 from .. import LoopfitError, __version__
+from ..data.shards import tokenizer_fingerprint
 from ..io import atomic_file
 from . import accuracy, loss
-from .loading import is_recurrent, load, parse_steps, tokenizer_fingerprint
+from .loading import is_recurrent, load, parse_steps
 from .plots import plot_sweep
 
 TASKS = ("loss", *accuracy.TASKS)

@@ -111,14 +111,6 @@ def barrier():
         dist.barrier()
 
 
-def broadcast_object(obj, src=0):
-    if not dist.is_initialized():
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=src)
-    return box[0]
-
-
 def gather_objects(obj):
     """List of `obj` from every rank (on every rank)."""
     if not dist.is_initialized():

@@ -40,13 +40,6 @@ def train_flops(tokens, counts, n=0, k=1):
     return 6 * tokens * (p + k * r + c) + 2 * tokens * (n * r)
 
 
-def effective_params(counts, r):
-    """N_eff(r) = P + r*R + C (or N for a plain model)."""
-    if "plain" in counts:
-        return counts["plain"]
-    return counts["prelude"] + r * counts["core"] + counts["coda"]
-
-
 def measure_matmul_peak(size=1024, dtype=torch.float32, device="cpu", seconds=0.5):
     """Measured FLOP/s of a square matmul: the achievable peak on a CPU (no datasheet number applies)."""
     g = torch.Generator(device=device).manual_seed(0)  # leaves the global RNG alone (bit-exact resume)

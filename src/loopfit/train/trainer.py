@@ -419,11 +419,3 @@ def _train(cfg, d, resume, data):
     return {"step": done, "loss": loss, "eval_loss": eval_loss, "tokens": tokens_total, "flops": flops_total,
             "out_dir": str(out_dir), "final": str(final) if final else None, "stopped": stopped,
             "checkpoint": str(path)}
-
-
-if __name__ == "__main__":  # python -m loopfit.train.trainer RECIPE ...
-    import argparse
-
-    p = argparse.ArgumentParser(prog="loopfit train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(p)
-    sys.exit(run(p.parse_args()))
