@@ -65,6 +65,10 @@ test-fast: setup
 quickstart: setup
 	$(VENV)/bin/loopfit quickstart
 
+# On one CUDA GPU: bf16 + compiled training at r = 32, k = 8, FSDP2 on one rank, transformers at r = 1, generation.
+gpu-check: setup
+	$(PY) benchmarks/gpu_check.py
+
 bench: setup
 	for b in benchmarks/bench_*.py; do $(PY) $$b || exit 1; done
 

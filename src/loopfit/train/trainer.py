@@ -413,6 +413,8 @@ def _train(cfg, d, resume, data):
                       "time": dt}
             if len(lrs) > 1:
                 record["lr_adamw"] = lrs[-1]
+            if d.device.type == "cuda":
+                record["peak_memory_gib"] = torch.cuda.max_memory_allocated(d.device) / 2**30
             if t.eval_every and done % t.eval_every == 0:
                 eval_loss = record["eval_loss"] = _eval_loss(model, source, cfg, d, recurrent, autocast)
             if done % max(1, t.log_every) == 0 or "eval_loss" in record or done == t.steps:
