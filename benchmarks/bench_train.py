@@ -67,7 +67,7 @@ def memory_child(folder, n, k, batch, seq, checkpointing="none"):
     """In a fresh process: load the slice, take one warm-up-free train step at num_steps=(n, k), report peak RSS."""
     from transformers import AutoModelForCausalLM
 
-    import loopfit
+    import loopfit  # noqa: F401
     from loopfit.train.performance import set_activation_checkpointing
 
     torch.manual_seed(0)

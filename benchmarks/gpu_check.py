@@ -99,7 +99,7 @@ def train_check(name, folder, args, out, recurrent=True, compile_=True, fsdp=Fal
 def generation_check(folder, args):
     from transformers import AutoModelForCausalLM
 
-    import loopfit
+    import loopfit  # noqa: F401
 
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16).to(args.device).eval()
     ids = torch.randint(0, model.config.vocab_size, (1, 32), generator=torch.Generator().manual_seed(0))
