@@ -60,7 +60,7 @@ def blocks(model):
 def wrap(model, strategy, d):
     """The model ready for training on `d`: unchanged for one process, DDP or FSDP2 under torchrun."""
     model.to(d.device)
-    if d.world == 1:
+    if d.world == 1 and not dist.is_initialized():  # (a one-rank process group still wraps: FSDP2 checks)
         return model
     if strategy == "ddp":
         from torch.nn.parallel import DistributedDataParallel

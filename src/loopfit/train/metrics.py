@@ -9,7 +9,8 @@ import json
 import math
 from pathlib import Path
 
-CSV_COLUMNS = ("step", "loss", "eval_loss", "lr", "grad_norm", "n", "k", "rbar", "tokens", "flops", "tokens_per_s", "mfu", "time")
+CSV_COLUMNS = ("step", "loss", "eval_loss", "lr", "grad_norm", "n", "k", "rbar", "tokens", "flops", "flops_full", "tokens_per_s",
+               "mfu", "mfu_full", "time")
 
 
 def _truncate_jsonl(path, step):
