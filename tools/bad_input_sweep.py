@@ -264,7 +264,10 @@ def run_case(w, name, argv, expect, out, timeout):
     seconds = time.time() - t0
     lines = [line for line in err.splitlines() if line.strip()]
     last = lines[-1] if lines else ""
-    if "Traceback (most recent call last)" in err:
+    if rc == "timeout":
+        kind = "late"
+        last = f"(no answer after {timeout:.0f} s) " + last
+    elif "Traceback (most recent call last)" in err:
         kind = "traceback"
         last = next((line for line in reversed(lines) if not line.startswith(" ")), last)
     elif rc == 0:

@@ -37,6 +37,7 @@ import time
 from pathlib import Path
 
 from . import LoopfitError
+from .io import check_writable
 
 STAGES = ("convert", "prepare", "train", "eval", "report")
 RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "quickstart.yaml"  # the repository's (editable install)
@@ -433,6 +434,7 @@ def quickstart(args):
     s = _settings(args)
     device = _device(args.device)
     out = Path(args.out)
+    check_writable(out)
     state = State(out, s, args.force)
     out.mkdir(parents=True, exist_ok=True)
     seconds = {}

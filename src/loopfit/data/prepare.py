@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import LoopfitError, __version__
-from ..io import atomic_dir, atomic_file
+from ..io import atomic_dir, atomic_file, check_writable
 from . import sources
 from .shards import FORMAT, MANIFEST, load_tokenizer, token_dtype, tokenizer_fingerprint
 
@@ -300,6 +300,9 @@ def _progress(name, enabled):
 def prepare(source_args, tokenizer, out, **options):
     """Prepare each '[NAME=]SOURCE' into OUT/NAME (see `prepare_one` for options); returns its results.
     All names are checked before anything is written."""
+    if options.get("limit") is not None and options["limit"] < 1:
+        raise LoopfitError(f"--limit {options['limit']} must be a positive number of documents (or leave it out)")
+    check_writable(out)
     named = [split_name(a) for a in source_args]
     names = [n for n, _ in named]
     if len(set(names)) != len(names):
@@ -309,4 +312,10 @@ def prepare(source_args, tokenizer, out, **options):
         if spec not in sources.BUILTINS and not spec.startswith("rg:"):
             sources.expand_paths(spec)
     tok = load_tokenizer(tokenizer)
-    return [prepare_one(name, spec, tok, out, **options) for name, spec in named]
+    created = not Path(out).exists()
+    try:
+        return [prepare_one(name, spec, tok, out, **options) for name, spec in named]
+    except BaseException:
+        if created and Path(out).is_dir() and not any(Path(out).iterdir()):
+            Path(out).rmdir()  # a failed first run leaves no empty --out behind
+        raise
