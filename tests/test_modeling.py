@@ -114,12 +114,14 @@ def test_cached_generation_equals_recomputation(r):
 def test_cache_has_one_slot_per_loop_and_layer_and_ring_bounds_it():
     ids, mask = padded_batch(length=6)
     exact = tiny_loopfit()
-    out = exact(ids, attention_mask=mask, num_steps=5, use_cache=True)
-    core_slots = {k for k in out.past_key_values.slots if k[0] == "core"}
+    cache = exact.new_cache()
+    exact(ids, attention_mask=mask, num_steps=5, past_key_values=cache)
+    core_slots = {k for k in cache.slots if k[0] == "core"}
     assert len(core_slots) == 5 * 2
     ring = tiny_loopfit(cache_policy="ring", cache_ring_size=2)
-    out = ring(ids, attention_mask=mask, num_steps=5, use_cache=True)
-    assert len({k for k in out.past_key_values.slots if k[0] == "core"}) == 2 * 2
+    cache = ring.new_cache()
+    ring(ids, attention_mask=mask, num_steps=5, cache=cache)  # transformers' newer name for the cache argument
+    assert len({k for k in cache.slots if k[0] == "core"}) == 2 * 2
     # the ring policy still generates (approximately: it trades exactness for memory)
     g = ring.generate(ids, attention_mask=mask, num_steps=5, max_new_tokens=4, do_sample=False, pad_token_id=0)
     assert g.shape == (3, 10)
@@ -130,10 +132,11 @@ def test_cache_falls_back_to_latest_loop_when_r_grows():
     model = tiny_loopfit()
     ids, _ = padded_batch(length=6)
     with torch.no_grad():
-        out = model(ids, num_steps=2, use_cache=True)
-        nxt = model(ids[:, :1], past_key_values=out.past_key_values, num_steps=4, use_cache=True)
+        cache = model.new_cache()
+        model(ids, num_steps=2, past_key_values=cache)
+        nxt = model(ids[:, :1], past_key_values=cache, num_steps=4, use_cache=True)
     assert torch.isfinite(nxt.logits).all()
-    assert out.past_key_values.slots[("core", 3, 0)][0].shape[2] == 7
+    assert cache.slots[("core", 3, 0)][0].shape[2] == 7
 
 
 def test_truncated_backprop_puts_gradients_only_where_it_should():

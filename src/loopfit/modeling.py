@@ -25,6 +25,20 @@ HUGINN_STATE_STD = math.sqrt(2 / (5 * 5280))  # 0.0087039, the state-init sigma 
 ADAPTER_INITS = ("random", "passthrough", "state", "mean")
 STATE_INITS = ("normal", "zeros", "embed")
 CACHE_POLICIES = ("exact", "ring")
+# This file ships inside converted folders and meets whatever transformers the user has. transformers moves its
+# cache plumbing between releases (5.24 renamed `past_key_values` to `cache`), so the model never hands its cache
+# to GenerationMixin under a cache name: `generate` passes it as `loopfit_cache`, a model kwarg transformers
+# forwards untouched, and every entry point takes the cache under any of these names.
+CACHE_NAMES = ("loopfit_cache", "cache", "past_key_values", "cache_params")
+OUTPUT_CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+
+
+def find_cache(kwargs):
+    """The LoopfitCache among `kwargs`' cache names (a cache transformers made for itself is ignored)."""
+    for name in CACHE_NAMES:
+        if isinstance(kwargs.get(name), LoopfitCache):
+            return kwargs[name]
+    return None
 
 
 class LoopfitConfig(PretrainedConfig):
@@ -621,9 +635,11 @@ class LoopfitForCausalLM(LoopfitPreTrainedModel, GenerationMixin):
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
                 inputs_embeds=None, labels=None, num_steps=None, use_cache=None, output_hidden_states=None,
                 logits_to_keep=0, num_items_in_batch=None, return_dict=None, exit_criterion=None,
-                warm_start=False, **kwargs):
+                warm_start=False, cache=None, **kwargs):
         """`exit_criterion` ('kl:5e-4', see `exit_rule`) stops each row's loops early while decoding with the
-        cache, up to `num_steps` loops; `warm_start` starts each new token's state from the previous token's."""
+        cache, up to `num_steps` loops; `warm_start` starts each new token's state from the previous token's.
+        The cache may be given as `cache` or `past_key_values` (transformers' names before and after 5.24)."""
+        past_key_values = find_cache({"cache": cache, "past_key_values": past_key_values, **kwargs})
         use_cache = bool(use_cache) and not self.training
         if use_cache and past_key_values is None:
             past_key_values = self.new_cache()
@@ -640,19 +656,30 @@ class LoopfitForCausalLM(LoopfitPreTrainedModel, GenerationMixin):
         loss = None
         if labels is not None:
             loss = causal_lm_loss(logits, labels, num_items_in_batch)
-        return CausalLMOutputWithPast(
-            loss=loss, logits=logits, past_key_values=cache, hidden_states=tuple(hidden) if hidden else None
-        )
+        return CausalLMOutputWithPast(loss=loss, logits=logits, hidden_states=tuple(hidden) if hidden else None,
+                                      **{OUTPUT_CACHE_FIELD: cache})
 
     def new_cache(self):
         return LoopfitCache(self.config.cache_policy, self.config.cache_ring_size)
 
-    def prepare_inputs_for_generation(self, input_ids, past_key_values=None, attention_mask=None,
-                                      inputs_embeds=None, position_ids=None, use_cache=True, num_steps=None,
-                                      logits_to_keep=None, exit_criterion=None, warm_start=False, **kwargs):
+    @torch.no_grad()
+    def generate(self, inputs=None, generation_config=None, **kwargs):
+        """transformers' `generate`, plus `num_steps`, `exit_criterion` and `warm_start`. A LoopfitCache may be
+        passed as `cache` or `past_key_values`; it reaches the model as `loopfit_cache` whatever the installed
+        transformers calls its cache argument."""
+        cache = find_cache(kwargs)
+        for name in CACHE_NAMES:
+            kwargs.pop(name, None)
+        use_cache = kwargs.get("use_cache", generation_config.use_cache if generation_config else True)
+        if cache is None and use_cache is not False:
+            cache = self.new_cache()
+        return super().generate(inputs, generation_config, loopfit_cache=cache, **kwargs)
+
+    def prepare_inputs_for_generation(self, input_ids, attention_mask=None, inputs_embeds=None, position_ids=None,
+                                      use_cache=True, num_steps=None, logits_to_keep=None, exit_criterion=None,
+                                      warm_start=False, loopfit_cache=None, **kwargs):
         # Feed only the tokens the cache has not seen; positions come from the attention mask (left padding).
-        if use_cache and past_key_values is None:
-            past_key_values = self.new_cache()
+        past_key_values = find_cache({"loopfit_cache": loopfit_cache, **kwargs}) if use_cache else None
         seen = past_key_values.seen if past_key_values is not None else 0
         inputs = {"input_ids": input_ids[:, seen:], "attention_mask": attention_mask, "past_key_values": past_key_values,
                   "use_cache": use_cache, "num_steps": num_steps, "exit_criterion": exit_criterion,
