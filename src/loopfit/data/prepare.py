@@ -255,14 +255,13 @@ def prepare_one(name, spec, tokenizer, out, *, text_field="text", template=None,
     docs = sources.read_documents(spec, text_field, template, encoding_errors)
     with atomic_dir(folder, force=True) as tmp:
         writers = {"train": _ShardWriter(tmp, "train", dtype, shard_tokens), "val": _ShardWriter(tmp, "val", dtype, shard_tokens)}
-        bar = _progress(name, progress)
-        for i, ids in enumerate(encoded_documents(docs, tok, workers, limit)):
-            doc = np.concatenate([head, ids, eos])
-            writers["val" if holdout and is_holdout(i, holdout) else "train"].add(doc)
-            bar.update(1)
-            if i % 1024 == 0:
-                bar.set_postfix(tokens=f"{writers['train'].tokens + writers['val'].tokens:,}")
-        bar.close()
+        with _progress(name, progress) as bar:  # closed before an error is printed, so the error is the last line
+            for i, ids in enumerate(encoded_documents(docs, tok, workers, limit)):
+                doc = np.concatenate([head, ids, eos])
+                writers["val" if holdout and is_holdout(i, holdout) else "train"].add(doc)
+                bar.update(1)
+                if i % 1024 == 0:
+                    bar.set_postfix(tokens=f"{writers['train'].tokens + writers['val'].tokens:,}")
         splits = {s: w.summary() for s, w in writers.items()}
         if splits["train"]["documents"] == 0:
             raise LoopfitError(f"source '{spec}' has no documents (no text found): check the path, --text-field or --template")
