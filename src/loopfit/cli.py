@@ -56,8 +56,11 @@ def main(argv=None):
         top.parse_args(argv or ["--help"])
         return 0
 
-    from . import LoopfitError
+    from . import TRANSFORMERS_PROBLEM, LoopfitError
 
+    if TRANSFORMERS_PROBLEM:  # before any verb module imports transformers' newer API
+        print(f"loopfit {argv[0]}: error: {TRANSFORMERS_PROBLEM}", file=sys.stderr)
+        return 2
     parser, module = build_parser(argv[0])
     args = parser.parse_args(argv[1:])
     try:

@@ -37,6 +37,7 @@ import time
 from pathlib import Path
 
 from . import LoopfitError, recipes
+from .io import check_writable
 
 STAGES = ("convert", "prepare", "train", "eval", "report")
 RECIPE = recipes.resolve("quickstart")  # shipped inside the package
@@ -435,6 +436,7 @@ def quickstart(args):
     s = _settings(args)
     device = _device(args.device)
     out = Path(args.out)
+    check_writable(out)
     state = State(out, s, args.force)
     out.mkdir(parents=True, exist_ok=True)
     seconds = {}

@@ -18,18 +18,30 @@ from .items import held_out_passages
 from .loading import steps_kwargs
 
 
-def read_texts(source=None):
+def read_texts(source=None, flag="--data"):
     """Documents from a .txt file (blank-line separated), a .jsonl file (field 'text'), or by default the held-out
     LAMBADA passages."""
     if source is None:
         return held_out_passages()
     path = Path(source)
     if not path.is_file():
-        raise LoopfitError(f"--data {source}: no such file; pass a .txt or .jsonl file or a prepared data folder")
+        raise LoopfitError(f"{flag} {source}: no such file; pass a .txt or .jsonl file or a prepared data folder")
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise LoopfitError(f"{flag} {source} is not UTF-8 text (byte {e.start}: {e.object[e.start:e.start + 1]!r}): "
+                           "convert it, e.g. `iconv -f latin1 -t utf-8`") from None
     if path.suffix == ".jsonl":
-        with open(path) as f:
-            return [json.loads(line)["text"] for line in f if line.strip()]
-    return [t for t in path.read_text().split("\n\n") if t.strip()]
+        docs = []
+        for i, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    docs.append(json.loads(line)["text"])
+                except (ValueError, KeyError, TypeError):
+                    raise LoopfitError(f"{flag} {source} line {i} is not a JSON object with a 'text' field: fix "
+                                       "that line") from None
+        return docs
+    return [t for t in text.split("\n\n") if t.strip()]
 
 
 def pack(tokenizer, texts, seq_len=512, max_tokens=16384):

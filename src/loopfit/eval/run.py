@@ -27,7 +27,7 @@ from pathlib import Path
 
 from .. import LoopfitError, __version__
 from ..data.shards import tokenizer_fingerprint
-from ..io import atomic_file
+from ..io import atomic_file, check_empty_or_force, check_writable
 from . import accuracy, loss
 from .loading import is_recurrent, load, parse_steps
 from .plots import plot_sweep
@@ -155,13 +155,27 @@ def add_arguments(parser):
     parser.add_argument("--max-tokens", type=int, default=16384, help="loss tokens in all (default 16384)")
     parser.add_argument("--exit", dest="exit_criterion", metavar="RULE",
                         help="adaptive exit while generating, e.g. kl:5e-4 (adds a mean_loops row per r)")
-    parser.add_argument("--out", help="output folder (default MODEL/eval for a folder, else eval-NAME)")
+    parser.add_argument("--out", help="output folder (default MODEL/eval for a folder, else eval-NAME); must be "
+                        "empty or new unless --force")
+    parser.add_argument("--force", action="store_true", help="write into a non-empty --out (replacing results.json, "
+                        "samples.jsonl, sweep.png)")
 
 
 def run(args):
     if args.limit is not None and args.limit < 1:
         raise LoopfitError(f"--limit must be a positive number of examples, got {args.limit}")
+    for flag in ("seq_len", "max_tokens", "batch_size", "max_new_tokens"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            raise LoopfitError(f"--{flag.replace('_', '-')} must be >= 1, got {value}")
+    parse_steps(args.steps), parse_tasks(args.tasks)  # malformed lists are refused before the model loads
+    if args.exit_criterion:
+        check_exit(args.exit_criterion, recurrent=True)  # the rule's syntax; plain models are refused once loaded
+    if args.data and not Path(args.data).is_dir():
+        loss.read_texts(args.data)  # missing, non-UTF-8 or malformed text is refused before the model loads
     out = args.out or (Path(args.model) / "eval" if Path(args.model).is_dir() else Path(f"eval-{Path(args.model).stem}"))
+    check_writable(out)
+    check_empty_or_force(out, args.force)
     results = evaluate(args.model, parse_steps(args.steps), parse_tasks(args.tasks), out=out, limit=args.limit,
                        seed=args.seed, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
                        data=args.data, seq_len=args.seq_len, max_tokens=args.max_tokens,

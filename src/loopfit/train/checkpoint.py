@@ -43,8 +43,9 @@ def list_checkpoints(out_dir):
 
 
 def remove_partial(out_dir):
-    """Delete the temporary folders of checkpoint writes that were killed midway; returns how many."""
+    """Delete the temporary folders of checkpoint (and final/) writes that were killed midway; returns how many."""
     stale = [p for p in checkpoint_dir(out_dir).glob(".step-*.tmp-*") if p.is_dir()]
+    stale += [p for p in Path(out_dir).glob(".final.tmp-*") if p.is_dir()]  # killed while exporting final/
     for p in stale:
         shutil.rmtree(p, ignore_errors=True)
     return len(stale)
@@ -129,7 +130,8 @@ def save(out_dir, step, model, optimizers, trainer_state, d, keep=3, recipe=None
 
 
 def _test_pause():
-    # Fault-injection knob for the crash-during-write test: sleep between writing the files and the manifest.
+    # Fault-injection knob for the crash-during-write tests: sleep between writing a checkpoint's files and its
+    # manifest, and before final/ is renamed into place.
     delay = float(os.environ.get("LOOPFIT_TEST_CHECKPOINT_PAUSE", "0") or 0)
     if delay:
         time.sleep(delay)

@@ -37,9 +37,9 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-from .. import LoopfitError
+from .. import LoopfitError, __version__
 from ..assets import OFFLINE_MODELS
-from ..io import atomic_dir, atomic_file
+from ..io import atomic_dir, atomic_file, check_writable
 from . import checkpoint, distributed
 from .config import ScheduleConfig, describe_keys, load_recipe
 from .flops import param_counts, peak_flops, train_flops
@@ -138,14 +138,9 @@ def _check_recipe(cfg, d):
 
 
 def _load_model(cfg):
-    import loopfit  # noqa: F401  (registers the loopfit model type with AutoModelForCausalLM)
-    from transformers import AutoModelForCausalLM
+    from ..eval.loading import from_pretrained  # importing loopfit registers the loopfit model type
 
-    try:
-        model = AutoModelForCausalLM.from_pretrained(cfg.model.init_from, dtype=torch.float32)
-    except (OSError, ValueError) as e:
-        raise LoopfitError(f"cannot load model.init_from {cfg.model.init_from}: {str(e).splitlines()[0]}") from None
-    return model
+    return from_pretrained(cfg.model.init_from, torch.float32, what="model.init_from")
 
 
 def _is_recurrent(model):
@@ -172,6 +167,8 @@ def _export_final(out_dir, model, cfg, d):
     dest = Path(out_dir) / "final"
     if d.main:
         inner = distributed.unwrap(model)
+        if _is_recurrent(inner):  # the loopfit that wrote the folder: a newer one's folder is refused by an older
+            inner.config.loopfit_version = __version__
         with atomic_dir(dest, force=True) as tmp:
             inner.save_pretrained(tmp, state_dict=sd)
             src = Path(cfg.model.init_from)
@@ -179,6 +176,7 @@ def _export_final(out_dir, model, cfg, d):
                 if f.is_file() and f.suffix not in (".safetensors", ".bin", ".pt") and f.name not in (
                         "config.json", "model.safetensors.index.json") and not (tmp / f.name).exists():
                     (tmp / f.name).write_bytes(f.read_bytes())
+            checkpoint._test_pause()  # fault injection: the kill-during-export test kills the run here
     distributed.barrier()
     return dest
 
@@ -273,6 +271,7 @@ def _train(cfg, d, resume, data):
     t = cfg.train
     _check_recipe(cfg, d)
     out_dir = Path(t.out_dir)
+    check_writable(out_dir, "train.out_dir")  # before the model loads
     ckpt_path = _start_state(cfg, d, resume, out_dir)
     torch.manual_seed(t.seed * 1000 + d.rank)
 
@@ -316,6 +315,8 @@ def _train(cfg, d, resume, data):
     from .metrics import Metrics
 
     metrics = Metrics(out_dir, resume_step=start if ckpt_path else None, tensorboard=t.tensorboard, enabled=d.main)
+    for note in metrics.notes:
+        _say(d, note)
     peak, peak_source = peak_flops(d.device, t.peak_flops)
     bf16 = t.precision == "bf16" or (t.precision == "auto" and d.device.type == "cuda")
 
@@ -343,7 +344,8 @@ def _train(cfg, d, resume, data):
 
         bar = tqdm(total=t.steps, initial=start, desc="train", dynamic_ncols=True)
 
-    last_saved, loss, eval_loss, stopped = start if ckpt_path else -1, math.nan, None, None
+    # a resumed run starts from what the killed one logged (its loss shows even if no step is left to run)
+    last_saved, loss, eval_loss, stopped = start if ckpt_path else -1, metrics.last("loss", math.nan), None, None
     with StopSignal() as stop:
         for step in range(start, t.steps):
             factor = lr_at(step)
@@ -442,7 +444,10 @@ def _train(cfg, d, resume, data):
         _say(d, f"stopped by {stopped} after step {done}: checkpoint {path}; continue with `loopfit train "
                 f"RECIPE --resume`")
     else:
-        if not t.eval_every or t.steps % t.eval_every:
+        logged = metrics.logged(done, "eval_loss")
+        if logged is not None:  # the killed run logged it, then died exporting final/: log it once
+            eval_loss = logged
+        elif not t.eval_every or t.steps % t.eval_every:
             eval_loss = _eval_loss(model, source, cfg, d, recurrent, autocast)
             if eval_loss is not None:
                 metrics.log({"step": done, "eval_loss": eval_loss, "tokens": tokens_total, "flops": flops_total,
