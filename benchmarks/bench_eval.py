@@ -17,7 +17,8 @@ import time
 import torch
 
 from _common import emit, interleaved
-from loopfit.convert import LayerPlan, build_loopfit, load_base, plan_layers
+from loopfit.convert import LayerPlan, build_loopfit, plan_layers
+from loopfit.loading import load_base
 from loopfit.eval import accuracy, items
 from loopfit.eval.extract import flexible_answer
 from loopfit.eval.prompts import gsm8k_prompt

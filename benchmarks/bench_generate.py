@@ -6,7 +6,8 @@ import argparse
 import torch
 
 from _common import emit, interleaved
-from loopfit.convert import build_loopfit, load_base, plan_layers
+from loopfit.convert import build_loopfit, plan_layers
+from loopfit.loading import load_base
 
 
 def main():

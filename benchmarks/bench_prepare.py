@@ -13,7 +13,7 @@ import time
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from loopfit.data import prepare, read_documents  # noqa: E402
-from loopfit.data.shards import load_tokenizer  # noqa: E402
+from loopfit.loading import load_tokenizer  # noqa: E402
 
 
 def main():

@@ -13,7 +13,7 @@ import time
 import torch
 
 from loopfit.data import BlendSampler, load_blend, prepare
-from loopfit.data.shards import load_tokenizer
+from loopfit.loading import load_tokenizer
 
 SEQ, BATCH = 256, 4
 

@@ -35,7 +35,8 @@ import torch
 import torch.nn.functional as F
 from _common import emit, interleaved
 
-from loopfit.convert import LayerPlan, build_loopfit, convert, load_base
+from loopfit.convert import LayerPlan, build_loopfit, convert
+from loopfit.loading import load_base
 from loopfit.train.config import OptimConfig
 from loopfit.train.flops import measure_matmul_peak, param_counts, train_flops
 from loopfit.train.optim import build_optimizers

@@ -51,7 +51,8 @@ def tiny_models(root):
 
 
 def real_models(root, layers):
-    from loopfit.convert import convert, offline_folder
+    from loopfit.convert import convert
+    from loopfit.loading import offline_folder
 
     convert("smollm2-135m", root / "loopfit", layers=layers, parity=False, log=lambda *a: None)
     return root / "loopfit", offline_folder("smollm2-135m")

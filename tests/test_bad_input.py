@@ -136,7 +136,7 @@ def test_generate_arguments_are_checked_before_the_model_loads(fx, model, args, 
 
 def test_generate_refuses_an_empty_prompt_from_python_too(fx):
     from loopfit import LoopfitError
-    from loopfit.eval.loading import load
+    from loopfit.loading import load
     from loopfit.generate import generate
 
     model, tok = load(fx / "plain")

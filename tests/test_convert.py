@@ -11,7 +11,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LM
 
 import loopfit
 from loopfit.cli import main
-from loopfit.convert import load_base, plan_layers
+from loopfit.convert import plan_layers
+from loopfit.loading import load_base
 
 SENTENCES = ["The quick brown fox jumps over the lazy dog near the river bank.", "Two plus two is", "Hello"]
 

@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from loopfit.convert import LayerPlan, build_loopfit, load_base
+from loopfit.convert import LayerPlan, build_loopfit
+from loopfit.loading import load_base
 
 PROMPTS = ["The capital of France is", "Q: Tom has 3 apples and buys 5 more. How many apples does he have?\nA:",
            "Once upon a time, in a small village by the sea,", "def fibonacci(n):"]

@@ -190,7 +190,7 @@ def analyze(source, text=None, samples=4, seq_len=256, sizes=None, out=None, mod
     if text is not None and not Path(text).is_file():
         raise LoopfitError(f"--text {text}: no such file; pass a .txt or .jsonl file (or leave it out for LAMBADA)")
     if model is None:
-        from .convert import base_config, load_base
+        from .loading import base_config, load_base
 
         if sizes is not None:  # refused before the model loads and the layers are measured
             check_sizes(sizes, base_config(source).num_hidden_layers)

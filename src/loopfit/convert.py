@@ -18,7 +18,6 @@ A parity report compares the converted model with the original (see --help of --
 
 import json
 import math
-import struct
 import sys
 import time
 from dataclasses import dataclass, field
@@ -28,7 +27,11 @@ import torch
 
 from . import LoopfitError, __version__
 from .io import check_writable
+from .loading import base_config, check_family, is_recurrent, load_base, resolve_source
 from .modeling import ADAPTER_INITS, STATE_INITS, LoopfitConfig, LoopfitForCausalLM, init_adapter
+
+# Conversion is plan layers -> map weights -> parity report -> write the folder; reading the base model (short
+# names, GGUF, folders) is loopfit.loading's.
 
 # Each family: how its config maps onto loopfit's block flags, and how its per-layer norms are named.
 NORM_NAMES = {
@@ -40,6 +43,7 @@ NORM_NAMES = {
 
 
 def _family_flags(cfg):
+    check_family(cfg)  # an unsupported family or variant is refused here
     t = cfg.model_type
     bias = bool(getattr(cfg, "attention_bias", False))
     if t in ("llama", "mistral"):
@@ -50,16 +54,10 @@ def _family_flags(cfg):
         return dict(qkv_bias=bias, o_bias=bias, qk_norm="head", norm_style="pre")
     if t == "olmo2":
         return dict(qkv_bias=bias, o_bias=bias, qk_norm="full", norm_style="post")
-    if t == "gemma3_text":
-        if getattr(cfg, "attn_logit_softcapping", None):
-            raise LoopfitError("Gemma3 with attention logit softcapping is not supported (SDPA cannot cap logits)")
-        return dict(qkv_bias=bias, o_bias=bias, qk_norm="head", norm_style="sandwich", norm_offset=1.0,
-                    embed_scale=cfg.hidden_size**0.5, query_pre_attn_scalar=cfg.query_pre_attn_scalar,
-                    final_logit_softcapping=getattr(cfg, "final_logit_softcapping", None))
-    raise LoopfitError(f"unsupported architecture '{t}': loopfit converts {', '.join(SUPPORTED)} models")
-
-
-SUPPORTED = ("llama", "mistral", "qwen2", "qwen3", "olmo2", "gemma3_text")
+    # gemma3_text
+    return dict(qkv_bias=bias, o_bias=bias, qk_norm="head", norm_style="sandwich", norm_offset=1.0,
+                embed_scale=cfg.hidden_size**0.5, query_pre_attn_scalar=cfg.query_pre_attn_scalar,
+                final_logit_softcapping=getattr(cfg, "final_logit_softcapping", None))
 
 
 def _layer_types(cfg):
@@ -161,150 +159,6 @@ def plan_layers(num_layers, layers=None, prelude=None, core=None, coda=None):
             raise LoopfitError("layer ranges overlap or are out of order: prelude, core and coda must be "
                                f"increasing and disjoint (got prelude {plan.prelude}, core {plan.core}, coda {plan.coda})")
     return plan
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Loading the base model
-
-
-def _check_gguf(path):
-    with open(path, "rb") as f:
-        if f.read(4) != b"GGUF":
-            raise LoopfitError(f"{path} is not a GGUF file (bad magic bytes): give a .gguf file or a model folder")
-
-
-# What a truncated or corrupt GGUF file raises inside transformers / gguf (struct.error: cut in the metadata).
-GGUF_ERRORS = (ValueError, KeyError, OSError, RuntimeError, IndexError, EOFError, struct.error)
-
-
-def _first_line(e):
-    return (str(e).splitlines() or [type(e).__name__])[0][:160]
-
-
-def _bad_gguf(path, e):
-    return LoopfitError(f"cannot read GGUF {path} ({type(e).__name__}: {_first_line(e)}): the file is truncated or "
-                        f"corrupt, or not of the {', '.join(SUPPORTED)} families; download it again")
-
-
-def resolve_source(source):
-    """(kind, path) for a short name, GGUF file or transformers folder."""
-    from .assets import OFFLINE_MODELS, offline_gguf
-
-    if str(source) in OFFLINE_MODELS:
-        return "gguf", offline_gguf(str(source))
-    path = Path(source)
-    if not path.exists():
-        raise LoopfitError(f"{source} does not exist: give a model folder, a .gguf file, or one of "
-                           f"{', '.join(OFFLINE_MODELS)}")
-    if path.is_file():
-        _check_gguf(path)
-        return "gguf", path
-    if not (path / "config.json").exists():
-        raise LoopfitError(f"{path} has no config.json: give a transformers model folder (save_pretrained output)")
-    return "folder", path
-
-
-def base_config(source):
-    """The base model's text config, read without loading weights; raises LoopfitError if unsupported."""
-    from transformers import AutoConfig
-
-    kind, path = resolve_source(source)
-    try:
-        if kind == "folder":
-            cfg = AutoConfig.from_pretrained(path)
-        else:
-            cfg = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
-    except GGUF_ERRORS as e:
-        if kind == "gguf":
-            raise _bad_gguf(path, e) from None
-        raise LoopfitError(f"cannot read the config of {source} ({_first_line(e)}): loopfit reads "
-                           f"{', '.join(SUPPORTED)} models") from None
-    if cfg.model_type == "loopfit":
-        raise LoopfitError(f"{source} is already a loopfit model: give the plain base model it was converted from")
-    cfg = cfg.get_text_config()
-    _family_flags(cfg)
-    return cfg
-
-
-def load_base(source, dtype=torch.float32):
-    """A plain transformers causal LM (fp32, no quantization config) and its tokenizer, from a folder, GGUF
-    file or short name. Raises LoopfitError for unsupported architectures and missing or corrupt weights."""
-    from safetensors import SafetensorError
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    kind, path = resolve_source(source)
-    if kind == "gguf" and str(source) in _offline_names():
-        kind, path = "folder", offline_folder(str(source))
-    base_config(path)
-    if kind == "folder":
-        try:
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-        except (OSError, ValueError, RuntimeError, SafetensorError) as e:
-            raise LoopfitError(f"cannot read the weights in {path} ({str(e).splitlines()[0][:160]}): "
-                               "check that model.safetensors is complete, or re-save the model") from None
-        tokenizer = _load_tokenizer(path)
-    else:
-        try:
-            model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype)
-        except GGUF_ERRORS as e:
-            raise _bad_gguf(path, e) from None
-        _family_flags(model.config)
-        model = _dequantized_copy(model)
-        tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-    model.eval()
-    if len(tokenizer) > model.config.vocab_size:
-        raise LoopfitError(f"tokenizer has {len(tokenizer)} tokens but the model's vocabulary is "
-                           f"{model.config.vocab_size}: the tokenizer belongs to another model")
-    return model, tokenizer
-
-
-def _offline_names():
-    from .assets import OFFLINE_MODELS
-
-    return OFFLINE_MODELS
-
-
-def offline_folder(name):
-    """The offline model `name` as a plain fp32 transformers folder, dequantized from its GGUF once and cached
-    (loading a folder takes a second; dequantizing the GGUF takes tens of seconds)."""
-    from .assets import CACHE_DIR, offline_gguf
-    from .io import atomic_dir
-
-    folder = CACHE_DIR / f"{name}-fp32"
-    if (folder / "config.json").exists():
-        return folder
-    model, tokenizer = load_base(offline_gguf(name))
-    with atomic_dir(folder, force=True) as tmp:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-    return folder
-
-
-def _load_tokenizer(path):
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(path)
-    except Exception as e:  # transformers raises many kinds here
-        raise LoopfitError(f"{path} has no usable tokenizer ({str(e).splitlines()[0][:120]}): "
-                           "save the tokenizer into the model folder") from None
-
-
-def _dequantized_copy(model):
-    # A model loaded from GGUF carries quantization_config, which save_pretrained refuses: rebuild it plain.
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    cfg = model.config.to_dict()
-    cfg.pop("quantization_config", None)
-    plain_cfg = AutoConfig.for_model(**cfg)
-    with torch.device("meta"):
-        plain = AutoModelForCausalLM.from_config(plain_cfg, dtype=torch.float32)
-    plain.load_state_dict(model.state_dict(), assign=True)
-    for name, buf in model.named_buffers():  # non-persistent buffers (RoPE) are not in the state dict
-        owner, _, attr = name.rpartition(".")
-        plain.get_submodule(owner)._buffers[attr] = buf
-    plain.tie_weights()
-    return plain
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -505,11 +359,7 @@ def refresh_model_file(folder, log=print):
     from .io import atomic_file
 
     folder = Path(folder)
-    try:
-        model_type = json.loads((folder / "config.json").read_text()).get("model_type")
-    except (OSError, ValueError, AttributeError):
-        model_type = None
-    if model_type != "loopfit":
+    if not is_recurrent(folder):
         raise LoopfitError(f"{folder} is not a loopfit model folder (no config.json of model_type 'loopfit'): "
                            "give a folder that `loopfit convert` or `loopfit train` wrote")
     with atomic_file(folder / "modeling.py", "w") as f:

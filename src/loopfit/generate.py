@@ -60,7 +60,7 @@ def check_arguments(prompts, steps=None, exit_criterion=None, max_new_tokens=64,
 def generate(model, tokenizer, prompts, steps=None, exit_criterion=None, warm_start=False, max_new_tokens=64,
              temperature=0.0, top_p=1.0, chat=False):
     """Generate continuations for a batch of prompts (left padded). Returns (texts, mean loops or None)."""
-    from .eval.loading import is_recurrent
+    from .loading import is_recurrent
 
     check_arguments(prompts, steps, exit_criterion, max_new_tokens, temperature, top_p)
 
@@ -93,7 +93,7 @@ def generate(model, tokenizer, prompts, steps=None, exit_criterion=None, warm_st
 
 
 def run(args):
-    from .eval.loading import load
+    from .loading import load
 
     prompts = args.prompt
     if args.prompt_file:

@@ -78,8 +78,8 @@ def add_arguments(parser):
 
 def _settings(args):
     """Validated settings that decide the results (a change of any needs a fresh --out)."""
-    from .assets import OFFLINE_MODELS
     from .eval.loading import parse_steps
+    from .loading import OFFLINE_MODELS
 
     if args.model not in OFFLINE_MODELS:
         raise LoopfitError(f"unknown model '{args.model}': the quickstart runs offline on {', '.join(OFFLINE_MODELS)}")
@@ -156,7 +156,8 @@ def _say(msg):
 
 
 def stage_convert(s, out):
-    from .convert import _compact, base_config, convert, default_layers, plan_layers
+    from .convert import _compact, convert, default_layers, plan_layers
+    from .loading import base_config
 
     n_layers = base_config(s["model"]).num_hidden_layers
     layers = tuple(s["layers"] or default_layers(n_layers))
@@ -214,7 +215,7 @@ def plain_steps(flops, plain_dir, tokens_per_step):
 
 
 def stage_train(s, out, recipe):
-    from .convert import offline_folder
+    from .loading import offline_folder
     from .train.config import load_recipe
 
     rec_over = _overrides(out, out / "model", "recurrent", s["steps"])
@@ -236,9 +237,8 @@ def stage_train(s, out, recipe):
 
 
 def stage_eval(s, out, device):
-    from .convert import offline_folder
-    from .eval.loading import load
     from .eval.run import evaluate, write
+    from .loading import load, offline_folder
 
     data = str(out / "data" / "math")
     common = dict(data=data, seq_len=256, max_tokens=s["eval_tokens"], limit=s["gsm8k"] or None,

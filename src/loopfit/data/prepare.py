@@ -36,8 +36,9 @@ import numpy as np
 
 from .. import LoopfitError, __version__
 from ..io import atomic_dir, atomic_file, check_writable, sha256_file
+from ..loading import load_tokenizer
 from . import sources
-from .shards import FORMAT, MANIFEST, load_tokenizer, token_dtype, tokenizer_fingerprint
+from .shards import FORMAT, MANIFEST, token_dtype, tokenizer_fingerprint
 
 DEFAULT_SHARD_TOKENS = 100_000_000
 BATCH_DOCS = 256

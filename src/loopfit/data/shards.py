@@ -20,34 +20,13 @@ import numpy as np
 
 from .. import LoopfitError
 from ..io import sha256_file
+from ..loading import load_tokenizer
 
 FORMAT = "loopfit-tokens/1"
 MANIFEST = "manifest.json"
 
 
 # ---------------------------------------------------------------- tokenizer identity
-
-
-def load_tokenizer(tokenizer):
-    """A transformers tokenizer from an object, a folder (model or tokenizer) or a GGUF file path."""
-    if not isinstance(tokenizer, (str, Path)):
-        return tokenizer
-    from transformers import AutoTokenizer
-
-    path = Path(tokenizer)
-    if not path.exists():
-        from ..assets import OFFLINE_MODELS, offline_gguf
-
-        if str(tokenizer) in OFFLINE_MODELS:
-            path = offline_gguf(str(tokenizer))
-        else:
-            raise LoopfitError(f"tokenizer '{tokenizer}' does not exist: give a model folder, a GGUF file or a short name")
-    try:
-        if path.suffix == ".gguf":
-            return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-        return AutoTokenizer.from_pretrained(str(path))
-    except Exception as e:  # transformers raises OSError / ValueError / others for unusable folders
-        raise LoopfitError(f"cannot load a tokenizer from {path} ({type(e).__name__}): point at a model or tokenizer folder") from None
 
 
 def tokenizer_fingerprint(tokenizer):

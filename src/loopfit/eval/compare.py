@@ -19,6 +19,7 @@ from pathlib import Path
 
 from .. import LoopfitError
 from ..io import atomic_file, check_empty_or_force, check_writable
+from ..loading import is_recurrent
 from .plots import panel_of, save
 
 RESULTS_PLACES = ("results.json", "eval/results.json", "final/eval/results.json")
@@ -59,9 +60,7 @@ def read_run(path):
     if not metrics and results is None:
         raise LoopfitError(f"{path} has neither metrics.jsonl nor eval results: pass a `loopfit train` out_dir "
                            f"or run `loopfit eval` on it first")
-    config = path / "final" / "config.json"
-    recurrent = results["recurrent"] if results else (
-        config.exists() and json.loads(config.read_text()).get("model_type") == "loopfit")
+    recurrent = results["recurrent"] if results else is_recurrent(path / "final")
     with_flops = [m for m in metrics if m.get("flops") is not None]
     return {
         "name": path.stem if path.is_file() else path.name,

@@ -10,7 +10,8 @@ from tqdm.auto import tqdm
 from transformers import StoppingCriteria, StoppingCriteriaList
 
 from .. import LoopfitError
-from .loading import is_recurrent, steps_kwargs
+from ..loading import is_recurrent
+from .loading import steps_kwargs
 
 
 class StopOnStrings(StoppingCriteria):

@@ -28,8 +28,9 @@ from pathlib import Path
 from .. import LoopfitError, __version__
 from ..data.shards import tokenizer_fingerprint
 from ..io import atomic_file, check_empty_or_force, check_writable
+from ..loading import is_recurrent, load
 from . import accuracy, loss
-from .loading import is_recurrent, load, parse_steps
+from .loading import parse_steps
 from .plots import plot_sweep
 
 TASKS = ("loss", *accuracy.TASKS)

@@ -38,8 +38,8 @@ import torch.nn.functional as F
 import yaml
 
 from .. import LoopfitError, __version__
-from ..assets import OFFLINE_MODELS
 from ..io import atomic_dir, atomic_file, check_writable
+from ..loading import OFFLINE_MODELS, from_pretrained, is_recurrent, offline_folder
 from . import checkpoint, distributed
 from .config import ScheduleConfig, describe_keys, load_recipe
 from .flops import param_counts, peak_flops, train_flops
@@ -114,8 +114,6 @@ def _check_recipe(cfg, d):
         raise LoopfitError("no model: set model.init_from to a converted loopfit folder, a transformers model folder "
                            f"or an offline model ({', '.join(OFFLINE_MODELS)})")
     if cfg.model.init_from in OFFLINE_MODELS:  # a short name: its fp32 folder, dequantized once by the main rank
-        from ..convert import offline_folder
-
         if d.main:
             offline_folder(cfg.model.init_from)
         distributed.barrier()
@@ -138,13 +136,7 @@ def _check_recipe(cfg, d):
 
 
 def _load_model(cfg):
-    from ..eval.loading import from_pretrained  # importing loopfit registers the loopfit model type
-
     return from_pretrained(cfg.model.init_from, torch.float32, what="model.init_from")
-
-
-def _is_recurrent(model):
-    return getattr(model.config, "model_type", "") == "loopfit"
 
 
 def _check_data(source, model):
@@ -167,7 +159,7 @@ def _export_final(out_dir, model, cfg, d):
     dest = Path(out_dir) / "final"
     if d.main:
         inner = distributed.unwrap(model)
-        if _is_recurrent(inner):  # the loopfit that wrote the folder: a newer one's folder is refused by an older
+        if is_recurrent(inner):  # the loopfit that wrote the folder: a newer one's folder is refused by an older
             inner.config.loopfit_version = __version__
         with atomic_dir(dest, force=True) as tmp:
             inner.save_pretrained(tmp, state_dict=sd)
@@ -276,7 +268,7 @@ def _train(cfg, d, resume, data):
     torch.manual_seed(t.seed * 1000 + d.rank)
 
     model = _load_model(cfg)
-    recurrent = _is_recurrent(model)
+    recurrent = is_recurrent(model)
     counts = param_counts(model)
     sched = (cfg.schedule.name, cfg.schedule.warmup, cfg.schedule.decay, cfg.schedule.decay_shape, cfg.schedule.floor)
 
