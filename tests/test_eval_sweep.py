@@ -14,8 +14,8 @@ from loopfit.cli import main as cli
 from loopfit.eval import run as eval_run
 from loopfit.eval.generation import generate
 from loopfit.eval.loading import parse_steps
-from loopfit.loading import load
 from loopfit.eval.prompts import gsm8k_prompt
+from loopfit.loading import load
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
