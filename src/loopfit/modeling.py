@@ -692,6 +692,7 @@ class LoopfitForCausalLM(LoopfitPreTrainedModel, GenerationMixin):
         for name in CACHE_NAMES:
             kwargs.pop(name, None)
         if draft_steps is not None:
+            inputs = inputs if inputs is not None else kwargs.pop("input_ids", None)
             return self.speculative_generate(inputs, draft_steps, draft_tokens, generation_config, cache, **kwargs)
         use_cache = kwargs.get("use_cache", generation_config.use_cache if generation_config else True)
         if cache is None and use_cache is not False:
@@ -714,7 +715,6 @@ class LoopfitForCausalLM(LoopfitPreTrainedModel, GenerationMixin):
         every row stays exact. Takes what lm-eval and most callers pass: max_new_tokens or max_length,
         min_new_tokens, eos_token_id, pad_token_id, stopping_criteria, do_sample with temperature, top_k, top_p.
         Each round is logged in `cache.drafts` as (tokens drafted, tokens emitted, drafted tokens kept)."""
-        input_ids = input_ids if input_ids is not None else kwargs.pop("input_ids", None)
         gc = generation_config or self.generation_config
         opts = {k: kwargs.pop(k) if k in kwargs else getattr(gc, k, None) for k in self.SPECULATIVE_SETTINGS}
         if kwargs.pop("exit_criterion", None):
@@ -779,7 +779,9 @@ class LoopfitForCausalLM(LoopfitPreTrainedModel, GenerationMixin):
         def emit(tokens):  # append [b, a] tokens one by one as transformers does; True once every row is done
             nonlocal out, finished
             for i in range(tokens.shape[1]):
-                token = torch.where(finished, torch.full_like(tokens[:, i], pad), tokens[:, i])
+                token = tokens[:, i]
+                if len(eos):  # as transformers: rows that ended are padded only where an EOS token is known
+                    token = torch.where(finished, torch.full_like(token, pad), token)
                 out = torch.cat([out, token[:, None]], 1)
                 finished = finished | torch.isin(token, eos)
                 for criterion in stopping_criteria or ():
@@ -820,7 +822,9 @@ class LoopfitForCausalLM(LoopfitPreTrainedModel, GenerationMixin):
             tokens = torch.where(torch.arange(q, device=device)[None] < kept[:, None], drafted, fix)
             usable = torch.clamp(kept + 1, max=q)  # kept tokens, then the first correction
             ends = (torch.isin(tokens, eos) & (torch.arange(q, device=device)[None] < usable[:, None])).any(1)
-            step = int(torch.where(finished | ends, q, usable).min())
+            # rows padded from here on (ended, and an EOS is known) take whatever the others keep
+            released = (finished | ends) if len(eos) else torch.zeros_like(finished)
+            step = int(torch.where(released, q, usable).min())
             cache.crop(start + step)
             cache.drafts.append((q, step, min(step, int(kept[active].min()))))
             done, generated = emit(tokens[:, :step]), generated + step
