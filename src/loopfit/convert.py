@@ -11,11 +11,14 @@ examples:
 
 The output folder is an ordinary transformers checkpoint: with loopfit imported,
 AutoModelForCausalLM.from_pretrained(DIR) loads it; without loopfit, add trust_remote_code=True.
+`loopfit convert DIR --refresh` gives a folder written by an earlier loopfit this loopfit's model file (its
+weights and config untouched), so it also works with trust_remote_code on a newer transformers.
 A parity report compares the converted model with the original (see --help of --no-parity).
 """
 
 import json
 import math
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -477,6 +480,24 @@ def convert(source, out, layers=None, prelude=None, core=None, coda=None, adapte
     return model, report
 
 
+def refresh_model_file(folder, log=print):
+    """Replace a loopfit folder's modeling.py by the installed loopfit's; weights and config stay as they are."""
+    from . import modeling
+    from .io import atomic_file
+
+    folder = Path(folder)
+    try:
+        model_type = json.loads((folder / "config.json").read_text()).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        model_type = None
+    if model_type != "loopfit":
+        raise LoopfitError(f"{folder} is not a loopfit model folder (no config.json of model_type 'loopfit'): "
+                           "give a folder that `loopfit convert` or `loopfit train` wrote")
+    with atomic_file(folder / "modeling.py", "w") as f:
+        f.write(Path(modeling.__file__).read_text())
+    log(f"refreshed {folder / 'modeling.py'} from loopfit {__import__('loopfit').__version__}")
+
+
 def _save_dtype(dtype, source, base):
     if dtype != "auto":
         return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
@@ -500,7 +521,7 @@ def _counts(text):
 def add_arguments(parser):
     parser.add_argument("source", metavar="SRC", help="model folder, .gguf file, or short name (smollm2-135m, "
                         "qwen2.5-0.5b, gemma3-270m)")
-    parser.add_argument("--out", required=True, help="output folder (must not exist unless --force)")
+    parser.add_argument("--out", help="output folder (must not exist unless --force)")
     parser.add_argument("--layers", metavar="P,R,C", help="counts: first P layers, R core layers right before the "
                         "last C (default: the paper's 4,8,4-of-22 proportions)")
     parser.add_argument("--prelude", metavar="A-B", help="explicit prelude layer range, e.g. 0-3")
@@ -518,9 +539,15 @@ def add_arguments(parser):
     parser.add_argument("--seed", type=int, default=0, help="seed of the random adapter init (default 0)")
     parser.add_argument("--force", action="store_true", help="replace --out if it exists")
     parser.add_argument("--no-parity", action="store_true", help="skip the parity report against the original")
+    parser.add_argument("--refresh", action="store_true", help="SRC is a loopfit folder: replace its modeling.py "
+                        "by this loopfit's (for folders written by an earlier loopfit); nothing else changes")
 
 
 def run(args):
+    if args.refresh:
+        return refresh_model_file(args.source, log=lambda line: print(line, file=sys.stderr))
+    if not args.out:
+        raise LoopfitError("--out DIR is required: the folder to write the recurrent model to")
     convert(
         args.source, args.out,
         layers=_counts(args.layers) if args.layers else None,
