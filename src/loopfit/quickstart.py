@@ -45,6 +45,8 @@ RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "quickstart.yaml"  # 
 # so ~30 s a pair (benchmarks/BENCHMARKS.md, fresh-clone `make quickstart`).
 STEPS_PER_MINUTE = 2
 DEFAULT_MINUTES = 8.0
+# GSM8K decoding drafts at this many loops (exact self-speculation: same completions; see benchmarks/BENCHMARKS.md)
+DRAFT_STEPS = 2
 HOLDOUT = 0.02
 
 
@@ -66,6 +68,9 @@ def add_arguments(parser):
     parser.add_argument("--gsm8k", type=int, default=8, help="GSM8K test items (a fixed subset; 0 skips; default 8)")
     parser.add_argument("--gsm8k-steps", default="1,2,4,8", help="r for GSM8K (default 1,2,4,8)")
     parser.add_argument("--max-new-tokens", type=int, default=64, help="GSM8K generation budget (default 64)")
+    parser.add_argument("--draft-steps", type=int, default=DRAFT_STEPS, metavar="D",
+                        help="GSM8K of the recurrent model decodes each r > D by exact self-speculation, drafting at "
+                        f"D loops: the same completions, faster (default {DRAFT_STEPS}; 0 decodes plainly)"),
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
                         help="auto: a GPU when there is one (default)")
     parser.add_argument("--recipe", default=str(RECIPE), help="training recipe (default recipes/quickstart.yaml)")
@@ -89,6 +94,8 @@ def _settings(args):
     for name in ("limit", "eval_tokens", "max_new_tokens"):
         if getattr(args, name) < 1:
             raise LoopfitError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if getattr(args, "draft_steps", 0) < 0:
+        raise LoopfitError(f"--draft-steps must be >= 0 (0 decodes plainly), got {args.draft_steps}")
     if args.gsm8k < 0:
         raise LoopfitError(f"--gsm8k must be >= 0 (0 skips GSM8K), got {args.gsm8k}")
     if not Path(args.recipe).is_file():
@@ -232,7 +239,7 @@ def stage_train(s, out, recipe):
     }
 
 
-def stage_eval(s, out, device):
+def stage_eval(s, out, device, draft_steps=DRAFT_STEPS):
     from .convert import offline_folder
     from .eval.loading import load
     from .eval.run import evaluate, write
@@ -241,9 +248,9 @@ def stage_eval(s, out, device):
     common = dict(data=data, seq_len=256, max_tokens=s["eval_tokens"], limit=s["gsm8k"] or None,
                   max_new_tokens=s["max_new_tokens"])
 
-    def run(folder, steps, tasks, dest):
+    def run(folder, steps, tasks, dest, draft_steps=None):
         pair = load(folder, device=device)
-        return evaluate(pair, steps=steps, tasks=tasks, out=dest, **common)
+        return evaluate(pair, steps=steps, tasks=tasks, out=dest, draft_steps=draft_steps, **common)
 
     found = {}
     for name in ("recurrent", "plain"):
@@ -251,7 +258,8 @@ def stage_eval(s, out, device):
         res = run(folder, s["eval_steps"], ["loss"], dest)
         rows = res["rows"]
         if s["gsm8k"]:  # generation is the slow part: fewer r than the loss
-            gsm = run(folder, s["gsm8k_steps"], ["gsm8k_1shot"], dest / "gsm8k")
+            speculate = name == "recurrent" and 0 < (draft_steps or 0) < max(s["gsm8k_steps"])
+            gsm = run(folder, s["gsm8k_steps"], ["gsm8k_1shot"], dest / "gsm8k", draft_steps if speculate else None)
             rows = rows + gsm["rows"]
             res = dict(res, rows=rows, tasks=res["tasks"] + gsm["tasks"], seconds=res["seconds"] + gsm["seconds"])
             write(res, [], dest)  # one results.json with both tasks, for `loopfit compare`
@@ -451,7 +459,7 @@ def quickstart(args):
         elif stage == "train":
             summary = stage_train(s, out, args.recipe)
         elif stage == "eval":
-            summary = stage_eval(s, out, device)
+            summary = stage_eval(s, out, device, getattr(args, "draft_steps", DRAFT_STEPS))
         else:
             seconds[stage] = 0.0
             summary = stage_report(s, out, state, device, seconds, args.recipe)

@@ -16,7 +16,7 @@ def score(completion, reference):
 
 
 def evaluate(model, tokenizer, steps, prompt="8shot", limit=None, seed=1234, max_new_tokens=256, batch_size=8,
-             problems=None, exit_criterion=None):
+             problems=None, exit_criterion=None, draft_steps=None, draft_tokens=None):
     """(rows, samples): one row per (r, metric) with the accuracy; samples hold every completion. With
     `exit_criterion` (adaptive exit, r the most loops a token may use) a 'mean_loops' row is added per r."""
     problems = test_sets.subset(problems or test_sets.gsm8k_test(), limit, seed)
@@ -25,7 +25,7 @@ def evaluate(model, tokenizer, steps, prompt="8shot", limit=None, seed=1234, max
     rows, samples = [], []
     for r in steps:
         completions, loop_rows = generate_at(model, tokenizer, prompts, r, task, max_new_tokens, GSM8K_STOP, batch_size,
-                                             exit_criterion)
+                                             exit_criterion, draft_steps, draft_tokens)
         rows += loop_rows
         scores = [score(c, p["answer"]) for c, p in zip(completions, problems)]
         for metric in ("strict", "flexible"):

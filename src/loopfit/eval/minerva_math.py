@@ -9,7 +9,7 @@ from .prompts import MATH_STOP, math_prompt
 
 
 def evaluate(model, tokenizer, steps, subset="all", limit=None, seed=1234, max_new_tokens=512, batch_size=8,
-             problems=None, exit_criterion=None):
+             problems=None, exit_criterion=None, draft_steps=None, draft_tokens=None):
     """(rows, samples): one row per r with math-verify accuracy; samples hold every completion. With
     `exit_criterion` (adaptive exit) a 'mean_loops' row is added per r."""
     problems = test_sets.subset(problems or test_sets.math_test(subset), limit, seed)
@@ -18,7 +18,7 @@ def evaluate(model, tokenizer, steps, subset="all", limit=None, seed=1234, max_n
     rows, samples = [], []
     for r in steps:
         completions, loop_rows = generate_at(model, tokenizer, prompts, r, task, max_new_tokens, MATH_STOP, batch_size,
-                                             exit_criterion)
+                                             exit_criterion, draft_steps, draft_tokens)
         rows += loop_rows
         answers = [math_answer(c) for c in completions]
         correct = [float(math_equal(a, p["answer"])) for a, p in zip(answers, problems)]
