@@ -35,6 +35,11 @@ def main():
     ap.add_argument("--batch8-grid", default="2:4,4:4", help="(d:k) pairs run at batch > 1 (the full grid at 1)")
     ap.add_argument("--exit", dest="exit_rule", default="latent:0.03")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--gsm8k", type=int, default=0, help="instead: GSM8K 1-shot eval of this many items at r = "
+                    "--gsm8k-steps, plain vs --draft-steps (the quickstart's eval stage)")
+    ap.add_argument("--gsm8k-steps", type=ints, default=[1, 2, 4, 8])
+    ap.add_argument("--draft-steps", type=int, default=2)
+    ap.add_argument("--max-new-tokens", type=int, default=64)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     base, tok = load_base("smollm2-135m")
@@ -42,6 +47,8 @@ def main():
                           state_init="embed", recurrence=8).eval()
     base.eval()
     tok.pad_token = tok.pad_token or tok.eos_token
+    if args.gsm8k:
+        return gsm8k_sweep(model, tok, args)
     questions = [p["question"] for p in items.subset(items.gsm8k_test(), max(args.batch), seed=1234)]
 
     def timed(fn):
@@ -87,6 +94,22 @@ def main():
                  identical_output=True, fraction_differing_r_d_vs_r=differ or None,
                  exit={"rule": args.exit_rule, "time_ratio": round(t_exit / t_ref, 3), "mean_loops": round(loops, 2),
                        "token_agreement": round((early[:, n:] == ref[:, n:]).float().mean().item(), 3)})
+
+
+def gsm8k_sweep(model, tok, args):
+    from loopfit.eval import gsm8k
+
+    runs = {}
+    for name, draft in (("plain", None), ("speculative", args.draft_steps)):
+        t0 = time.perf_counter()
+        rows, samples = gsm8k.evaluate(model, tok, args.gsm8k_steps, prompt="1shot", limit=args.gsm8k, seed=1234,
+                                       max_new_tokens=args.max_new_tokens, batch_size=8, draft_steps=draft)
+        runs[name] = (time.perf_counter() - t0, [s["completion"] for s in samples], rows)
+    assert runs["plain"][1] == runs["speculative"][1] and runs["plain"][2] == runs["speculative"][2]
+    emit("gsm8k_eval_speculative", model="smollm2-135m all layers (24,2,4) mean adapter", items=args.gsm8k,
+         steps=args.gsm8k_steps, max_new_tokens=args.max_new_tokens, draft_steps=args.draft_steps,
+         plain_seconds=round(runs["plain"][0], 1), speculative_seconds=round(runs["speculative"][0], 1),
+         speedup=round(runs["plain"][0] / runs["speculative"][0], 2), identical_completions=True)
 
 
 if __name__ == "__main__":
