@@ -20,7 +20,8 @@ Stages (each prints one summary line; a finished stage is reused when re-run wit
               count: 6 * non-embedding params * tokens for plain; loops counted for recurrent; equal within half
               a plain step's FLOPs).
   4. eval     held-out math loss at each --eval-steps r, and a fixed --gsm8k subset of GSM8K (1-shot prompt,
-              greedy, --max-new-tokens), for both models (the plain one ignores r).
+              greedy, --max-new-tokens), for both models (the plain one ignores r); the recurrent model's
+              GSM8K decodes each r > --draft-steps by exact self-speculation (the same completions, faster).
   5. report   OUT/REPORT.md: the table at equal FLOPs, plots (OUT/compare/*.png, the recurrent r sweep) and
               what these numbers do and do not show.
 
