@@ -17,7 +17,7 @@ import time
 import torch
 
 from _common import emit
-from loopfit.convert import LayerPlan, build_loopfit, load_base
+from loopfit.convert import LayerPlan, build_loopfit, load_base, plan_layers
 from loopfit.eval import items
 
 
@@ -35,6 +35,8 @@ def main():
     ap.add_argument("--batch8-grid", default="2:4,4:4", help="(d:k) pairs run at batch > 1 (the full grid at 1)")
     ap.add_argument("--exit", dest="exit_rule", default="latent:0.03")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--layers", default="all", help="all: every layer, core 24-25 (default); or P,R,C such as "
+                    "4,8,4: the paper's slice, whose core is most of a token's cost")
     ap.add_argument("--gsm8k", type=int, default=0, help="instead: GSM8K 1-shot eval of this many items at r = "
                     "--gsm8k-steps, plain vs --draft-steps (the quickstart's eval stage)")
     ap.add_argument("--gsm8k-steps", type=ints, default=[1, 2, 4, 8])
@@ -43,8 +45,10 @@ def main():
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     base, tok = load_base("smollm2-135m")
-    model = build_loopfit(base, LayerPlan(list(range(24)), [24, 25], [26, 27, 28, 29], 30), adapter_init="mean",
-                          state_init="embed", recurrence=8).eval()
+    plan = LayerPlan(list(range(24)), [24, 25], [26, 27, 28, 29], 30) if args.layers == "all" else \
+        plan_layers(30, tuple(ints(args.layers)))
+    model = build_loopfit(base, plan, adapter_init="mean", state_init="embed", recurrence=8).eval()
+    args.model = f"smollm2-135m {'all layers (24,2,4)' if args.layers == 'all' else f'({args.layers})'} mean adapter"
     base.eval()
     tok.pad_token = tok.pad_token or tok.eos_token
     if args.gsm8k:
@@ -87,7 +91,7 @@ def main():
                         shallow = model.generate(**batch, num_steps=d, **kw)
                         differ[d] = round((shallow[:, n:] != ref[:, n:]).float().mean().item(), 3)
             best = max(spec, key=lambda key: spec[key]["speedup"]) if spec else None
-            emit("speculative_decoding", model="smollm2-135m all layers (24,2,4) mean adapter", steps=r, batch=b,
+            emit("speculative_decoding", model=args.model, steps=r, batch=b,
                  prompt_tokens=n, new_tokens=args.new,
                  cached_tokens_per_s=round(b * args.new / t_ref, 2), base_model_tokens_per_s=round(b * args.new / t_base, 2),
                  speculative=spec, best=best, best_speedup=spec[best]["speedup"] if best else None,
@@ -106,7 +110,7 @@ def gsm8k_sweep(model, tok, args):
                                        max_new_tokens=args.max_new_tokens, batch_size=8, draft_steps=draft)
         runs[name] = (time.perf_counter() - t0, [s["completion"] for s in samples], rows)
     assert runs["plain"][1] == runs["speculative"][1] and runs["plain"][2] == runs["speculative"][2]
-    emit("gsm8k_eval_speculative", model="smollm2-135m all layers (24,2,4) mean adapter", items=args.gsm8k,
+    emit("gsm8k_eval_speculative", model=args.model, items=args.gsm8k,
          steps=args.gsm8k_steps, max_new_tokens=args.max_new_tokens, draft_steps=args.draft_steps,
          plain_seconds=round(runs["plain"][0], 1), speculative_seconds=round(runs["speculative"][0], 1),
          speedup=round(runs["plain"][0] / runs["speculative"][0], 2), identical_completions=True)
