@@ -60,6 +60,11 @@ def main():
         out = fn()
         return out, time.perf_counter() - t0
 
+    warm = tok(questions[:1], return_tensors="pt")
+    with torch.no_grad():  # first calls pay one-off costs: keep them out of the first reference timing
+        model.generate(**warm, num_steps=2, max_new_tokens=4, pad_token_id=tok.pad_token_id)
+        model.generate(**warm, num_steps=2, draft_steps=1, max_new_tokens=4, pad_token_id=tok.pad_token_id)
+        base.generate(**warm, max_new_tokens=4, pad_token_id=tok.pad_token_id)
     for r in args.steps:
         for b in args.batch:
             batch = tok(questions[:b], return_tensors="pt", padding=True, padding_side="left")
