@@ -730,7 +730,8 @@ class LoopfitForCausalLM(LoopfitPreTrainedModel, GenerationMixin):
         first correction, and crops the cache past it. Greedy output equals r-loop greedy decoding token for token;
         sampling keeps the r-loop distribution by the speculative acceptance rule (keep a drafted token with
         probability min(1, p/q), else sample from max(p - q, 0)). A batch advances by its shortest kept prefix, so
-        every row stays exact. Takes what lm-eval and most callers pass: max_new_tokens or max_length,
+        every row stays exact; the next round drafts one token more than this one emitted (at most
+        `draft_tokens`), so early disagreement costs few wasted drafts. Takes what lm-eval and most callers pass: max_new_tokens or max_length,
         min_new_tokens, eos_token_id, pad_token_id, stopping_criteria, do_sample with temperature, top_k, top_p.
         Each round is logged in `cache.drafts` as (tokens drafted, tokens emitted, drafted tokens kept)."""
         gc = generation_config or self.generation_config
@@ -811,9 +812,9 @@ class LoopfitForCausalLM(LoopfitPreTrainedModel, GenerationMixin):
         if max_new <= 0:
             return input_ids
         x, _, _ = self.model(input_ids, mask[:, :prompt_len], None, cache, None, r, False, True)
-        done, generated = emit(pick(scores(self.head_logits(x[:, -1:]), 0))), 1
+        done, generated, length = emit(pick(scores(self.head_logits(x[:, -1:]), 0))), 1, k
         while not done and generated < max_new:
-            q, start, active = min(k, max_new - generated), cache.seen, ~finished
+            q, start, active = min(length, max_new - generated), cache.seen, ~finished
             token, embeds, states, drafted, draft_scores = out[:, -1:], [], [], [], []
             for i in range(q):  # draft at d loops; the cache keeps loops < d of these tokens, which are exact
                 x, _, _ = self.model(token, mask[:, :start + i + 1], None, cache, None, d, False, True)
@@ -845,6 +846,9 @@ class LoopfitForCausalLM(LoopfitPreTrainedModel, GenerationMixin):
             step = int(torch.where(released, q, usable).min())
             cache.crop(start + step)
             cache.drafts.append((q, step, min(step, int(kept[active].min()))))
+            # draft what the last round kept and one more, up to k: rejected drafts are the loss, so a batch
+            # whose rows disagree early drafts little, and one that agrees drafts k again
+            length = min(k, step + 1)
             done, generated = emit(tokens[:, :step]), generated + step
         return out
 
