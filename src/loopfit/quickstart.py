@@ -46,7 +46,9 @@ RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "quickstart.yaml"  # 
 # so ~30 s a pair (benchmarks/BENCHMARKS.md, fresh-clone `make quickstart`).
 STEPS_PER_MINUTE = 2
 DEFAULT_MINUTES = 8.0
-# GSM8K decoding drafts at this many loops (exact self-speculation: same completions; see benchmarks/BENCHMARKS.md)
+# GSM8K decoding on a GPU drafts at this many loops (exact self-speculation: the same completions). Not on a CPU:
+# there a batch of 8 is compute-bound, so verifying k drafted tokens costs k single-token passes and speculation
+# loses (0.53x measured, benchmarks/BENCHMARKS.md); it pays where a pass is memory-bound (a GPU, or batch 1).
 DRAFT_STEPS = 2
 HOLDOUT = 0.02
 
@@ -69,9 +71,10 @@ def add_arguments(parser):
     parser.add_argument("--gsm8k", type=int, default=8, help="GSM8K test items (a fixed subset; 0 skips; default 8)")
     parser.add_argument("--gsm8k-steps", default="1,2,4,8", help="r for GSM8K (default 1,2,4,8)")
     parser.add_argument("--max-new-tokens", type=int, default=64, help="GSM8K generation budget (default 64)")
-    parser.add_argument("--draft-steps", type=int, default=DRAFT_STEPS, metavar="D",
+    parser.add_argument("--draft-steps", type=int, metavar="D",
                         help="GSM8K of the recurrent model decodes each r > D by exact self-speculation, drafting at "
-                        f"D loops: the same completions, faster (default {DRAFT_STEPS}; 0 decodes plainly)"),
+                        f"D loops: the same completions (default {DRAFT_STEPS} on a GPU, where it is faster; 0, plain "
+                        "decoding, on a CPU, where batched verification costs as much as it saves)"),
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
                         help="auto: a GPU when there is one (default)")
     parser.add_argument("--recipe", default=str(RECIPE), help="training recipe (default recipes/quickstart.yaml)")
@@ -95,7 +98,7 @@ def _settings(args):
     for name in ("limit", "eval_tokens", "max_new_tokens"):
         if getattr(args, name) < 1:
             raise LoopfitError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if getattr(args, "draft_steps", 0) < 0:
+    if (getattr(args, "draft_steps", None) or 0) < 0:
         raise LoopfitError(f"--draft-steps must be >= 0 (0 decodes plainly), got {args.draft_steps}")
     if args.gsm8k < 0:
         raise LoopfitError(f"--gsm8k must be >= 0 (0 skips GSM8K), got {args.gsm8k}")
@@ -240,7 +243,7 @@ def stage_train(s, out, recipe):
     }
 
 
-def stage_eval(s, out, device, draft_steps=DRAFT_STEPS):
+def stage_eval(s, out, device, draft_steps=None):
     from .convert import offline_folder
     from .eval.loading import load
     from .eval.run import evaluate, write
@@ -460,7 +463,8 @@ def quickstart(args):
         elif stage == "train":
             summary = stage_train(s, out, args.recipe)
         elif stage == "eval":
-            summary = stage_eval(s, out, device, getattr(args, "draft_steps", DRAFT_STEPS))
+            draft = getattr(args, "draft_steps", None)
+            summary = stage_eval(s, out, device, (DRAFT_STEPS if device == "cuda" else 0) if draft is None else draft)
         else:
             seconds[stage] = 0.0
             summary = stage_report(s, out, state, device, seconds, args.recipe)
