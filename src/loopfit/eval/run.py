@@ -16,7 +16,8 @@ A plain transformers model (the baseline) runs once and its figures are repeated
 --exit kl:5e-4 lets each generated token stop looping early (r is then the most loops a token may use) and adds
 a `mean_loops` row per generation task and r.
 --draft-steps D decodes GSM8K / MATH / lm: generations by exact self-speculation at every r > D (the same
-completions as plain decoding, faster; r <= D decodes plainly): draft D loops, verify r. Try D = 2.
+completions as plain decoding; r <= D decodes plainly): draft D loops, verify r. Try D = 2 on a GPU; on a
+CPU the batches are compute-bound and speculation is slower (use --batch-size 1 there, or leave it off).
 Writes OUT/results.json (one row per task, metric and r), OUT/samples.jsonl (every completion) and
 OUT/sweep.png (metric vs r); OUT defaults to MODEL/eval. Generation is greedy, batched, with the KV cache;
 --limit takes the same fixed random subset (--seed) for every r and every model.
@@ -168,7 +169,7 @@ def add_arguments(parser):
     parser.add_argument("--exit", dest="exit_criterion", metavar="RULE",
                         help="adaptive exit while generating, e.g. kl:5e-4 (adds a mean_loops row per r)")
     parser.add_argument("--draft-steps", type=int, metavar="D", help="decode generations at each r > D by exact "
-                        "self-speculation (same completions, faster; try 2)")
+                        "self-speculation (same completions; faster on a GPU; try 2)")
     parser.add_argument("--draft-tokens", type=int, default=DRAFT_TOKENS, metavar="K",
                         help=f"tokens drafted per round with --draft-steps (default {DRAFT_TOKENS})")
     parser.add_argument("--out", help="output folder (default MODEL/eval for a folder, else eval-NAME)")
