@@ -17,7 +17,7 @@ A plain transformers model (the baseline) runs once and its figures are repeated
 a `mean_loops` row per generation task and r.
 --draft-steps D decodes GSM8K / MATH / lm: generations by exact self-speculation at every r > D (the same
 completions as plain decoding; r <= D decodes plainly): draft D loops, verify r. Try D = 2 on a GPU; on a
-CPU the batches are compute-bound and speculation is slower (use --batch-size 1 there, or leave it off).
+CPU the batches are compute-bound and speculation is slower: leave it off there.
 Writes OUT/results.json (one row per task, metric and r), OUT/samples.jsonl (every completion) and
 OUT/sweep.png (metric vs r); OUT defaults to MODEL/eval. Generation is greedy, batched, with the KV cache;
 --limit takes the same fixed random subset (--seed) for every r and every model.
