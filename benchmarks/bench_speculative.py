@@ -42,6 +42,8 @@ def main():
     ap.add_argument("--gsm8k-steps", type=ints, default=[1, 2, 4, 8])
     ap.add_argument("--draft-steps", type=int, default=2)
     ap.add_argument("--max-new-tokens", type=int, default=64)
+    ap.add_argument("--interleaved", type=int, default=0, help="instead: this many alternating repeats of cached "
+                    "vs speculative (--draft-steps, first --tokens) vs exit at the first --steps and --batch")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     base, tok = load_base("smollm2-135m")
@@ -53,6 +55,8 @@ def main():
     tok.pad_token = tok.pad_token or tok.eos_token
     if args.gsm8k:
         return gsm8k_sweep(model, tok, args)
+    if args.interleaved:
+        return interleaved_check(model, tok, args)
     questions = [p["question"] for p in items.subset(items.gsm8k_test(), max(args.batch), seed=1234)]
 
     def timed(fn):
@@ -103,6 +107,31 @@ def main():
                  identical_output=True, fraction_differing_r_d_vs_r=differ or None,
                  exit={"rule": args.exit_rule, "time_ratio": round(t_exit / t_ref, 3), "mean_loops": round(loops, 2),
                        "token_agreement": round((early[:, n:] == ref[:, n:]).float().mean().item(), 3)})
+
+
+def interleaved_check(model, tok, args):
+    """Median of alternating repeats: robust to load that changes during a run (the shared machine)."""
+    from _common import interleaved
+
+    r, b, d, k = args.steps[0], args.batch[0], args.draft_steps, args.tokens[0]
+    questions = [p["question"] for p in items.subset(items.gsm8k_test(), b, seed=1234)]
+    batch = tok(questions, return_tensors="pt", padding=True, padding_side="left")
+    kw = dict(num_steps=r, max_new_tokens=args.new, min_new_tokens=args.new, do_sample=False,
+              pad_token_id=tok.pad_token_id)
+    outs = {}
+    with torch.no_grad():
+        t = interleaved({
+            "cached": lambda: outs.__setitem__("cached", model.generate(**batch, **kw)),
+            "speculative": lambda: outs.__setitem__("spec", model.generate(**batch, draft_steps=d, draft_tokens=k, **kw)),
+            "exit": lambda: outs.__setitem__("exit", model.generate(**batch, exit_criterion=args.exit_rule, **kw)),
+        }, repeats=args.interleaved, warmup=0)
+    assert torch.equal(outs["cached"], outs["spec"])
+    n = batch.input_ids.shape[1]
+    emit("speculative_decoding_interleaved", model=args.model, steps=r, batch=b, new_tokens=args.new, draft_steps=d,
+         draft_tokens=k, repeats=args.interleaved, cached_s=round(t["cached"], 1), speculative_s=round(t["speculative"], 1),
+         speedup=round(t["cached"] / t["speculative"], 2), identical_output=True, exit_rule=args.exit_rule,
+         exit_time_ratio=round(t["exit"] / t["cached"], 3),
+         exit_token_agreement=round((outs["exit"][:, n:] == outs["cached"][:, n:]).float().mean().item(), 3))
 
 
 def gsm8k_sweep(model, tok, args):
