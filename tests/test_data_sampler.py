@@ -181,35 +181,24 @@ def test_rank_shares_are_disjoint_and_complete(data):
         sampler(data, world_size=3)
 
 
-def test_docs_packing_and_document_mask(data):
+def test_docs_packing(data):
     long = 48  # longer than any one document here, so rows hold whole documents
-    s = BlendSampler(load_blend({"weights": {"a": 1, "b": 1}}, data), long, BATCH, pack="docs", doc_mask=True)
+    s = BlendSampler(load_blend({"weights": {"a": 1, "b": 1}}, data), long, BATCH, pack="docs")
     ds = {n: open_dataset(data / n) for n in s.dataset_names}
     eos = ds["a"].eos_token_id
     assert max(np.diff(ds["a"].doc_ends)) < long < 3 * min(np.diff(ds["a"].doc_ends))
     for t in range(4):
         x = s.batch(t)
-        for row, label, pos, doc, d in zip(x["input_ids"], x["labels"], x["position_ids"], x["doc_ids"], x["dataset"]):
+        assert set(x) == {"input_ids", "labels", "dataset"}
+        for row, label, d in zip(x["input_ids"], x["labels"], x["dataset"]):
             real = int((label != -100).sum())
             assert (label[:real] == row[:real]).all() and (row[real:] == eos).all()
             assert row[real - 1] == eos  # whole documents only: the last real token ends one
-            ends = np.flatnonzero(row[:real].numpy() == eos) + 1
-            assert len(ends) >= 1 and pos[0] == 0 and all(pos[e] == 0 for e in ends if e < long)  # restart per doc
-            assert doc[real - 1] == len(ends) - 1 and (doc[real:] == len(ends)).all()
             assert row[0] == ds[s.dataset_names[d]].tokens(0, 1)[0]  # every row starts a document ("Story"/"Q")
     cut = sampler(data, {"weights": {"a": 1}}, pack="docs").batch(0)  # documents longer than seq_len are cut
     assert (cut["labels"] != -100).all()
     with pytest.raises(LoopfitError, match="unknown pack"):
         sampler(data, pack="rows")
-
-
-def test_concat_document_mask(data):
-    x = sampler(data, doc_mask=True).batch(0)
-    eos = open_dataset(data / "a").eos_token_id
-    for row, pos, doc in zip(x["input_ids"], x["position_ids"], x["doc_ids"]):
-        after_eos = np.flatnonzero(row[:-1].numpy() == eos) + 1
-        assert sorted(np.flatnonzero(pos.numpy() == 0).tolist()) == sorted({0, *after_eos.tolist()})
-        assert doc[-1] == len(after_eos)
 
 
 def test_epoch_report_and_repeat_warning(data):

@@ -1,60 +1,20 @@
-"""Sources: file readers, reasoning-gym generators, built-in corpora and the GSM8K/MATH test items."""
+"""Sources: file readers, reasoning-gym generators and built-in corpora (test items: test_eval_items.py)."""
 
 import gzip
 import json
-import random
 import re
 
 import pytest
 
 from loopfit import LoopfitError
-from loopfit.data.sources import (
-    GSM_SYMBOLIC_SOURCE_IDS,
-    expand_paths,
-    load_gsm8k_test,
-    load_math_test,
-    read_documents,
-)
+from loopfit.data.sources import expand_paths, read_documents
 
 
 def docs(spec, **kw):
     return list(read_documents(str(spec), **kw))
 
 
-# ---------------------------------------------------------------- built-ins and test items
-
-
-def test_gsm8k_test_items_exclude_gsm_symbolic_sources():
-    full = load_gsm8k_test(exclude_contaminated=False)
-    clean = load_gsm8k_test()
-    assert len(full) == 1319 and len(clean) == 1219 and len(set(GSM_SYMBOLIC_SOURCE_IDS)) == 100
-    assert {d["id"] for d in full} - {d["id"] for d in clean} == set(GSM_SYMBOLIC_SOURCE_IDS)
-    assert full[0]["answer"].endswith("#### 18") and full[0]["short_answer"] == "18"
-
-
-def test_contaminated_ids_are_the_templates_sources():
-    """Re-derive the mapping: the fixed words of each gsm_symbolic template best match its listed test item."""
-    from reasoning_gym.arithmetic.gsm_symbolic import generators_00_49, generators_50_99
-
-    def words(s):
-        return set(re.findall(r"[a-z]+", s.lower()))
-
-    questions = [words(d["question"]) for d in load_gsm8k_test(exclude_contaminated=False)]
-    for i in range(0, 100, 7):  # a spread of templates keeps the test quick
-        module = generators_00_49 if i < 50 else generators_50_99
-        gen = getattr(module, f"generate_{i}")
-        fixed = set.intersection(*(words(gen(random.Random(s), 1.0)["question"]) for s in range(4)))
-        best = max(range(len(questions)), key=lambda j: len(fixed & questions[j]) / len(fixed | questions[j]))
-        assert best == GSM_SYMBOLIC_SOURCE_IDS[i], i
-
-
-def test_math_test_items():
-    items = load_math_test()
-    assert len(items) == 5000 and len({d["id"] for d in items}) == 5000
-    assert {"problem", "solution", "answer", "level", "subject"} <= set(items[0])
-    assert len(load_math_test("500")) == 500
-    with pytest.raises(LoopfitError, match="unknown MATH subset"):
-        load_math_test("1000")
+# ---------------------------------------------------------------- built-ins
 
 
 def test_builtin_corpora():

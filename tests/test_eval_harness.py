@@ -3,6 +3,7 @@ equal loopfit's own, and the `python -m loopfit.eval.harness` CLI runs a loopfit
 
 import json
 import os
+import random
 import subprocess
 import sys
 
@@ -80,3 +81,63 @@ def test_metric_rows_keep_metrics_only():
     assert metric_rows(results, 4, 2) == [
         {"task": "lm:gsm8k_loopfit", "steps": 4, "metric": "exact_match_strict-match", "value": 0.5, "n": 2},
         {"task": "lm:gsm8k_loopfit", "steps": 4, "metric": "acc", "value": 0.25, "n": 2}]
+
+
+class ScriptedLM(lm_eval.api.model.LM):
+    """Answers each question with a fixed completion: the two scorers, not a model, are under test."""
+
+    def __init__(self, completions):
+        super().__init__()
+        self.completions = completions  # question -> completion
+
+    def generate_until(self, requests):
+        return [self.completions[req.doc["question"]] for req in requests]
+
+    def loglikelihood(self, requests):
+        raise NotImplementedError
+
+    def loglikelihood_rolling(self, requests):
+        raise NotImplementedError
+
+
+def scripted_completion(i, reference):
+    """Completions that trip scorers up, cycled over the items: stated answers in every form the strict scorer
+    takes, wrong stated answers with the right last number, and no answer at all."""
+    n = reference
+    forms = [
+        f"3 + 4 = 7. The answer is {n}.",
+        f"So the total is {n}.\nThe final answer is {n}.",  # accepted by extract.py, once not by the YAML regex
+        f"Working it out.\n#### {n}",
+        f"The answer is: ${n}.",
+        f"The answer is {n}1. Check: {n}",  # strict wrong, flexible right
+        f"The answer is {n}. Then 3 more",  # strict right, flexible wrong
+        f"{n} apples, so I cannot tell.",  # no stated answer: strict wrong
+        "I cannot tell.",
+    ]
+    return forms[i % len(forms)]
+
+
+def test_loopfit_and_lm_eval_gsm8k_score_completions_alike():
+    """`loopfit eval --tasks gsm8k` and `--tasks lm:gsm8k_loopfit` (and their 1-shot forms) give the same strict
+    and flexible score on every one of the same completions: item by item, so a scorer that disagrees on one
+    form fails."""
+    from loopfit.eval import accuracy, items
+
+    test = items.gsm8k_test()
+    picked = sorted(random.Random(0).sample(range(len(test)), 48))
+    chosen = [test[i] for i in picked]
+    completions = [scripted_completion(j, it["answer"]) for j, it in enumerate(chosen)]
+    lm = ScriptedLM({it["question"]: c for it, c in zip(chosen, completions)})
+    pairs = {"gsm8k": "gsm8k_loopfit", "gsm8k_1shot": "gsm8k_loopfit_1shot"}
+    out = lm_eval.simple_evaluate(model=lm, tasks=list(pairs.values()), samples={t: picked for t in pairs.values()},
+                                  task_manager=task_manager(), log_samples=True)
+    for task, lm_task in pairs.items():
+        rows, samples = accuracy.score(task, 1, chosen, completions)
+        theirs = {(s["doc_id"], s["filter"]): s["exact_match"] for s in out["samples"][lm_task]}
+        for i, ours in zip(picked, samples):
+            assert (theirs[i, "strict-match"], theirs[i, "flexible-extract"]) == (ours["strict"], ours["flexible"]), ours
+        ours = {r["metric"]: r["value"] for r in rows}
+        results = out["results"][lm_task]
+        assert results["exact_match,strict-match"] == pytest.approx(ours["accuracy_strict"], abs=1e-12)
+        assert results["exact_match,flexible-extract"] == pytest.approx(ours["accuracy_flexible"], abs=1e-12)
+        assert 0 < ours["accuracy_strict"] < 1 and 0 < ours["accuracy_flexible"] < 1  # the forms split both ways

@@ -16,7 +16,7 @@ from transformers import (
 import loopfit
 import tiny_models
 from loopfit.convert import LayerPlan, build_loopfit, plan_layers
-from loopfit.modeling import LoopfitConfig
+from loopfit.modeling import LoopfitCache, LoopfitConfig
 
 VOCAB = 128
 COMMON = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
@@ -111,32 +111,57 @@ def test_cached_generation_equals_recomputation(r):
     assert (cached.logits[-1] - logits).abs().max() <= 1e-5
 
 
+def remapped_cache(cache, loops, source):
+    """An exact cache whose core slot of loop t holds `cache`'s slot of loop source(t): what a decoding step must
+    read under the ring policy or the fallback, written out independently of LoopfitCache's own bookkeeping."""
+    out = LoopfitCache("exact")
+    out.slots = {k: v for k, v in cache.slots.items() if k[0] != "core"}
+    for (segment, t, layer), kv in list(cache.slots.items()):
+        if segment == "core":
+            for u in range(loops):
+                if source(u) == t:
+                    out.slots[("core", u, layer)] = kv
+    out.seen = cache.seen
+    return out
+
+
 def test_cache_has_one_slot_per_loop_and_layer_and_ring_bounds_it():
+    """Exact: one slot per (loop, core layer). Ring of 2 at r = 5: 2 slots per core layer; the prompt's logits equal
+    the exact cache's, and a decoded token's logits equal an exact decode whose loop t reads the prompt's keys from
+    the last loop congruent to t mod 2 (loops 4, 3, 4, 3, 4), to 1e-6."""
+    model = tiny_loopfit()
     ids, mask = padded_batch(length=6)
-    exact = tiny_loopfit()
-    cache = exact.new_cache()
-    exact(ids, attention_mask=mask, num_steps=5, past_key_values=cache)
-    core_slots = {k for k in cache.slots if k[0] == "core"}
-    assert len(core_slots) == 5 * 2
-    ring = tiny_loopfit(cache_policy="ring", cache_ring_size=2)
-    cache = ring.new_cache()
-    ring(ids, attention_mask=mask, num_steps=5, cache=cache)  # transformers' newer name for the cache argument
-    assert len({k for k in cache.slots if k[0] == "core"}) == 2 * 2
-    # the ring policy still generates (approximately: it trades exactness for memory)
-    g = ring.generate(ids, attention_mask=mask, num_steps=5, max_new_tokens=4, do_sample=False, pad_token_id=0)
-    assert g.shape == (3, 10)
+    nxt, m = ids[:, :1], torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+    with torch.no_grad():
+        exact = model.new_cache()
+        prompt_exact = model(ids, attention_mask=mask, num_steps=5, past_key_values=exact).logits
+        assert len({k for k in exact.slots if k[0] == "core"}) == 5 * 2
+        ring = LoopfitCache("ring", ring_size=2)
+        prompt_ring = model(ids, attention_mask=mask, num_steps=5, cache=ring).logits  # transformers' newer name
+        assert len({k for k in ring.slots if k[0] == "core"}) == 2 * 2
+        assert (prompt_ring - prompt_exact).abs().max() <= 1e-6
+        expected = remapped_cache(exact, 5, lambda t: 4 if t % 2 == 0 else 3)
+        want = model(nxt, attention_mask=m, past_key_values=expected, use_cache=True, num_steps=5).logits
+        got = model(nxt, attention_mask=m, past_key_values=ring, use_cache=True, num_steps=5).logits
+        plain = model(nxt, attention_mask=m, past_key_values=exact, use_cache=True, num_steps=5).logits
+    assert (got - want).abs().max() <= 1e-6
+    assert (got - plain).abs().max() > 1e-4  # the ring really read other loops' keys than the exact cache
 
 
 def test_cache_falls_back_to_latest_loop_when_r_grows():
-    """Decoding with more loops than the prompt ran reads the prompt's latest loop instead of failing."""
+    """Decoding with 4 loops after a 2-loop prompt: loops 2 and 3 read the prompt's loop 1 (its latest), so the
+    logits equal an exact decode from a cache holding loop 1's keys at loops 2 and 3 (1e-6)."""
     model = tiny_loopfit()
     ids, _ = padded_batch(length=6)
     with torch.no_grad():
         cache = model.new_cache()
         model(ids, num_steps=2, past_key_values=cache)
+        expected = remapped_cache(cache, 4, lambda t: min(t, 1))
         nxt = model(ids[:, :1], past_key_values=cache, num_steps=4, use_cache=True)
-    assert torch.isfinite(nxt.logits).all()
+        want = model(ids[:, :1], past_key_values=expected, num_steps=4, use_cache=True)
+    assert (nxt.logits - want.logits).abs().max() <= 1e-6
     assert cache.slots[("core", 3, 0)][0].shape[2] == 7
+    assert torch.equal(cache.slots[("core", 3, 0)][0][:, :, :6], cache.slots[("core", 1, 0)][0][:, :, :6])
 
 
 def test_truncated_backprop_puts_gradients_only_where_it_should():
@@ -277,6 +302,9 @@ def test_adaptive_exit_saves_loops_and_a_zero_threshold_changes_nothing():
 
 
 def test_warm_start_carries_the_state_between_tokens():
+    """With warm_start the new token starts its loops from the previous token's final state (the coda's input at
+    the last prompt position): its logits equal a cold forward whose initial state is set to that state, and
+    differ from the cold start."""
     model = tiny_loopfit(adapter_init="mean", state_init="zeros")
     ids, mask = padded_batch(length=8)
     kw = dict(num_steps=3, max_new_tokens=1, do_sample=False, pad_token_id=0, output_logits=True,
@@ -318,3 +346,30 @@ def test_adaptive_exit_looks_cost_little_latent_runs_no_coda_and_kl_scores_candi
     finally:
         for h in hooks:
             h.remove()
+
+
+
+    def prompt_cache():
+        cache = model.new_cache()
+        out = model(seq[:, :-1], attention_mask=m[:, :-1], past_key_values=cache, use_cache=True, num_steps=3,
+                    output_hidden_states=True)
+        return cache, out.hidden_states
+
+    def step(cache, **extra):
+        return model(seq[:, -1:], attention_mask=m, past_key_values=cache, use_cache=True, num_steps=3, **extra).logits
+
+    with torch.no_grad():
+        cold = step(prompt_cache()[0])
+        cache, hidden = prompt_cache()
+        state = cache.last_state.clone()
+        warm = step(cache, warm_start=True)
+        cache, _ = prompt_cache()
+        model.model.initial_state = lambda e, position_ids: state  # this forward starts from the given state
+        try:
+            started = step(cache)
+        finally:
+            del model.model.initial_state
+    coda_input = hidden[1 + 3 * 2]  # inputs of prelude (1 layer), 3 loops of the core (2 layers), then the coda
+    assert torch.equal(state, coda_input[:, -1:])
+    assert (warm - started).abs().max() <= 1e-6
+    assert (warm - cold).abs().max() > 1e-4

@@ -74,4 +74,12 @@ def test_help_describes_the_stages():
     assert p.returncode == 0
     for word in ("--minutes", "--steps", "--model", "--device", "passthrough", "equal", "REPORT.md"):
         assert word in p.stdout
-    assert Path(__file__).resolve().parents[1].joinpath("recipes", "quickstart.yaml").is_file()
+    # the training the help describes ("1-sqrt curriculum of the mean depth to 4, truncated backprop through the
+    # last 2 loops, Muon + AdamW, heal-then-mix blend") is what the shipped recipe it trains with does
+    from loopfit.quickstart import RECIPE, recipe_summary
+
+    assert "1-sqrt curriculum of the mean depth to 4," in p.stdout and "last 2 loops, Muon + AdamW" in p.stdout
+    assert recipe_summary(RECIPE) == (
+        "`quickstart` (recurrence: Poisson-lognormal depth, 1-sqrt curriculum of the mean to 4, backprop through "
+        "the last 2 loops; Muon + AdamW; continued-pretraining schedule; data: `heal` (100% `general`), then "
+        "`mix` (50% `general`, 50% `math`))")

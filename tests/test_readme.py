@@ -8,7 +8,6 @@ command with a few flags appended that make it short (fewer steps, documents and
 
 import re
 import shlex
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -104,7 +103,6 @@ def test_every_readme_command_parses():
 
 @pytest.mark.real
 def test_the_path_runs_end_to_end(tmp_path):
-    shutil.copytree(ROOT / "recipes", tmp_path / "recipes")
     steps = path_block()
     assert [a[1] for a in steps if a[0] == "loopfit"][:3] == ["analyze", "convert", "prepare"]
     for argv in steps:

@@ -1,11 +1,12 @@
-"""Every recipe in recipes/ goes through the real recipe loader and data pipeline (a typo'd key fails here), and
-the GPU recipes carry the paper's settings (PAPERS.md §1, §2, §5)."""
+"""Every shipped recipe (src/loopfit/recipes/) goes through the real recipe loader and data pipeline (a typo'd key
+fails here), and the GPU recipes carry the paper's settings (docs/papers.md §1, §2, §5)."""
 
 import re
 from pathlib import Path
 
 import pytest
 
+from loopfit import recipes
 from loopfit.convert import plan_layers
 from loopfit.data import prepare
 from loopfit.train.config import load_recipe
@@ -15,7 +16,8 @@ from loopfit.train.sources import build_source
 # the tiny datasets below are repeated many times over a 25k-step recipe: expected here
 pytestmark = pytest.mark.filterwarnings("ignore:dataset .* will be repeated")
 
-RECIPES = sorted((Path(__file__).parent.parent / "recipes").glob("*.yaml"))
+RECIPES_DIR = Path(__file__).parent.parent / "src" / "loopfit" / "recipes"
+RECIPES = sorted(RECIPES_DIR.glob("*.yaml"))
 GPU = {"tinyllama-448": (22, (4, 8, 4), ([0, 1, 2, 3], list(range(10, 18)), [18, 19, 20, 21])),
        "llama32-1b-464": (16, (4, 6, 4), ([0, 1, 2, 3], list(range(6, 12)), [12, 13, 14, 15])),
        "olmo2-1b-464": (16, (4, 6, 4), ([0, 1, 2, 3], list(range(6, 12)), [12, 13, 14, 15]))}
@@ -40,6 +42,7 @@ def sched(cfg):
 
 def test_recipes_are_found():
     names = {p.stem for p in RECIPES}
+    assert recipes.shipped() == sorted(names) and load_recipe("quickstart") == load_recipe(RECIPES_DIR / "quickstart.yaml")
     assert {*GPU, *(f"{n}-baseline" for n in GPU)} <= names and any(n.startswith("quickstart") for n in names)
 
 
@@ -66,10 +69,11 @@ def test_gpu_recipes_carry_the_papers_settings(name):
         "sample", 32, 8, "1-sqrt", 0.75, "mean")
     assert r.eval_steps == 32 and cfg.data["seq_len"] == 1024
     assert (o.name, o.lr, o.adamw_lr, o.weight_decay, o.betas, o.grad_clip) == ("muon", 1e-3, 5e-5, 1e-4, [0.9, 0.95], 1.0)
+    assert o.eps == 1e-10 and r.depth_per == "micro_batch"  # the authors' AdamW eps and per-micro-batch depth
     assert s.name == "wsd" and s.decay_shape == "cosine" and s.floor == 0.001
     assert 0.0025 <= s.warmup <= 0.005 and 0.6 <= s.decay <= 0.9  # warmup 0.25-0.5%, decay the last 60-90%
     assert cfg.train.precision == "auto"  # bf16 autocast on GPU over fp32 weights
-    # the convert command in the header makes the paper's layer choice (PAPERS.md §1 table)
+    # the convert command in the header makes the paper's layer choice (docs/papers.md §1 table)
     layers, counts, expected = GPU[name]
     m = re.search(r"--layers (\d+),(\d+),(\d+)", path.read_text())
     assert m and tuple(map(int, m.groups())) == counts

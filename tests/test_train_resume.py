@@ -1,5 +1,7 @@
 """Resume after `kill -9` (between checkpoints and in the middle of writing one) is bit-exact on CPU."""
 
+import csv
+import json
 import os
 import signal
 import subprocess
@@ -94,3 +96,53 @@ def test_kill_9_while_writing_a_checkpoint_resumes_bit_exact(recipe_path, refere
     assert "step-00000004 at step 4" in err
     assert_same_weights(load_file(out / "final/model.safetensors"), reference)
     assert not any(p.name.startswith(".step-") for p in ckpts.iterdir())  # the killed write left nothing behind
+
+
+def jsonl_records(out):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def csv_steps(out):
+    with open(out / "metrics.csv", newline="") as f:
+        return [int(row["step"]) for row in csv.DictReader(f)]
+
+
+def test_torn_metrics_line_neither_stops_resume_nor_compare(recipe_path, tmp_path):
+    """A kill in the middle of a metrics append leaves a torn last line: compare warns and reads the rest;
+    --resume drops it (with a note) and the files read as one run, each step once, CSV matching JSONL."""
+    out = tmp_path / "run"
+    proc = launch(recipe_path, out)
+    kill_when(proc, lambda: (out / "checkpoints/step-00000008/manifest.json").exists())
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write('{"step": 99, "loss": 4.1')  # cut mid-append
+    report = subprocess.run([sys.executable, "-m", "loopfit.cli", "compare", str(out), "--out", str(tmp_path / "cmp")],
+                            capture_output=True, text=True)
+    assert report.returncode == 0 and "Traceback" not in report.stderr, report.stderr[-2000:]
+    assert "warning:" in report.stderr and "torn last line" in report.stderr
+    err = finish(launch(recipe_path, out, "--resume"))
+    assert "torn last line" in err
+    records = jsonl_records(out)
+    train_steps = [r["step"] for r in records if r.get("loss") is not None]
+    assert train_steps == list(range(1, STEPS + 1))
+    assert csv_steps(out) == [r["step"] for r in records]
+
+
+def test_kill_9_while_exporting_final_then_resume_logs_the_end_once(recipe_path, tmp_path):
+    """Killed while final/ is written (after the end-of-run held-out loss was logged): --resume exports final/,
+    logs no second eval_loss row, and reports the run's last loss, not nan."""
+    out = tmp_path / "run"
+    # eval_every 0: the held-out loss is measured only at the end, in its own row, just before final/ is written
+    proc = launch(recipe_path, out, "--train.eval_every=0", "--checkpoint.every=12", pause=1.0)
+    kill_when(proc, lambda: out.exists() and any(p.name.startswith(".final.tmp") for p in out.iterdir()))
+    assert not (out / "final").exists()
+    evals = [r for r in jsonl_records(out) if r.get("eval_loss") is not None]
+    assert len(evals) == 1 and evals[0]["step"] == STEPS  # the killed run had logged it
+    err = finish(launch(recipe_path, out, "--resume", "--train.eval_every=0", "--checkpoint.every=12"))
+    records = jsonl_records(out)
+    assert [r for r in records if r.get("eval_loss") is not None] == evals
+    assert csv_steps(out) == [r["step"] for r in records] and csv_steps(out).count(STEPS) == 2  # train row + eval row
+    last_loss = [r["loss"] for r in records if r.get("loss") is not None][-1]
+    done = next(line for line in err.splitlines() if "done:" in line)
+    assert "loss nan" not in done and f"loss {last_loss:.4f}" in done and f"held-out loss {evals[0]['eval_loss']:.4f}" in done
+    assert (out / "final/model.safetensors").exists()
+    assert not any(p.name.startswith(".final.tmp") for p in out.iterdir())  # the killed export's leftovers are gone

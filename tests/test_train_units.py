@@ -93,7 +93,7 @@ def test_schedule_values():
     cpt = [lr_factor(s, 1001, "cpt", warmup=0.5, floor=0.01) for s in range(1001)]
     assert cpt[0] == 1.0 and cpt[-1] == pytest.approx(0.01)
     switch = next(s for s, v in enumerate(cpt) if v <= 0.2)  # the blend switch at lr_start / 5
-    assert 0.68 < switch / 1000 < 0.72  # about 71% of the way (PAPERS.md §5)
+    assert 0.68 < switch / 1000 < 0.72  # about 71% of the way (docs/papers.md §5)
     # the blend reads 1 during warmup (a warmup starting below 1/5 must not trigger the switch), then the factor
     assert lr_factor(0, 100, "wsd", warmup=10) == pytest.approx(0.1) and lr_fraction(0, 100, "wsd", warmup=10) == 1.0
     assert lr_fraction(95, 100, "wsd", warmup=10) == lr_factor(95, 100, "wsd", warmup=10) < 0.2
@@ -115,10 +115,15 @@ def test_param_counts_split_model():
     c = param_counts(model)
     inner = model.model
     n = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
-    assert c["core"] == n(inner.core) + 2 * 64 * 64  # the adapter counts with the core
+    assert c["core"] == n(inner.core) and c["adapter"] == 2 * 64 * 64 and c["final_norm"] == 64
     assert c["prelude"] == n(inner.prelude)
     total = n(model) - n(inner.embed_tokens) - n(model.lm_head)
-    assert c["prelude"] + c["core"] + c["coda"] == total
+    assert c["prelude"] + c["core"] + c["coda"] + c["adapter"] + c["final_norm"] == total
+    # the paper's count leaves the adapter and the final norm out; the full count puts them in R and C
+    p, r, cc = c["prelude"], c["core"], c["coda"]
+    assert train_flops(10, c, n=3, k=2) == 6 * 10 * (p + 2 * r + cc) + 2 * 10 * 3 * r
+    r, cc = r + 2 * 64 * 64, cc + 64
+    assert train_flops(10, c, n=3, k=2, full=True) == 6 * 10 * (p + 2 * r + cc) + 2 * 10 * 3 * r
     from transformers import LlamaConfig, LlamaForCausalLM
 
     plain = LlamaForCausalLM(LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from . import LoopfitError
-from .io import atomic_file
+from .io import atomic_file, check_writable
 
 # ------------------------------------------------------------------------------------------------ measurements
 
@@ -99,10 +99,16 @@ def layer_importance(model, input_ids, attention_mask, progress=True):
 # ------------------------------------------------------------------------------------------------ suggestion
 
 
-def default_sizes(num_layers):
-    """(p, k, c) in the paper's TinyLlama (4,8,4)-of-22 proportions."""
-    p = max(1, round(num_layers * 4 / 22))
-    return p, max(1, min(2 * p, num_layers - 2 * p)), p
+def check_sizes(sizes, num_layers=None):
+    """Refuse (p, k, c) that no suggestion can meet; with `num_layers` None only the counts themselves."""
+    p, k, c = sizes
+    if min(p, c) < 0:
+        raise LoopfitError(f"--layers {p},{k},{c} has a negative count: P and C must be >= 0")
+    if k < 1:
+        raise LoopfitError(f"--layers {p},{k},{c}: the core is empty; K counts the looped layers and must be >= 1")
+    if num_layers is not None and p + k + c > num_layers:
+        raise LoopfitError(f"--layers {p},{k},{c} needs {p + k + c} layers but the model has {num_layers}: "
+                           f"choose P + K + C <= {num_layers}")
 
 
 def suggest_layers(loss_increase, sizes=None):
@@ -110,11 +116,11 @@ def suggest_layers(loss_increase, sizes=None):
     `sizes` (p, k, c) fixes the core size k and the number dropped d = L - p - k - c; the prelude/coda split
     is then chosen (each at least half its given size) so that the dropped block is the one whose layers cost the least loss when removed.
     Returns {'prelude', 'core', 'coda', 'dropped' (layer lists), 'dropped_loss_increase'}."""
+    from .convert import default_layers
+
     n = len(loss_increase)
-    p0, k, c0 = sizes or default_sizes(n)
-    if min(p0, c0) < 0 or k < 1 or p0 + k + c0 > n:
-        raise LoopfitError(f"--layers {p0},{k},{c0} needs {p0 + k + c0} layers but the model has {n}: "
-                           f"choose p + k + c <= {n}")
+    p0, k, c0 = sizes or default_layers(n)
+    check_sizes((p0, k, c0), n)
     d = n - p0 - k - c0
     # the prelude and coda may shrink to half their size (never to nothing) to move the dropped block
     lo, hi = (p0 + 1) // 2, n - d - k - (c0 + 1) // 2
@@ -140,7 +146,7 @@ def sample_batch(tokenizer, text_file=None, samples=4, seq_len=256):
     """`samples` rows of `seq_len` tokens from a text file, or from LAMBADA passages by default."""
     from .eval.loss import pack, read_texts
 
-    rows = pack(tokenizer, read_texts(text_file), seq_len, samples * seq_len)
+    rows = pack(tokenizer, read_texts(text_file, "--text"), seq_len, samples * seq_len)
     return rows, torch.ones_like(rows)
 
 
@@ -177,10 +183,20 @@ def plot(result, path, title=""):
 def analyze(source, text=None, samples=4, seq_len=256, sizes=None, out=None, model=None, tokenizer=None):
     """Layer importance of a model (folder, .gguf, short name, or a loaded `model`/`tokenizer`) and the
     suggested layers; writes importance.json and importance.png into `out` when given."""
+    if samples < 1 or seq_len < 2:
+        raise LoopfitError(f"--samples must be >= 1 and --seq-len >= 2 (got {samples} and {seq_len})")
+    if out is not None:
+        check_writable(out)
+    if text is not None and not Path(text).is_file():
+        raise LoopfitError(f"--text {text}: no such file; pass a .txt or .jsonl file (or leave it out for LAMBADA)")
     if model is None:
-        from .convert import load_base
+        from .convert import base_config, load_base
 
+        if sizes is not None:  # refused before the model loads and the layers are measured
+            check_sizes(sizes, base_config(source).num_hidden_layers)
         model, tokenizer = load_base(source)
+    elif sizes is not None:
+        check_sizes(sizes, len(decoder_layers(model)))
     input_ids, attention_mask = sample_batch(tokenizer, text, samples, seq_len)
     result = layer_importance(model.eval(), input_ids, attention_mask)
     result["suggestion"] = suggest_layers(result["loss_increase"], sizes)

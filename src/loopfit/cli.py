@@ -22,7 +22,7 @@ VERBS = {
 EPILOG = """typical path:
   loopfit convert smollm2-135m --layers 4,8,4 --out runs/smol-484
   loopfit prepare general math --tokenizer runs/smol-484 --out data/
-  loopfit train recipes/quickstart.yaml
+  loopfit train quickstart --model.init_from=runs/smol-484
   loopfit eval runs/smol-484 --steps 1,2,4,8 --tasks loss,gsm8k
 run `loopfit VERB --help` for each verb's options."""
 
@@ -56,8 +56,11 @@ def main(argv=None):
         top.parse_args(argv or ["--help"])
         return 0
 
-    from . import LoopfitError
+    from . import TRANSFORMERS_PROBLEM, LoopfitError
 
+    if TRANSFORMERS_PROBLEM:  # before any verb module imports transformers' newer API
+        print(f"loopfit {argv[0]}: error: {TRANSFORMERS_PROBLEM}", file=sys.stderr)
+        return 2
     parser, module = build_parser(argv[0])
     args = parser.parse_args(argv[1:])
     try:

@@ -18,6 +18,7 @@ A parity report compares the converted model with the original (see --help of --
 
 import json
 import math
+import struct
 import sys
 import time
 from dataclasses import dataclass, field
@@ -25,7 +26,8 @@ from pathlib import Path
 
 import torch
 
-from . import LoopfitError
+from . import LoopfitError, __version__
+from .io import check_writable
 from .modeling import ADAPTER_INITS, STATE_INITS, LoopfitConfig, LoopfitForCausalLM, init_adapter
 
 # Each family: how its config maps onto loopfit's block flags, and how its per-layer norms are named.
@@ -137,9 +139,11 @@ def plan_layers(num_layers, layers=None, prelude=None, core=None, coda=None):
         raise LoopfitError("give either --layers p,r,c or --prelude/--core/--coda ranges, not both")
     if prelude is None and core is None and coda is None:
         p, r, c = layers if layers is not None else default_layers(num_layers)
+        if min(p, c) < 0:
+            raise LoopfitError(f"--layers {p},{r},{c} has a negative count: p and c must be >= 0 (layers, not indices)")
         if r < 1:
             raise LoopfitError("the core is empty: --layers p,r,c needs r >= 1 (r counts the looped layers)")
-        if min(p, c) < 0 or p + r + c > num_layers:
+        if p + r + c > num_layers:
             raise LoopfitError(f"--layers {p},{r},{c} needs {p + r + c} layers but the model has {num_layers}: "
                                f"choose p + r + c <= {num_layers}")
         return LayerPlan(list(range(p)), list(range(num_layers - c - r, num_layers - c)),
@@ -167,6 +171,19 @@ def _check_gguf(path):
     with open(path, "rb") as f:
         if f.read(4) != b"GGUF":
             raise LoopfitError(f"{path} is not a GGUF file (bad magic bytes): give a .gguf file or a model folder")
+
+
+# What a truncated or corrupt GGUF file raises inside transformers / gguf (struct.error: cut in the metadata).
+GGUF_ERRORS = (ValueError, KeyError, OSError, RuntimeError, IndexError, EOFError, struct.error)
+
+
+def _first_line(e):
+    return (str(e).splitlines() or [type(e).__name__])[0][:160]
+
+
+def _bad_gguf(path, e):
+    return LoopfitError(f"cannot read GGUF {path} ({type(e).__name__}: {_first_line(e)}): the file is truncated or "
+                        f"corrupt, or not of the {', '.join(SUPPORTED)} families; download it again")
 
 
 def resolve_source(source):
@@ -197,11 +214,13 @@ def base_config(source):
             cfg = AutoConfig.from_pretrained(path)
         else:
             cfg = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
-    except (ValueError, KeyError, OSError) as e:
-        raise LoopfitError(f"cannot read the config of {source} ({str(e).splitlines()[0][:160]}): loopfit reads "
+    except GGUF_ERRORS as e:
+        if kind == "gguf":
+            raise _bad_gguf(path, e) from None
+        raise LoopfitError(f"cannot read the config of {source} ({_first_line(e)}): loopfit reads "
                            f"{', '.join(SUPPORTED)} models") from None
     if cfg.model_type == "loopfit":
-        raise LoopfitError(f"{source} is already a loopfit model: convert its base model instead")
+        raise LoopfitError(f"{source} is already a loopfit model: give the plain base model it was converted from")
     cfg = cfg.get_text_config()
     _family_flags(cfg)
     return cfg
@@ -227,9 +246,8 @@ def load_base(source, dtype=torch.float32):
     else:
         try:
             model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype)
-        except (ValueError, KeyError, RuntimeError, OSError) as e:
-            raise LoopfitError(f"cannot load GGUF {path.name} ({str(e).splitlines()[0][:160]}): loopfit reads "
-                               f"GGUF files of the {', '.join(SUPPORTED)} families") from None
+        except GGUF_ERRORS as e:
+            raise _bad_gguf(path, e) from None
         _family_flags(model.config)
         model = _dequantized_copy(model)
         tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
@@ -311,7 +329,7 @@ def loopfit_config(base_cfg, plan, adapter_init="random", state_init="normal", r
         rope=_rope(cfg, sorted(set(kept_types))),
         num_prelude_layers=len(plan.prelude), num_core_layers=len(plan.core), num_coda_layers=len(plan.coda),
         mean_recurrence=recurrence, adapter_init=adapter_init, state_init=state_init,
-        base_model_type=cfg.model_type,
+        base_model_type=cfg.model_type, loopfit_version=__version__,  # a newer folder is refused by an older loopfit
         source_layers={"prelude": plan.prelude, "core": plan.core, "coda": plan.coda,
                        "num_base_layers": plan.num_base_layers},
         pad_token_id=getattr(cfg, "pad_token_id", None), bos_token_id=getattr(cfg, "bos_token_id", None),
@@ -464,6 +482,7 @@ def convert(source, out, layers=None, prelude=None, core=None, coda=None, adapte
         raise LoopfitError(f"--adapter-init must be one of {ADAPTER_INITS}, --state-init one of {STATE_INITS}")
     if Path(out).exists() and not force:
         raise LoopfitError(f"{out} already exists: choose another --out or pass --force to replace it")
+    check_writable(out)
     t0 = time.time()
     n_layers = base_config(source).num_hidden_layers
     plan = plan_layers(n_layers, layers, prelude, core, coda)  # checked before any weights are read
@@ -515,6 +534,8 @@ def _counts(text):
         p, r, c = (int(x) for x in text.split(","))
     except ValueError:
         raise LoopfitError(f"--layers '{text}' must be three counts p,r,c like 4,8,4") from None
+    if min(p, r, c) < 0:
+        raise LoopfitError(f"--layers {text} has a negative count: p,r,c count layers (>= 0, r >= 1), like 4,8,4")
     return p, r, c
 
 

@@ -72,12 +72,34 @@ def add_arguments(parser):
     parser.add_argument("--chat", action="store_true", help="wrap each prompt in the tokenizer's chat template")
 
 
+def check_arguments(prompts, steps=None, exit_criterion=None, max_new_tokens=64, temperature=0.0, top_p=1.0):
+    """Refuse bad generation settings with one line, before any model is loaded."""
+    from .modeling import exit_rule
+
+    if not prompts or any(not str(p).strip() for p in prompts):
+        raise LoopfitError("a prompt is empty: give some text to continue, e.g. --prompt \"Once upon a time\"")
+    if steps is not None and steps < 1:
+        raise LoopfitError(f"--steps must be >= 1 (got {steps})")
+    if max_new_tokens < 1:
+        raise LoopfitError(f"--max-new-tokens must be >= 1 (got {max_new_tokens})")
+    if temperature < 0:
+        raise LoopfitError(f"--temperature must be >= 0 (got {temperature}); 0 is greedy")
+    if not 0 < top_p <= 1:
+        raise LoopfitError(f"--top-p must be in (0, 1] (got {top_p}); 1 keeps every token")
+    if exit_criterion:
+        try:
+            exit_rule(exit_criterion)
+        except ValueError as e:
+            raise LoopfitError(str(e)) from None
+
+
 def generate(model, tokenizer, prompts, steps=None, exit_criterion=None, warm_start=False, max_new_tokens=64,
              temperature=0.0, top_p=1.0, chat=False, draft_steps=None, draft_tokens=DRAFT_TOKENS):
     """Generate continuations for a batch of prompts (left padded). Returns (texts, mean loops or None).
     `draft_steps` decodes by exact self-speculation (`draft_tokens` a round)."""
     from .eval.loading import is_recurrent
 
+    check_arguments(prompts, steps, exit_criterion, max_new_tokens, temperature, top_p)
     check_speculation(model, steps, draft_steps, draft_tokens, exit_criterion, warm_start)
 
     if chat:
@@ -120,8 +142,12 @@ def run(args):
             prompts = [line for line in open(args.prompt_file, encoding="utf-8").read().splitlines() if line.strip()]
         except OSError as e:
             raise LoopfitError(f"cannot read --prompt-file {args.prompt_file}: {e.strerror}") from None
+        except UnicodeDecodeError as e:
+            raise LoopfitError(f"--prompt-file {args.prompt_file} is not UTF-8 text (byte {e.start}): convert it, "
+                               "e.g. `iconv -f latin1 -t utf-8`") from None
         if not prompts:
             raise LoopfitError(f"--prompt-file {args.prompt_file} has no prompts: write one per line")
+    check_arguments(prompts, args.steps, args.exit_criterion, args.max_new_tokens, args.temperature, args.top_p)
     torch.manual_seed(args.seed)
     model, tokenizer = load(args.model)
     t0 = time.time()

@@ -14,7 +14,7 @@ Stages (each prints one summary line; a finished stage is reused when re-run wit
               converted model equals the base minus the dropped layers at every r (loss ~7 vs the paper's
               random adapter at ~13-16): minutes of CPU training cannot heal a random adapter.
   2. prepare  the built-in `general` and `math` corpora (--limit documents each, 2% held out).
-  3. train    the recurrent model with recipes/quickstart.yaml (1-sqrt curriculum of the mean depth to 4,
+  3. train    the recurrent model with the shipped recipe `quickstart` (1-sqrt curriculum of the mean depth to 4,
               truncated backprop through the last 2 loops, Muon + AdamW, heal-then-mix blend), then the plain
               base model with the same recipe for as many steps as give it the same training FLOPs (paper's
               count: 6 * non-embedding params * tokens for plain; loops counted for recurrent; equal within half
@@ -37,10 +37,11 @@ import sys
 import time
 from pathlib import Path
 
-from . import LoopfitError
+from . import LoopfitError, recipes
+from .io import check_writable
 
 STAGES = ("convert", "prepare", "train", "eval", "report")
-RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "quickstart.yaml"  # the repository's (editable install)
+RECIPE = recipes.resolve("quickstart")  # shipped inside the package
 # Recurrent-model steps per training minute on an idle 2-core CPU, the plain model's equal-FLOPs steps included:
 # measured ~13 s a recurrent 1024-token step and ~17 s a plain one (Muon's Newton-Schulz is about half of each),
 # so ~30 s a pair (benchmarks/BENCHMARKS.md, fresh-clone `make quickstart`).
@@ -77,7 +78,7 @@ def add_arguments(parser):
                         "decoding, on a CPU, where batched verification costs as much as it saves)"),
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
                         help="auto: a GPU when there is one (default)")
-    parser.add_argument("--recipe", default=str(RECIPE), help="training recipe (default recipes/quickstart.yaml)")
+    parser.add_argument("--recipe", default="quickstart", help="training recipe file or shipped name (default quickstart)")
     parser.add_argument("--force", action="store_true", help="delete --out and start afresh")
 
 
@@ -102,8 +103,10 @@ def _settings(args):
         raise LoopfitError(f"--draft-steps must be >= 0 (0 decodes plainly), got {args.draft_steps}")
     if args.gsm8k < 0:
         raise LoopfitError(f"--gsm8k must be >= 0 (0 skips GSM8K), got {args.gsm8k}")
+    args.recipe = str(recipes.resolve(args.recipe))
     if not Path(args.recipe).is_file():
-        raise LoopfitError(f"recipe {args.recipe} not found: run from a loopfit checkout or pass --recipe FILE")
+        raise LoopfitError(f"recipe {args.recipe} not found: pass --recipe FILE or a shipped name "
+                           f"({', '.join(recipes.shipped())})")
     layers = None
     if args.layers:
         from .convert import _counts
@@ -316,7 +319,7 @@ def recipe_summary(path):
         (f"`{p['name']}` " if p.get("name") else "")
         + "(" + ", ".join(f"{w / sum(p['weights'].values()):.0%} `{k}`" for k, w in p["weights"].items()) + ")"
         for p in phases)
-    name = "recipes/quickstart.yaml" if Path(path).resolve() == RECIPE else str(path)
+    name = "quickstart" if Path(path).resolve() == RECIPE.resolve() else str(path)
     return (f"`{name}` (recurrence: {depth}, backprop through the last {rc.backprop} loops; {optim}; {schedule}; "
             f"data: {blend})")
 
@@ -418,7 +421,7 @@ def report_text(s, state, device, seconds, recipe):
         "loopfit quickstart --minutes 30 --out quickstart-30     # train longer on the CPU",
         "loopfit quickstart --device cuda --steps 2000 --out qs-gpu   # on a GPU",
         "loopfit analyze smollm2-135m                            # rank layers before choosing them",
-        "loopfit train recipes/quickstart.yaml --help            # every recipe key",
+        "loopfit train quickstart --help                         # every recipe key",
         "```", "",
     ]
     return "\n".join(parts)
@@ -445,6 +448,7 @@ def quickstart(args):
     s = _settings(args)
     device = _device(args.device)
     out = Path(args.out)
+    check_writable(out)
     state = State(out, s, args.force)
     out.mkdir(parents=True, exist_ok=True)
     seconds = {}

@@ -7,10 +7,9 @@ from .blend import Blend, Phase, load_blend
 from .prepare import prepare
 from .sampler import BlendSampler
 from .shards import TokenDataset, check_tokenizer, iter_eval_batches, open_dataset, tokenizer_fingerprint, verify_dataset
-from .sources import load_gsm8k_test, load_math_test, read_documents
+from .sources import read_documents
 
 __all__ = [
     "Blend", "BlendSampler", "Phase", "TokenDataset", "check_tokenizer", "iter_eval_batches", "load_blend",
-    "load_gsm8k_test", "load_math_test", "open_dataset", "prepare", "read_documents", "tokenizer_fingerprint",
-    "verify_dataset",
+    "open_dataset", "prepare", "read_documents", "tokenizer_fingerprint", "verify_dataset",
 ]  # fmt: skip

@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import LoopfitError, __version__
-from ..io import atomic_dir, atomic_file
+from ..io import atomic_dir, atomic_file, check_writable, sha256_file
 from . import sources
 from .shards import FORMAT, MANIFEST, load_tokenizer, token_dtype, tokenizer_fingerprint
 
@@ -193,19 +193,13 @@ class _ShardWriter:
                  "documents": len(ends), "sha256": {}}  # fmt: skip
         for file, array in ((shard["tokens_file"], tokens), (shard["docs_file"], ends)):
             np.save(self.folder / file, array)
-            shard["sha256"][file] = _file_sha256(self.folder / file)
+            shard["sha256"][file] = sha256_file(self.folder / file)
         self.shards.append(shard)
         self.pending, self.pending_tokens = [], 0
 
     def summary(self):
         self.flush()
         return {"tokens": self.tokens, "documents": self.documents, "shards": self.shards}
-
-
-def _file_sha256(path):
-    from .shards import _sha256
-
-    return _sha256(path)
 
 
 def is_holdout(i, holdout):
@@ -255,14 +249,13 @@ def prepare_one(name, spec, tokenizer, out, *, text_field="text", template=None,
     docs = sources.read_documents(spec, text_field, template, encoding_errors)
     with atomic_dir(folder, force=True) as tmp:
         writers = {"train": _ShardWriter(tmp, "train", dtype, shard_tokens), "val": _ShardWriter(tmp, "val", dtype, shard_tokens)}
-        bar = _progress(name, progress)
-        for i, ids in enumerate(encoded_documents(docs, tok, workers, limit)):
-            doc = np.concatenate([head, ids, eos])
-            writers["val" if holdout and is_holdout(i, holdout) else "train"].add(doc)
-            bar.update(1)
-            if i % 1024 == 0:
-                bar.set_postfix(tokens=f"{writers['train'].tokens + writers['val'].tokens:,}")
-        bar.close()
+        with _progress(name, progress) as bar:  # closed before an error is printed, so the error is the last line
+            for i, ids in enumerate(encoded_documents(docs, tok, workers, limit)):
+                doc = np.concatenate([head, ids, eos])
+                writers["val" if holdout and is_holdout(i, holdout) else "train"].add(doc)
+                bar.update(1)
+                if i % 1024 == 0:
+                    bar.set_postfix(tokens=f"{writers['train'].tokens + writers['val'].tokens:,}")
         splits = {s: w.summary() for s, w in writers.items()}
         if splits["train"]["documents"] == 0:
             raise LoopfitError(f"source '{spec}' has no documents (no text found): check the path, --text-field or --template")
@@ -284,7 +277,7 @@ def prepare_one(name, spec, tokenizer, out, *, text_field="text", template=None,
             "loopfit_version": __version__,
         }
         if spec == "gsm8k-test":
-            manifest["excluded"] = {"gsm8k_test_ids": list(sources.GSM_SYMBOLIC_SOURCE_IDS),
+            manifest["excluded"] = {"gsm8k_test_ids": list(sources.test_sets.GSM_SYMBOLIC_SOURCE_IDS),
                                     "why": "the GSM8K test items reasoning-gym's gsm_symbolic templates were built from"}  # fmt: skip
         with atomic_file(tmp / MANIFEST, "w") as f:
             json.dump(manifest, f, indent=1)
@@ -300,6 +293,9 @@ def _progress(name, enabled):
 def prepare(source_args, tokenizer, out, **options):
     """Prepare each '[NAME=]SOURCE' into OUT/NAME (see `prepare_one` for options); returns its results.
     All names are checked before anything is written."""
+    if options.get("limit") is not None and options["limit"] < 1:
+        raise LoopfitError(f"--limit {options['limit']} must be a positive number of documents (or leave it out)")
+    check_writable(out)
     named = [split_name(a) for a in source_args]
     names = [n for n, _ in named]
     if len(set(names)) != len(names):
@@ -309,4 +305,10 @@ def prepare(source_args, tokenizer, out, **options):
         if spec not in sources.BUILTINS and not spec.startswith("rg:"):
             sources.expand_paths(spec)
     tok = load_tokenizer(tokenizer)
-    return [prepare_one(name, spec, tok, out, **options) for name, spec in named]
+    created = not Path(out).exists()
+    try:
+        return [prepare_one(name, spec, tok, out, **options) for name, spec in named]
+    except BaseException:
+        if created and Path(out).is_dir() and not any(Path(out).iterdir()):
+            Path(out).rmdir()  # a failed first run leaves no empty --out behind
+        raise

@@ -4,7 +4,7 @@
     sampler = BlendSampler(blend, seq_len=1024, global_batch_size=64, rank=rank, world_size=world, seed=0,
                            total_steps=10_000)
     for step in range(start, total_steps):
-        batch = sampler.batch(step, lr_fraction=lr / lr_start)   # input_ids, labels, dataset [, position_ids, doc_ids]
+        batch = sampler.batch(step, lr_fraction=lr / lr_start)   # input_ids, labels, dataset
     checkpoint["sampler"] = sampler.state_dict()                 # tiny: the steps at which phases began
 
 How a global batch is drawn (every rank computes the same plan and keeps its own slice):
@@ -20,8 +20,6 @@ How a global batch is drawn (every rank computes the same plan and keeps its own
    labels -100 (a document longer than `seq_len` is cut). No sequence then starts mid-document.
 
 Labels follow transformers: `labels` equals `input_ids` (-100 where no loss) and the model shifts them.
-With `doc_mask=True` the batch also holds `position_ids` (restarting at 0 at each document start) and
-`doc_ids` (segment index of each token within its row) for document-aware attention.
 
 Ranks: global slot j goes to rank j // (global_batch_size // world_size), so ranks get disjoint shares whose
 union is the single-process batch; changing world_size (same global batch) leaves the token stream unchanged.
@@ -60,13 +58,13 @@ class BlendSampler:
 
     Arguments: blend (from `load_blend`), seq_len, global_batch_size (sequences per optimizer step over all
     ranks; must divide by world_size), rank, world_size, seed, total_steps (needed by `fraction` triggers and
-    the epoch report), pack ("concat" or "docs"), doc_mask (add position_ids / doc_ids), max_epochs (warn when a
+    the epoch report), pack ("concat" or "docs"), max_epochs (warn when a
     dataset would be seen more often than this), lr_fraction_at (optional callable step -> lr / lr_start:
     then lr-triggered switches are known in advance and `batch` needs no `lr_fraction`), split ("train").
     """
 
     def __init__(self, blend, seq_len, global_batch_size, *, rank=0, world_size=1, seed=0, total_steps=None,
-                 pack="concat", doc_mask=False, max_epochs=4.0, lr_fraction_at=None, split="train"):  # fmt: skip
+                 pack="concat", max_epochs=4.0, lr_fraction_at=None, split="train"):  # fmt: skip
         if seq_len < 2 or global_batch_size < 1:
             raise LoopfitError(f"seq_len {seq_len} and global_batch_size {global_batch_size} must be >= 2 and >= 1")
         if world_size < 1 or not 0 <= rank < world_size or global_batch_size % world_size:
@@ -78,7 +76,7 @@ class BlendSampler:
             raise LoopfitError("the blend has an 'until: {fraction: F}' phase: pass total_steps to the sampler")
         self.blend, self.seq_len, self.global_batch_size = blend, seq_len, global_batch_size
         self.rank, self.world_size, self.seed, self.total_steps = rank, world_size, seed, total_steps
-        self.pack, self.doc_mask, self.max_epochs, self.lr_fraction_at = pack, doc_mask, max_epochs, lr_fraction_at
+        self.pack, self.max_epochs, self.lr_fraction_at = pack, max_epochs, lr_fraction_at
         self.local_batch_size = global_batch_size // world_size
         self.dataset_names = blend.dataset_names
         self.datasets = [open_dataset(blend.datasets[n], split) for n in self.dataset_names]
@@ -195,62 +193,41 @@ class BlendSampler:
         return np.random.default_rng([self.seed, 3, d, epoch]).permutation(int(self.units[d]))
 
     def _row(self, d, k):
-        """(tokens, n_real, start) of the k-th draw from dataset d: seq_len tokens, the first n_real of them real,
-        read from global token `start` of the dataset."""
+        """(tokens, n_real) of the k-th draw from dataset d: seq_len tokens, the first n_real of them real."""
         ds, n = self.datasets[d], int(self.units[d])
         epoch, i = divmod(int(k), n)
         unit = int(self._permutation(d, epoch)[i])
         if self.pack == "concat":
             slack = ds.num_tokens - n * self.seq_len
             offset = int(uniform(self.seed, 4 + d, [epoch])[0] * (slack + 1))
-            return ds.tokens(offset + unit * self.seq_len, self.seq_len), self.seq_len, offset + unit * self.seq_len
+            return ds.tokens(offset + unit * self.seq_len, self.seq_len), self.seq_len
         start = ds.doc_start(unit)
         last = int(np.searchsorted(ds.doc_ends, start + self.seq_len, side="right")) - 1
         n_real = self.seq_len if last < unit else int(ds.doc_ends[last]) - start
         row = np.full(self.seq_len, ds.eos_token_id, dtype=np.int64)
         row[:n_real] = ds.tokens(start, n_real)
-        return row, n_real, start
-
-    def _doc_info(self, d, start, n_real):
-        """(position_ids, doc_ids) of a row whose first token is global token `start` of dataset d."""
-        ends = self.datasets[d].doc_ends
-        lo, hi = np.searchsorted(ends, [start, start + n_real], side="right")
-        cuts = ends[lo:hi] - start  # window positions where a new document begins
-        cuts = cuts[cuts < n_real]
-        t = np.arange(self.seq_len)
-        doc_ids = np.searchsorted(cuts, t, side="right")
-        doc_ids[n_real:] = len(cuts) + 1 if n_real < self.seq_len else doc_ids[n_real:]
-        seg_start = np.concatenate([[0], cuts, [n_real]])[doc_ids]
-        return t - seg_start, doc_ids
+        return row, n_real
 
     def batch(self, step, lr_fraction=None):
         """This rank's batch at `step`: dict of LongTensors input_ids / labels [local_batch, seq_len] and dataset
-        [local_batch] (index into dataset_names), plus position_ids / doc_ids with doc_mask. Pure in `step`
+        [local_batch] (index into dataset_names). Pure in `step`
         given the phase starts (state_dict); pass lr_fraction = lr / lr_start when a phase ends on lr."""
         import torch
 
         datasets, draws = self.plan(step, lr_fraction)
         mine = slice(self.rank * self.local_batch_size, (self.rank + 1) * self.local_batch_size)
-        rows, labels, positions, doc_ids = [], [], [], []
+        rows, labels = [], []
         for d, k in zip(datasets[mine], draws[mine]):
-            row, n_real, start = self._row(d, k)
+            row, n_real = self._row(d, k)
             label = row.copy()
             label[n_real:] = -100
             rows.append(row)
             labels.append(label)
-            if self.doc_mask:
-                pos, ids = self._doc_info(d, start, n_real)
-                positions.append(pos)
-                doc_ids.append(ids)
-        out = {
+        return {
             "input_ids": torch.from_numpy(np.stack(rows)),
             "labels": torch.from_numpy(np.stack(labels)),
             "dataset": torch.from_numpy(np.asarray(datasets[mine], dtype=np.int64)),
         }
-        if self.doc_mask:
-            out["position_ids"] = torch.from_numpy(np.stack(positions))
-            out["doc_ids"] = torch.from_numpy(np.stack(doc_ids))
-        return out
 
     # ------------------------------------------------------------ state and report
 

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import LoopfitError
+from ..io import sha256_file
 
 FORMAT = "loopfit-tokens/1"
 MANIFEST = "manifest.json"
@@ -81,14 +82,6 @@ def read_manifest(folder):
     return manifest
 
 
-def _sha256(path):
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 24):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 class TokenDataset:
     """One split of a prepared dataset, memory-mapped: `tokens(start, length)` reads across shard boundaries.
 
@@ -134,7 +127,7 @@ class TokenDataset:
             raise self._damaged(file, str(e).split("\n")[0]) from None
         if array.dtype != dtype or array.shape != (length,):
             raise self._damaged(file, f"{array.dtype}{list(array.shape)}, manifest says {dtype}[{length}]")
-        if verify and _sha256(path) != shard["sha256"][file]:
+        if verify and sha256_file(path) != shard["sha256"][file]:
             raise self._damaged(file, "checksum mismatch")
         return array
 

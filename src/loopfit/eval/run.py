@@ -3,8 +3,9 @@
   loopfit eval runs/smol-448 --steps 1,2,4,8,16,32 --tasks loss,gsm8k --limit 100
 
 tasks (comma-separated):
-  loss          held-out loss and perplexity (--data FILE.txt/.jsonl or a prepared folder; default LAMBADA text)
-  gsm8k         GSM8K test, standard 8-shot chain-of-thought prompt, strict (`#### N` / `The answer is N`)
+  loss          held-out loss and perplexity (--data FILE.txt/.jsonl or a prepared folder; default held-out
+                LAMBADA passages, which `loopfit prepare general` leaves out)
+  gsm8k         GSM8K test, standard 8-shot chain-of-thought prompt, strict (`#### N` / `The (final) answer is N`)
                 and flexible (last number) extraction
   gsm8k_1shot   GSM8K test, 1-shot "Let's think step by step." prompt (the retrofitted-recurrence paper's)
   math          MATH test (5000), Minerva 4-shot prompt, last \\boxed{} answer checked by math-verify
@@ -28,13 +29,14 @@ import time
 from pathlib import Path
 
 from .. import LoopfitError, __version__
-from ..io import atomic_file
+from ..data.shards import tokenizer_fingerprint
+from ..io import atomic_file, check_empty_or_force, check_writable
 from ..modeling import DRAFT_TOKENS
-from . import gsm8k, loss, minerva_math
-from .loading import is_recurrent, load, parse_steps, tokenizer_fingerprint
+from . import accuracy, loss
+from .loading import is_recurrent, load, parse_steps
 from .plots import plot_sweep
 
-TASKS = ("loss", "gsm8k", "gsm8k_1shot", "math", "math500")
+TASKS = ("loss", *accuracy.TASKS)
 
 
 def parse_tasks(text):
@@ -62,10 +64,8 @@ def run_task(task, model, tok, steps, opts):
         else:
             rows = loss.pack(tok, loss.read_texts(data), opts["seq_len"], opts["max_tokens"])
         return loss.evaluate(model, rows, steps, opts["batch_size"]), []
-    if task in ("gsm8k", "gsm8k_1shot"):
-        return gsm8k.evaluate(model, tok, steps, prompt="8shot" if task == "gsm8k" else "1shot", **gen)
-    if task in ("math", "math500"):
-        return minerva_math.evaluate(model, tok, steps, subset="all" if task == "math" else "500", **gen)
+    if task in accuracy.TASKS:
+        return accuracy.evaluate(model, tok, task, steps, **gen)
     from .harness import run_tasks
 
     rows, _ = run_tasks(model, tok, [task[3:]], steps, limit=opts["limit"], max_gen_toks=opts.get("max_new_tokens"),
@@ -172,13 +172,27 @@ def add_arguments(parser):
                         "self-speculation (same completions; faster on a GPU; try 2)")
     parser.add_argument("--draft-tokens", type=int, default=DRAFT_TOKENS, metavar="K",
                         help=f"tokens drafted per round with --draft-steps (default {DRAFT_TOKENS})")
-    parser.add_argument("--out", help="output folder (default MODEL/eval for a folder, else eval-NAME)")
+    parser.add_argument("--out", help="output folder (default MODEL/eval for a folder, else eval-NAME); must be "
+                        "empty or new unless --force")
+    parser.add_argument("--force", action="store_true", help="write into a non-empty --out (replacing results.json, "
+                        "samples.jsonl, sweep.png)")
 
 
 def run(args):
     if args.limit is not None and args.limit < 1:
         raise LoopfitError(f"--limit must be a positive number of examples, got {args.limit}")
+    for flag in ("seq_len", "max_tokens", "batch_size", "max_new_tokens"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            raise LoopfitError(f"--{flag.replace('_', '-')} must be >= 1, got {value}")
+    parse_steps(args.steps), parse_tasks(args.tasks)  # malformed lists are refused before the model loads
+    if args.exit_criterion:
+        check_exit(args.exit_criterion, recurrent=True)  # the rule's syntax; plain models are refused once loaded
+    if args.data and not Path(args.data).is_dir():
+        loss.read_texts(args.data)  # missing, non-UTF-8 or malformed text is refused before the model loads
     out = args.out or (Path(args.model) / "eval" if Path(args.model).is_dir() else Path(f"eval-{Path(args.model).stem}"))
+    check_writable(out)
+    check_empty_or_force(out, args.force)
     results = evaluate(args.model, parse_steps(args.steps), parse_tasks(args.tasks), out=out, limit=args.limit,
                        seed=args.seed, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
                        data=args.data, seq_len=args.seq_len, max_tokens=args.max_tokens,

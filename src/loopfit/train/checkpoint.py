@@ -13,7 +13,6 @@ during a write leaves the previous checkpoints intact; a checkpoint whose files 
 skipped on resume with a message, falling back to the previous good one.
 """
 
-import hashlib
 import json
 import os
 import re
@@ -25,7 +24,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
-from ..io import atomic_dir
+from ..io import atomic_dir, sha256_file
 from . import distributed
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
@@ -44,19 +43,12 @@ def list_checkpoints(out_dir):
 
 
 def remove_partial(out_dir):
-    """Delete the temporary folders of checkpoint writes that were killed midway; returns how many."""
+    """Delete the temporary folders of checkpoint (and final/) writes that were killed midway; returns how many."""
     stale = [p for p in checkpoint_dir(out_dir).glob(".step-*.tmp-*") if p.is_dir()]
+    stale += [p for p in Path(out_dir).glob(".final.tmp-*") if p.is_dir()]  # killed while exporting final/
     for p in stale:
         shutil.rmtree(p, ignore_errors=True)
     return len(stale)
-
-
-def _sha256(path):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def verify(path):
@@ -72,7 +64,7 @@ def verify(path):
         f = Path(path) / name
         if not f.is_file():
             return f"{name} is missing"
-        if _sha256(f) != digest:
+        if sha256_file(f) != digest:
             return f"{name} does not match its checksum (corrupt)"
     return None
 
@@ -129,7 +121,7 @@ def save(out_dir, step, model, optimizers, trainer_state, d, keep=3, recipe=None
             readable = {k: v for k, v in trainer_state.items() if isinstance(v, (int, float, str))}
             (tmp / "trainer.json").write_text(json.dumps({**readable, "world": d.world, "recipe": recipe}, indent=1))
             _test_pause()
-            sums = {name: _sha256(tmp / name) for name in FILES}
+            sums = {name: sha256_file(tmp / name) for name in FILES}
             (tmp / "manifest.json").write_text(json.dumps({"sha256": sums, "time": time.time()}))
         for _, old in list_checkpoints(out_dir)[max(1, keep):]:
             shutil.rmtree(old, ignore_errors=True)
@@ -138,7 +130,8 @@ def save(out_dir, step, model, optimizers, trainer_state, d, keep=3, recipe=None
 
 
 def _test_pause():
-    # Fault-injection knob for the crash-during-write test: sleep between writing the files and the manifest.
+    # Fault-injection knob for the crash-during-write tests: sleep between writing a checkpoint's files and its
+    # manifest, and before final/ is renamed into place.
     delay = float(os.environ.get("LOOPFIT_TEST_CHECKPOINT_PAUSE", "0") or 0)
     if delay:
         time.sleep(delay)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import yaml
 
-from .. import LoopfitError
+from .. import LoopfitError, recipes
 
 
 @dataclass
@@ -28,6 +28,7 @@ class RecurrenceConfig:
     curriculum_fraction: float = 0.75  # ramp over this fraction of training, then hold
     curriculum_target: str = "mean"    # mean | backprop | both
     eval_steps: int = 0            # loops for held-out loss (0: `mean`)
+    depth_per: str = "micro_batch"     # micro_batch: a new (n, k) per micro-batch (the authors') | step: one per step
 
 
 @dataclass
@@ -60,6 +61,8 @@ class TrainConfig:
     micro_batch_size: int = 4      # sequences per forward pass per rank; the rest is gradient accumulation
     seed: int = 0
     precision: str = "auto"        # auto (bf16 autocast on GPU, fp32 on CPU) | fp32 | bf16
+    compile: str = "auto"          # auto (on CUDA) | true | false: torch.compile each transformer block
+    activation_checkpointing: str = "none"  # none | core | all: recompute these blocks in the backward
     on_nonfinite: str = "stop"     # stop (checkpoint last good state, exit with a message) | skip (drop the step)
     log_every: int = 1
     eval_every: int = 0            # held-out loss every N steps (0: only at the end if the data has a held-out set)
@@ -103,7 +106,10 @@ CHOICES = {
     "optim.muon_adjust_lr": ("original", "match_rms_adamw"),
     "schedule.name": ("wsd", "cosine", "constant", "cpt"),
     "schedule.decay_shape": ("linear", "cosine", "1-sqrt"),
+    "recurrence.depth_per": ("micro_batch", "step"),
     "train.precision": ("auto", "fp32", "bf16"),
+    "train.compile": ("auto", "true", "false"),
+    "train.activation_checkpointing": ("none", "core", "all"),
     "train.on_nonfinite": ("stop", "skip"),
     "distributed.strategy": ("ddp", "fsdp"),
 }
@@ -140,7 +146,7 @@ def _coerce(key, value, default):
         if isinstance(default, list):
             return list(value) if isinstance(value, (list, tuple)) else [float(v) for v in str(value).split(",")]
         if isinstance(default, str):
-            value = "" if value is None else str(value)
+            value = "" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
     except (ValueError, TypeError, KeyError):
         raise LoopfitError(f"recipe key '{key}' expects {type(default).__name__}, got {value!r}") from None
     if key in CHOICES and value not in CHOICES[key]:
@@ -181,9 +187,9 @@ def load_recipe(source=None, overrides=()):
     """Recipe from a YAML path or dict (or defaults), then `overrides`: strings like '--train.steps=10' or pairs."""
     recipe = Recipe()
     if isinstance(source, (str, Path)):
-        path = Path(source)
+        path = recipes.resolve(source)
         if not path.is_file():
-            raise LoopfitError(f"recipe {path} not found: pass a YAML file (see recipes/ for examples)")
+            raise LoopfitError(f"recipe {path} not found: pass a YAML file or a shipped recipe ({', '.join(recipes.shipped())})")
         try:
             data = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as e:

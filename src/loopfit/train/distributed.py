@@ -60,7 +60,7 @@ def blocks(model):
 def wrap(model, strategy, d):
     """The model ready for training on `d`: unchanged for one process, DDP or FSDP2 under torchrun."""
     model.to(d.device)
-    if d.world == 1:
+    if d.world == 1 and not dist.is_initialized():  # (a one-rank process group still wraps: FSDP2 checks)
         return model
     if strategy == "ddp":
         from torch.nn.parallel import DistributedDataParallel
@@ -109,14 +109,6 @@ def all_sum(values, device):
 def barrier():
     if dist.is_initialized():
         dist.barrier()
-
-
-def broadcast_object(obj, src=0):
-    if not dist.is_initialized():
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=src)
-    return box[0]
 
 
 def gather_objects(obj):

@@ -1,9 +1,11 @@
-"""Training FLOPs the way the paper counts them (PAPERS.md §2), and the hardware peak MFU is measured against.
+"""Training FLOPs the way the paper counts them (docs/papers.md §2), and the hardware peak MFU is measured against.
 
-Only non-embedding parameters count: P (prelude), R (core, adapter included), C (coda and final norm).
+Only non-embedding parameters count. The paper's count (logged as `flops`) uses P, R, C = the prelude, core and
+coda blocks only, as the authors' parameter counter does: the adapter and the final norm are left out. The full
+count (logged as `flops_full`) adds the adapter to R (it runs every loop) and the final norm to C.
 A step over D tokens with n no-grad loops and k grad loops costs 6*D*(P + k*R + C) + 2*D*(n*R);
-a plain (non-recurrent) model with N non-embedding parameters costs 6*N*D. Attention's own FLOPs are not
-counted (neither does the paper), so runs compare at equal compute by this measure.
+a plain (non-recurrent) model with N non-embedding parameters costs 6*N*D by either count. Attention's own
+FLOPs are not counted (neither does the paper), so runs compare at equal compute by this measure.
 """
 
 import time
@@ -19,32 +21,31 @@ def _numel(modules):
 
 
 def param_counts(model):
-    """{'prelude','core','coda'} for a loopfit model, {'plain'} for any other causal LM (non-embedding params)."""
+    """Non-embedding parameters: {'prelude','core','coda','adapter','final_norm'} for a loopfit model, {'plain'}
+    for any other causal LM."""
     inner = getattr(model, "model", model)
     if all(hasattr(inner, a) for a in ("prelude", "core", "coda", "adapter")):
-        return {
-            "prelude": _numel(inner.prelude),
-            "core": _numel(inner.core) + _numel([inner.adapter]),
-            "coda": _numel(inner.coda) + _numel([inner.norm]),
-        }
+        return {"prelude": _numel(inner.prelude), "core": _numel(inner.core), "coda": _numel(inner.coda),
+                "adapter": _numel([inner.adapter]), "final_norm": _numel([inner.norm])}
     skip = {id(p) for m in (model.get_input_embeddings(), model.get_output_embeddings()) if m is not None
             for p in m.parameters()}
     return {"plain": sum(p.numel() for p in {id(p): p for p in model.parameters()}.values() if id(p) not in skip)}
 
 
-def train_flops(tokens, counts, n=0, k=1):
-    """FLOPs of one training step over `tokens` tokens with n no-grad and k grad loops."""
+def _prc(counts, full):
+    p, r, c = counts["prelude"], counts["core"], counts["coda"]
+    if full:
+        r, c = r + counts.get("adapter", 0), c + counts.get("final_norm", 0)
+    return p, r, c
+
+
+def train_flops(tokens, counts, n=0, k=1, full=False):
+    """FLOPs of one training step over `tokens` tokens with n no-grad and k grad loops (paper's count, or the
+    full count with adapter and final norm when `full`)."""
     if "plain" in counts:
         return 6 * counts["plain"] * tokens
-    p, r, c = counts["prelude"], counts["core"], counts["coda"]
+    p, r, c = _prc(counts, full)
     return 6 * tokens * (p + k * r + c) + 2 * tokens * (n * r)
-
-
-def effective_params(counts, r):
-    """N_eff(r) = P + r*R + C (or N for a plain model)."""
-    if "plain" in counts:
-        return counts["plain"]
-    return counts["prelude"] + r * counts["core"] + counts["coda"]
 
 
 def measure_matmul_peak(size=1024, dtype=torch.float32, device="cpu", seconds=0.5):

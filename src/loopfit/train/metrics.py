@@ -1,32 +1,61 @@
 """Metrics sinks on rank 0: OUT/metrics.jsonl (every key), OUT/metrics.csv (fixed columns), OUT/tb (TensorBoard).
 
-On resume the lines past the checkpoint's step (written by the killed run after its last checkpoint) are
-dropped, so the files read as one uninterrupted run.
+The files read as one run whatever the moment a run was killed. On resume the records past the checkpoint's
+step (written by the killed run after its last checkpoint) are dropped, a last line torn by a kill in the
+middle of an append is dropped with a note, and metrics.csv is rewritten from the kept metrics.jsonl records
+(it may miss the row a kill interrupted). `last(key)` and `logged(step, key)` let the trainer pick up what the
+killed run already logged (its last loss, its end-of-run held-out loss) instead of logging it twice.
 """
 
 import csv
+import io
 import json
 import math
 from pathlib import Path
 
-CSV_COLUMNS = ("step", "loss", "eval_loss", "lr", "grad_norm", "n", "k", "rbar", "tokens", "flops", "tokens_per_s", "mfu", "time")
+from .. import LoopfitError
+from ..io import atomic_file
+
+CSV_COLUMNS = ("step", "loss", "eval_loss", "lr", "grad_norm", "n", "k", "rbar", "tokens", "flops", "flops_full",
+               "tokens_per_s", "mfu", "mfu_full", "time")
 
 
-def _truncate_jsonl(path, step):
+def read_records(path):
+    """(records, notes) of a metrics.jsonl file: a torn last line (a crash mid-append) is dropped with a note;
+    an unreadable line elsewhere is a LoopfitError naming it."""
+    path = Path(path)
     if not path.exists():
-        return
-    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= step]
-    path.write_text("".join(line + "\n" for line in keep))
+        return [], []
+    lines = path.read_bytes().decode("utf-8", errors="replace").split("\n")
+    records, notes = [], []
+    last = max((i for i, line in enumerate(lines) if line.strip()), default=-1)
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            if not isinstance(record, dict):
+                raise ValueError("not an object")
+        except ValueError:
+            if i == last:
+                notes.append(f"{path}: dropped a torn last line (line {i + 1}, cut by a crash mid-write)")
+                continue
+            raise LoopfitError(f"{path} line {i + 1} is not a JSON record: delete or fix that line") from None
+        records.append(record)
+    return records, notes
 
 
-def _truncate_csv(path, step):
-    if not path.exists():
-        return
-    with open(path, newline="") as f:
-        rows = list(csv.reader(f))
-    keep = rows[:1] + [r for r in rows[1:] if r and int(r[0]) <= step]
-    with open(path, "w", newline="") as f:
-        csv.writer(f).writerows(keep)
+def _csv_text(records):
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    writer.writerow(CSV_COLUMNS)
+    for record in records:
+        writer.writerow(_csv_row(record))
+    return buf.getvalue()
+
+
+def _csv_row(record):
+    return ["" if record.get(c) is None else record.get(c) for c in CSV_COLUMNS]
 
 
 class Metrics:
@@ -36,6 +65,11 @@ class Metrics:
         self.jsonl = self.out / "metrics.jsonl"
         self.csv = self.out / "metrics.csv"
         self.tb = None
+        self.records, self.notes = [], []  # on resume: what the run logged up to the checkpoint's step
+        if resume_step is not None:
+            # every rank reads (the trainer's decisions must agree); rank 0 then rewrites the files atomically
+            records, self.notes = read_records(self.jsonl)
+            self.records = [r for r in records if r.get("step", 0) <= resume_step]
         if not enabled:
             return
         self.out.mkdir(parents=True, exist_ok=True)
@@ -43,8 +77,10 @@ class Metrics:
             for p in (self.jsonl, self.csv):
                 p.unlink(missing_ok=True)
         else:
-            _truncate_jsonl(self.jsonl, resume_step)
-            _truncate_csv(self.csv, resume_step)
+            with atomic_file(self.jsonl, "w") as f:
+                f.writelines(json.dumps(r) + "\n" for r in self.records)
+            with atomic_file(self.csv, "w") as f:
+                f.write(_csv_text(self.records))
         if not self.csv.exists():
             with open(self.csv, "w", newline="") as f:
                 csv.writer(f).writerow(CSV_COLUMNS)
@@ -56,13 +92,21 @@ class Metrics:
             except ImportError:  # tensorboard not installed: JSONL and CSV still work
                 self.tb = None
 
+    def last(self, key, default=None):
+        """The last logged value of `key` (from the resumed run's records), else `default`."""
+        return next((r[key] for r in reversed(self.records) if r.get(key) is not None), default)
+
+    def logged(self, step, key):
+        """The value of `key` logged at exactly `step` by the resumed run, else None."""
+        return next((r[key] for r in reversed(self.records) if r.get("step") == step and r.get(key) is not None), None)
+
     def log(self, record):
         if not self.enabled:
             return
         with open(self.jsonl, "a") as f:
             f.write(json.dumps(record) + "\n")
         with open(self.csv, "a", newline="") as f:
-            csv.writer(f).writerow(["" if record.get(c) is None else record.get(c) for c in CSV_COLUMNS])
+            csv.writer(f).writerow(_csv_row(record))
         if self.tb is not None:
             for key, value in record.items():
                 if key != "step" and isinstance(value, (int, float)) and math.isfinite(value):

@@ -1,9 +1,11 @@
 """How many loops each optimizer step runs: Huginn's Poisson-lognormal sampler, its curriculum, a fixed mode.
 
-Every function here is pure and seeded by (seed, step) only, so all ranks draw the same depth for a step and a
-resumed run draws exactly what the uninterrupted run drew.
+Every function here is pure and seeded by (seed, step, micro-batch) only, so all ranks draw the same depth (FSDP
+needs every rank to loop alike) and a resumed run draws exactly what the uninterrupted run drew. By default a
+new depth is drawn for every micro-batch, as the paper authors' trainer does (`recurrence.depth_per: step` draws
+one per optimizer step). The curriculum's ramp lasts ceil(curriculum_fraction * steps) steps, as theirs.
 
-Sampling rule (PAPERS.md §2), with s = min(k_max, rbar) the backprop depth:
+Sampling rule (docs/papers.md §2), with s = min(k_max, rbar) the backprop depth:
     t = max(rbar - s, 0);  mu = ln(t + s) - sigma^2 / 2;  lam ~ LogNormal(mu, sigma)
     p = Poisson(lam) + 1;  n = max(p - s, 0) loops without grad;  k = min(s, p) loops with grad
 E[p] = rbar + 1 (the +1 guarantees at least one loop). For rbar >= k_max this is Huginn's rule exactly; for
@@ -37,11 +39,12 @@ def curriculum_value(step, ramp_steps, max_value, shape):
     return max(1, math.ceil(max_value * curriculum_fraction(step / ramp_steps, shape)))
 
 
-def sample_depth(step, mean, backprop, seed=0):
-    """(n, k) for this step: n loops under no_grad, then k loops with gradients."""
+def sample_depth(step, mean, backprop, seed=0, micro=None):
+    """(n, k) for this step (and micro-batch `micro` of it): n loops under no_grad, then k loops with gradients."""
     s = max(1, min(int(backprop), int(mean)))
     t = max(mean - s, 0)
-    rng = np.random.default_rng([int(seed), int(step), 0x100F])
+    key = [int(seed), int(step), 0x100F] if micro is None else [int(seed), int(step), int(micro), 0x100F]
+    rng = np.random.default_rng(key)
     mu = math.log(t + s) - SIGMA**2 / 2
     lam = rng.lognormal(mu, SIGMA)
     p = int(rng.poisson(lam)) + 1
@@ -54,9 +57,10 @@ def fixed_depth(r, backprop):
     return int(r) - k, k
 
 
-def depth_for_step(step, total_steps, cfg, seed=0):
-    """(n, k, rbar, kmax) for one step from the `recurrence` recipe section (see RecurrenceConfig)."""
-    ramp = int(round(cfg.curriculum_fraction * total_steps))
+def depth_for_step(step, total_steps, cfg, seed=0, micro=None):
+    """(n, k, rbar, kmax) for one step (one micro-batch of it if `micro` is given) from the `recurrence` recipe
+    section (see RecurrenceConfig)."""
+    ramp = math.ceil(cfg.curriculum_fraction * total_steps - 1e-9)  # rounded up; 1e-9 absorbs 0.7 * 10 = 7.000...1
     rbar, kmax = int(cfg.mean), int(cfg.backprop)
     if cfg.curriculum_target in ("mean", "both"):
         rbar = curriculum_value(step, ramp, cfg.mean, cfg.curriculum)
@@ -65,5 +69,5 @@ def depth_for_step(step, total_steps, cfg, seed=0):
     if cfg.mode == "fixed":
         n, k = fixed_depth(rbar, kmax)
     else:
-        n, k = sample_depth(step, rbar, kmax, seed)
+        n, k = sample_depth(step, rbar, kmax, seed, micro)
     return n, k, rbar, kmax

@@ -3,8 +3,8 @@
 - `constant`: optional linear warmup, then 1.
 - `cosine`:   linear warmup, then cosine from 1 to `floor`.
 - `wsd`:      warmup-stable-decay: linear warmup, flat, then the last `decay` fraction of steps falls to `floor`
-              with a `decay_shape` of linear, cosine or 1-sqrt (PAPERS.md §2: warmup 0.25-0.5%, decay 60-90%).
-- `cpt`:      continued pretraining (PAPERS.md §5): start at the given lr with no warmup, cosine to `floor`
+              with a `decay_shape` of linear, cosine or 1-sqrt (docs/papers.md §2: warmup 0.25-0.5%, decay 60-90%).
+- `cpt`:      continued pretraining (docs/papers.md §5): start at the given lr with no warmup, cosine to `floor`
               (default 1/100 of the start). A data blend can switch when the factor falls to 1/5.
 
 The multiplier is relative to the start/peak lr; `lr_fraction` is what the data blend reads (the same, but 1

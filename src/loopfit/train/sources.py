@@ -147,7 +147,7 @@ def build_source(data_cfg, batch_size, rank, world, seed, total_steps=None, lr_f
     seq_len = int(cfg.pop("seq_len", 1024))
     if not cfg:
         raise LoopfitError("the recipe has no data: set data.root and data.blend (from `loopfit prepare`), or "
-                           "data.synthetic / data.tokens (see recipes/)")
+                           "data.synthetic / data.tokens (see the recipes shipped in loopfit/recipes/)")
     if "synthetic" in cfg:
         return SyntheticSource(cfg["synthetic"], int(cfg.get("vocab_size", 256)), seq_len, batch_size, rank, world, seed)
     if "tokens" in cfg:

@@ -11,13 +11,17 @@ newest intact checkpoint in out_dir restores model, optimizer (Muon momentum inc
 and RNG, so the run continues as if never stopped (bit for bit on CPU). A corrupt newest checkpoint is
 skipped with a message. `--resume PATH` picks a checkpoint folder.
 
-Each step draws (n, k) loops for a recurrent model (recurrence.*: Poisson-lognormal depth seeded by the step,
-curriculum of the mean or the backprop depth, or a fixed r), runs n loops without and k with gradients,
-and updates with Muon + AdamW (optim.*) under an lr schedule (schedule.*: wsd, cosine, constant, cpt).
-The global batch is train.batch_size sequences = micro_batch_size x ranks x accumulation steps.
+Each micro-batch of a recurrent model draws (n, k) loops (recurrence.*: Poisson-lognormal depth seeded by step
+and micro-batch, the same on every rank; curriculum of the mean or the backprop depth, or a fixed r; or one draw
+per step with recurrence.depth_per=step), runs n loops without and k with gradients, and each step updates with
+Muon + AdamW (optim.*) under an lr schedule (schedule.*: wsd, cosine, constant, cpt). The global batch is
+train.batch_size sequences = micro_batch_size x ranks x accumulation steps. The loss of a loopfit model is computed
+chunk by chunk without the full fp32 logits; train.compile and train.activation_checkpointing trade start-up time
+and recomputation for speed and memory (see loopfit.train.performance).
 
-Writes to train.out_dir: metrics.jsonl / metrics.csv / tb/ (loss, lr, grad norm, n, k, tokens, FLOPs by the
-paper's count, tokens/s, MFU), checkpoints/step-N/ (every checkpoint.every steps, at the end, and on
+Writes to train.out_dir: metrics.jsonl / metrics.csv / tb/ (loss, lr, grad norm, n and k (the step's mean over its
+micro-batches), tokens, FLOPs by the paper's count (`flops`: adapter and final norm left out, as the authors count)
+and the full count (`flops_full`), tokens/s, MFU by both counts), checkpoints/step-N/ (every checkpoint.every steps, at the end, and on
 SIGTERM/SIGINT), and final/, a folder from_pretrained loads. A non-finite loss stops the run with a
 checkpoint of the last good state (or, with train.on_nonfinite=skip, drops that step).
 """
@@ -33,13 +37,14 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-from .. import LoopfitError
+from .. import LoopfitError, __version__
 from ..assets import OFFLINE_MODELS
-from ..io import atomic_dir, atomic_file
+from ..io import atomic_dir, atomic_file, check_writable
 from . import checkpoint, distributed
 from .config import ScheduleConfig, describe_keys, load_recipe
 from .flops import param_counts, peak_flops, train_flops
 from .optim import build_optimizers, remember_base_lr, set_lr
+from .performance import compile_blocks, compile_wanted, set_activation_checkpointing
 from .recurrence import depth_for_step
 from .schedules import lr_factor, lr_fraction
 from .sources import build_source
@@ -48,7 +53,8 @@ from .sources import build_source
 
 
 def add_arguments(parser):
-    parser.add_argument("recipe", help="YAML recipe (see recipes/); every key can be overridden as --section.key=value")
+    parser.add_argument("recipe", help="YAML recipe file, or the name of a shipped one (quickstart, tinyllama-448, ...); "
+                        "every key can be overridden as --section.key=value")
     parser.add_argument("--resume", nargs="?", const="latest", default=None, metavar="CHECKPOINT",
                         help="continue the run in train.out_dir from its newest intact checkpoint (or CHECKPOINT)")
     parser.epilog = "recipe keys and defaults (override any as --section.key=value):\n" + describe_keys()
@@ -132,14 +138,9 @@ def _check_recipe(cfg, d):
 
 
 def _load_model(cfg):
-    import loopfit  # noqa: F401  (registers the loopfit model type with AutoModelForCausalLM)
-    from transformers import AutoModelForCausalLM
+    from ..eval.loading import from_pretrained  # importing loopfit registers the loopfit model type
 
-    try:
-        model = AutoModelForCausalLM.from_pretrained(cfg.model.init_from, dtype=torch.float32)
-    except (OSError, ValueError) as e:
-        raise LoopfitError(f"cannot load model.init_from {cfg.model.init_from}: {str(e).splitlines()[0]}") from None
-    return model
+    return from_pretrained(cfg.model.init_from, torch.float32, what="model.init_from")
 
 
 def _is_recurrent(model):
@@ -166,6 +167,8 @@ def _export_final(out_dir, model, cfg, d):
     dest = Path(out_dir) / "final"
     if d.main:
         inner = distributed.unwrap(model)
+        if _is_recurrent(inner):  # the loopfit that wrote the folder: a newer one's folder is refused by an older
+            inner.config.loopfit_version = __version__
         with atomic_dir(dest, force=True) as tmp:
             inner.save_pretrained(tmp, state_dict=sd)
             src = Path(cfg.model.init_from)
@@ -173,6 +176,7 @@ def _export_final(out_dir, model, cfg, d):
                 if f.is_file() and f.suffix not in (".safetensors", ".bin", ".pt") and f.name not in (
                         "config.json", "model.safetensors.index.json") and not (tmp / f.name).exists():
                     (tmp / f.name).write_bytes(f.read_bytes())
+            checkpoint._test_pause()  # fault injection: the kill-during-export test kills the run here
     distributed.barrier()
     return dest
 
@@ -188,13 +192,21 @@ def _eval_loss(model, source, cfg, d, recurrent, autocast):
     with torch.no_grad(), autocast():
         for b in source.eval_batches(cfg.train.eval_batches):
             ids, labels = b["input_ids"].to(d.device), b.get("labels", b["input_ids"]).to(d.device)
-            logits = model(input_ids=ids, use_cache=False, **kwargs).logits
-            total += F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
-                                     ignore_index=-100, reduction="sum").item()
+            total += _loss_sum(model, ids, labels, recurrent, kwargs).item()
             count += (labels[:, 1:] != -100).sum().item()
     model.train()
     total, count = distributed.all_sum([total, count], d.device)
     return total / max(count, 1.0)
+
+
+def _loss_sum(model, ids, labels, recurrent, kwargs):
+    """Summed next-token cross-entropy; a loopfit model computes it without materialising the full logits."""
+    if recurrent:
+        return model(input_ids=ids, labels=labels, num_items_in_batch=1.0, return_logits=False, use_cache=False,
+                     **kwargs).loss
+    logits = model(input_ids=ids, use_cache=False, **kwargs).logits
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100,
+                           reduction="sum")
 
 
 def _grad_norm(model, clip):
@@ -203,6 +215,11 @@ def _grad_norm(model, clip):
     if hasattr(norm, "full_tensor"):
         norm = norm.full_tensor()
     return float(norm)
+
+
+def _mean(values):
+    """Mean of the step's micro-batch depths: an int when they agree (always with recurrence.depth_per=step)."""
+    return values[0] if len(set(values)) == 1 else round(sum(values) / len(values), 3)
 
 
 # --------------------------------------------------------------------------------------------- the run
@@ -254,6 +271,7 @@ def _train(cfg, d, resume, data):
     t = cfg.train
     _check_recipe(cfg, d)
     out_dir = Path(t.out_dir)
+    check_writable(out_dir, "train.out_dir")  # before the model loads
     ckpt_path = _start_state(cfg, d, resume, out_dir)
     torch.manual_seed(t.seed * 1000 + d.rank)
 
@@ -272,15 +290,20 @@ def _train(cfg, d, resume, data):
                                                         blend_lr_at, t.micro_batch_size)
     _check_data(source, model)
 
+    checkpointed = set_activation_checkpointing(model, t.activation_checkpointing)
+    compiled = compile_wanted(t.compile, d.device)
+    if compiled:
+        compile_blocks(model)
     model = distributed.wrap(model, cfg.distributed.strategy, d)
     model.train()
     optimizers = build_optimizers(model, cfg.optim)
     remember_base_lr(optimizers)
 
-    start, tokens_total, flops_total = 0, 0, 0.0
+    start, tokens_total, flops_total, flops_full_total = 0, 0, 0.0, 0.0
     if ckpt_path is not None:
         state = checkpoint.load(ckpt_path, model, optimizers, d)
         start, tokens_total, flops_total = state["step"], state["tokens"], state["flops"]
+        flops_full_total = state.get("flops_full", flops_total)
         source.load_state_dict(state.get("data", {}))
         _say(d, f"resumed from {ckpt_path} at step {start}" + ("" if state["rng_restored"] else
              f" (saved with {state['world']} ranks, now {d.world}: RNG reseeded, not bit-exact)"))
@@ -292,6 +315,8 @@ def _train(cfg, d, resume, data):
     from .metrics import Metrics
 
     metrics = Metrics(out_dir, resume_step=start if ckpt_path else None, tensorboard=t.tensorboard, enabled=d.main)
+    for note in metrics.notes:
+        _say(d, note)
     peak, peak_source = peak_flops(d.device, t.peak_flops)
     bf16 = t.precision == "bf16" or (t.precision == "auto" and d.device.type == "cuda")
 
@@ -301,10 +326,13 @@ def _train(cfg, d, resume, data):
     accum = t.batch_size // (t.micro_batch_size * d.world)
     _say(d, f"{'recurrent' if recurrent else 'plain'} model, non-embedding params {counts}; {t.steps} steps of "
          f"{t.batch_size} sequences ({t.micro_batch_size} x {d.world} rank(s) x {accum} accumulation); "
-         f"MFU against {peak:.3g} FLOP/s ({peak_source})")
+         f"MFU against {peak:.3g} FLOP/s ({peak_source})"
+         + (f"; {checkpointed} blocks recompute activations" if checkpointed else "")
+         + ("; blocks compiled (the first steps compile)" if compiled else ""))
 
     def trainer_state(step):
-        return {"step": step, "tokens": tokens_total, "flops": flops_total, "data": source.state_dict()}
+        return {"step": step, "tokens": tokens_total, "flops": flops_total, "flops_full": flops_full_total,
+                "data": source.state_dict()}
 
     def save(step):
         return checkpoint.save(out_dir, step, model, optimizers, trainer_state(step), d, cfg.checkpoint.keep,
@@ -316,12 +344,15 @@ def _train(cfg, d, resume, data):
 
         bar = tqdm(total=t.steps, initial=start, desc="train", dynamic_ncols=True)
 
-    last_saved, loss, eval_loss, stopped = start if ckpt_path else -1, math.nan, None, None
+    # a resumed run starts from what the killed one logged (its loss shows even if no step is left to run)
+    last_saved, loss, eval_loss, stopped = start if ckpt_path else -1, metrics.last("loss", math.nan), None, None
     with StopSignal() as stop:
         for step in range(start, t.steps):
             factor = lr_at(step)
             lrs = set_lr(optimizers, factor)
-            n, k, rbar, kmax = depth_for_step(step, t.steps, cfg.recurrence, t.seed) if recurrent else (0, 1, 0, 0)
+            per_micro = cfg.recurrence.depth_per == "micro_batch"
+            depths = [depth_for_step(step, t.steps, cfg.recurrence, t.seed, i if per_micro else None)[:3]
+                      if recurrent else (0, 1, 0) for i in range(accum)]
             batch = source.batch(step, blend_lr_at(step))
             ids = batch["input_ids"].to(d.device)
             labels = batch.get("labels", batch["input_ids"]).to(d.device)
@@ -334,13 +365,11 @@ def _train(cfg, d, resume, data):
 
             t0 = time.perf_counter()
             loss_sum = 0.0
-            kwargs = {"num_steps": (n, k)} if recurrent else {}
-            for i in range(accum):
+            for i, (n, k, _) in enumerate(depths):
                 rows = slice(i * t.micro_batch_size, (i + 1) * t.micro_batch_size)
+                kwargs = {"num_steps": (n, k)} if recurrent else {}
                 with distributed.grad_sync(model, i == accum - 1), autocast():
-                    logits = model(input_ids=ids[rows], use_cache=False, **kwargs).logits
-                    ce = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[rows, 1:].flatten(),
-                                         ignore_index=-100, reduction="sum")
+                    ce = _loss_sum(model, ids[rows], labels[rows], recurrent, kwargs)
                     # sum over tokens / global count, x world because DDP and FSDP average gradients over ranks
                     (ce * (d.world / max(global_tokens, 1.0))).backward()
                 loss_sum += ce.item()
@@ -372,15 +401,23 @@ def _train(cfg, d, resume, data):
 
             dt = time.perf_counter() - t0
             step_tokens = int(ids.numel() * d.world)
-            step_flops = train_flops(step_tokens, counts, n, k)
+            micro_tokens = step_tokens // accum
+            step_flops = sum(train_flops(micro_tokens, counts, n, k) for n, k, _ in depths)
+            step_flops_full = sum(train_flops(micro_tokens, counts, n, k, full=True) for n, k, _ in depths)
             tokens_total += step_tokens
             flops_total += step_flops
+            flops_full_total += step_flops_full
             done = step + 1
-            record = {"step": done, "loss": loss, "lr": lrs[0], "grad_norm": grad_norm, "n": n, "k": k, "rbar": rbar,
-                      "tokens": tokens_total, "flops": flops_total, "tokens_per_s": step_tokens / dt,
-                      "mfu": step_flops / dt / (peak * d.world), "time": dt}
+            n, k = (_mean([dep[j] for dep in depths]) for j in (0, 1))
+            record = {"step": done, "loss": loss, "lr": lrs[0], "grad_norm": grad_norm, "n": n, "k": k,
+                      "rbar": depths[0][2], "tokens": tokens_total, "flops": flops_total,
+                      "flops_full": flops_full_total, "tokens_per_s": step_tokens / dt,
+                      "mfu": step_flops / dt / (peak * d.world), "mfu_full": step_flops_full / dt / (peak * d.world),
+                      "time": dt}
             if len(lrs) > 1:
                 record["lr_adamw"] = lrs[-1]
+            if d.device.type == "cuda":
+                record["peak_memory_gib"] = torch.cuda.max_memory_allocated(d.device) / 2**30
             if t.eval_every and done % t.eval_every == 0:
                 eval_loss = record["eval_loss"] = _eval_loss(model, source, cfg, d, recurrent, autocast)
             if done % max(1, t.log_every) == 0 or "eval_loss" in record or done == t.steps:
@@ -388,7 +425,7 @@ def _train(cfg, d, resume, data):
             if bar:
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{record['tokens_per_s']:.0f}",
-                                r=f"{n + k}" if recurrent else "-", lr=f"{lrs[0]:.2e}")
+                                r=f"{n + k:g}" if recurrent else "-", lr=f"{lrs[0]:.2e}")
             if cfg.checkpoint.every and done % cfg.checkpoint.every == 0 and done < t.steps:
                 save(done)
                 last_saved = done
@@ -407,10 +444,14 @@ def _train(cfg, d, resume, data):
         _say(d, f"stopped by {stopped} after step {done}: checkpoint {path}; continue with `loopfit train "
                 f"RECIPE --resume`")
     else:
-        if not t.eval_every or t.steps % t.eval_every:
+        logged = metrics.logged(done, "eval_loss")
+        if logged is not None:  # the killed run logged it, then died exporting final/: log it once
+            eval_loss = logged
+        elif not t.eval_every or t.steps % t.eval_every:
             eval_loss = _eval_loss(model, source, cfg, d, recurrent, autocast)
             if eval_loss is not None:
-                metrics.log({"step": done, "eval_loss": eval_loss, "tokens": tokens_total, "flops": flops_total})
+                metrics.log({"step": done, "eval_loss": eval_loss, "tokens": tokens_total, "flops": flops_total,
+                             "flops_full": flops_full_total})
         final = _export_final(out_dir, model, cfg, d)
         _say(d, f"done: {done} steps, {tokens_total} tokens, {flops_total:.3g} FLOPs, loss {loss:.4f}"
                 + (f", held-out loss {eval_loss:.4f}" if eval_loss is not None else "") + f"; model in {final}")
@@ -418,11 +459,3 @@ def _train(cfg, d, resume, data):
     return {"step": done, "loss": loss, "eval_loss": eval_loss, "tokens": tokens_total, "flops": flops_total,
             "out_dir": str(out_dir), "final": str(final) if final else None, "stopped": stopped,
             "checkpoint": str(path)}
-
-
-if __name__ == "__main__":  # python -m loopfit.train.trainer RECIPE ...
-    import argparse
-
-    p = argparse.ArgumentParser(prog="loopfit train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(p)
-    sys.exit(run(p.parse_args()))
