@@ -311,15 +311,31 @@ def test_warm_start_carries_the_state_between_tokens():
               return_dict_in_generate=True)
     first = model.generate(ids, attention_mask=mask, **kw)
     seq, m = first.sequences, torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
-    cache = model.new_cache()
-    model(seq[:, :-1], attention_mask=m[:, :-1], past_key_values=cache, use_cache=True, num_steps=3)
-    cold = model(seq[:, -1:], attention_mask=m, past_key_values=cache, use_cache=True, num_steps=3).logits
-    cache = model.new_cache()
-    model(seq[:, :-1], attention_mask=m[:, :-1], past_key_values=cache, use_cache=True, num_steps=3)
-    state = cache.last_state.clone()
-    warm = model(seq[:, -1:], attention_mask=m, past_key_values=cache, use_cache=True, num_steps=3,
-                 warm_start=True).logits
-    assert state.shape == (3, 1, 64) and not torch.equal(cold, warm)
+
+    def prompt_cache():
+        cache = model.new_cache()
+        out = model(seq[:, :-1], attention_mask=m[:, :-1], past_key_values=cache, use_cache=True, num_steps=3,
+                    output_hidden_states=True)
+        return cache, out.hidden_states
+
+    def step(cache, **extra):
+        return model(seq[:, -1:], attention_mask=m, past_key_values=cache, use_cache=True, num_steps=3, **extra).logits
+
+    with torch.no_grad():
+        cold = step(prompt_cache()[0])
+        cache, hidden = prompt_cache()
+        state = cache.last_state.clone()
+        warm = step(cache, warm_start=True)
+        cache, _ = prompt_cache()
+        model.model.initial_state = lambda e, position_ids: state  # this forward starts from the given state
+        try:
+            started = step(cache)
+        finally:
+            del model.model.initial_state
+    coda_input = hidden[1 + 3 * 2]  # inputs of prelude (1 layer), 3 loops of the core (2 layers), then the coda
+    assert torch.equal(state, coda_input[:, -1:])
+    assert (warm - started).abs().max() <= 1e-6
+    assert (warm - cold).abs().max() > 1e-4
 
 
 def test_adaptive_exit_looks_cost_little_latent_runs_no_coda_and_kl_scores_candidates():
@@ -346,30 +362,3 @@ def test_adaptive_exit_looks_cost_little_latent_runs_no_coda_and_kl_scores_candi
     finally:
         for h in hooks:
             h.remove()
-
-
-
-    def prompt_cache():
-        cache = model.new_cache()
-        out = model(seq[:, :-1], attention_mask=m[:, :-1], past_key_values=cache, use_cache=True, num_steps=3,
-                    output_hidden_states=True)
-        return cache, out.hidden_states
-
-    def step(cache, **extra):
-        return model(seq[:, -1:], attention_mask=m, past_key_values=cache, use_cache=True, num_steps=3, **extra).logits
-
-    with torch.no_grad():
-        cold = step(prompt_cache()[0])
-        cache, hidden = prompt_cache()
-        state = cache.last_state.clone()
-        warm = step(cache, warm_start=True)
-        cache, _ = prompt_cache()
-        model.model.initial_state = lambda e, position_ids: state  # this forward starts from the given state
-        try:
-            started = step(cache)
-        finally:
-            del model.model.initial_state
-    coda_input = hidden[1 + 3 * 2]  # inputs of prelude (1 layer), 3 loops of the core (2 layers), then the coda
-    assert torch.equal(state, coda_input[:, -1:])
-    assert (warm - started).abs().max() <= 1e-6
-    assert (warm - cold).abs().max() > 1e-4
