@@ -18,8 +18,8 @@ import torch
 
 from _common import emit
 from loopfit.convert import LayerPlan, build_loopfit, plan_layers
-from loopfit.loading import load_base
 from loopfit.eval import items
+from loopfit.loading import load_base
 
 
 def ints(text):
