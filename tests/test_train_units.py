@@ -156,7 +156,7 @@ def test_recipe_overrides_types_and_suggestions(tmp_path):
     path.write_text("optim:\n  lr: 1e-3\ntrain:\n  steps: 10\ndata:\n  synthetic: pattern\n")
     cfg = load_recipe(path, ["--train.steps=5", "--optim.betas=[0.8, 0.9]", "--data.seq_len=16", "--train.tensorboard=false"])
     assert cfg.optim.lr == 0.001 and cfg.train.steps == 5 and cfg.optim.betas == [0.8, 0.9]
-    assert cfg.data == {"synthetic": "pattern", "seq_len": 16} and cfg.train.tensorboard is False
+    assert (cfg.data.synthetic, cfg.data.seq_len) == ("pattern", 16) and cfg.train.tensorboard is False
     with pytest.raises(LoopfitError, match="unknown recipe key 'optim.lrr': did you mean 'optim.lr'"):
         load_recipe(path, ["--optim.lrr=1"])
     with pytest.raises(LoopfitError, match="did you mean 'train.micro_batch_size'"):

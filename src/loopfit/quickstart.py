@@ -221,7 +221,7 @@ def stage_train(s, out, recipe):
     rec = _train_run(recipe, rec_over, out / "runs" / "recurrent")
     plain_dir = offline_folder(s["model"])
     cfg = load_recipe(recipe, rec_over)
-    tokens_per_step = cfg.train.batch_size * int(cfg.data.get("seq_len", 1024))
+    tokens_per_step = cfg.train.batch_size * cfg.data.seq_len
     steps, per_step = plain_steps(rec["flops"], plain_dir, tokens_per_step)
     plain = _train_run(recipe, _overrides(out, plain_dir, "plain", steps), out / "runs" / "plain")
     gap = (plain["flops"] - rec["flops"]) / rec["flops"]
@@ -302,7 +302,7 @@ def recipe_summary(path):
         depth += f" of mean {rc.mean}"
     optim = "Muon + AdamW" if cfg.optim.name == "muon" else "AdamW"
     schedule = "continued-pretraining schedule" if cfg.schedule.name == "cpt" else f"`{cfg.schedule.name}` schedule"
-    phases = cfg.data.get("phases") or [{"weights": cfg.data.get("weights", {})}]
+    phases = cfg.data.phases or [{"weights": cfg.data.weights or {}}]
     blend = ", then ".join(
         (f"`{p['name']}` " if p.get("name") else "")
         + "(" + ", ".join(f"{w / sum(p['weights'].values()):.0%} `{k}`" for k, w in p["weights"].items()) + ")"
