@@ -40,6 +40,7 @@ from . import sources
 from .shards import FORMAT, MANIFEST, load_tokenizer, token_dtype, tokenizer_fingerprint
 
 DEFAULT_SHARD_TOKENS = 100_000_000
+DEFAULT_WORKERS = min(2, os.cpu_count() or 1)
 BATCH_DOCS = 256
 
 
@@ -214,7 +215,7 @@ def is_holdout(i, holdout):
 
 
 def prepare_one(name, spec, tokenizer, out, *, text_field="text", template=None, holdout=0.0, limit=None,
-                shard_tokens=DEFAULT_SHARD_TOKENS, workers=min(2, os.cpu_count() or 1), encoding_errors="strict",
+                shard_tokens=DEFAULT_SHARD_TOKENS, workers=DEFAULT_WORKERS, encoding_errors="strict",
                 force=False, progress=True):  # fmt: skip
     """Tokenise one source spec into the dataset folder OUT/NAME; returns (folder, manifest, status) where
     status is 'written' or 'up to date' (same inputs and settings: nothing done)."""

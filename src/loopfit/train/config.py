@@ -11,9 +11,10 @@ silently with a default.
 
 import dataclasses
 import difflib
+import types
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Optional, Union, get_args, get_origin, get_type_hints
+from typing import Literal, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
@@ -31,7 +32,7 @@ def choices(tp):
     """The allowed values of a Literal type (also inside Optional[...]), or None."""
     if get_origin(tp) is Literal:
         return get_args(tp)
-    if get_origin(tp) is Union:
+    if _is_union(tp):
         for arm in get_args(tp):
             if get_origin(arm) is Literal:
                 return get_args(arm)
@@ -69,25 +70,27 @@ class ModelConfig(Section):
 class DataConfig(Section):
     """what the trainer reads: exactly one of synthetic, tokens, or prepared data (root + blend, phases or weights)"""
 
-    synthetic: Optional[Literal["random", "pattern"]] = key(None, "synthetic tokens for smoke tests and benchmarks: "
+    synthetic: Literal["random", "pattern"] | None = key(None, "synthetic tokens for smoke tests and benchmarks: "
                                                                   "random, or pattern (learnable arithmetic sequences)")
-    tokens: Optional[str] = key(None, "one .npy / .pt file of token ids, sampled in windows (the last 5% held out)")
-    root: Optional[str] = key(None, "the --out folder of `loopfit prepare`")
-    blend: Optional[Union[str, dict]] = key(None, "a blend YAML file (or mapping) of phases and datasets, see "
+    tokens: str | None = key(None, "one .npy / .pt file of token ids, sampled in windows (the last 5% held out)")
+    root: str | None = key(None, "the --out folder of `loopfit prepare`")
+    blend: str | dict | None = key(None, "a blend YAML file (or mapping) of phases and datasets, see "
                                                   "`loopfit prepare --help`")
-    phases: Optional[list] = key(None, "inline blend: a list of {name, weights, until} phases")
-    weights: Optional[dict] = key(None, "inline blend of one phase: {DATASET: weight}")
-    datasets: Optional[dict] = key(None, "inline blend: {DATASET: folder} where a name is not a folder under root")
+    phases: list | None = key(None, "inline blend: a list of {name, weights, until} phases")
+    weights: dict | None = key(None, "inline blend of one phase: {DATASET: weight}")
+    datasets: dict | None = key(None, "inline blend: {DATASET: folder} where a name is not a folder under root")
     seq_len: int = key(1024, "tokens per training sequence")
-    pack: Literal["concat", "docs"] = key("concat", "concat: documents run together | docs: each sequence starts at a document, EOS-padded")
-    eval: Optional[str] = key(None, "the prepared dataset whose 'val' split gives the held-out loss")
-    vocab_size: Optional[int] = key(None, "largest token id + 1 (synthetic: default 256; tokens: default from the file)")
+    pack: Literal["concat", "docs"] = key("concat", "concat: documents run together | docs: each sequence starts "
+                                                    "at a document, EOS-padded")
+    eval: str | None = key(None, "the prepared dataset whose 'val' split gives the held-out loss")
+    vocab_size: int | None = key(None, "largest token id + 1 (synthetic: default 256; tokens: default from the file)")
 
     def check(self):
         if self.seq_len < 1:
             raise LoopfitError(f"data.seq_len is {self.seq_len}: it must be >= 1")
         inline = any(v is not None for v in (self.phases, self.weights, self.datasets))
-        kinds = [k for k, on in (("data.synthetic", self.synthetic is not None), ("data.tokens", self.tokens is not None),
+        kinds = [k for k, on in (("data.synthetic", self.synthetic is not None),
+                                 ("data.tokens", self.tokens is not None),
                                  ("data.root / data.blend", self.root is not None or self.blend is not None or inline))
                  if on]
         if len(kinds) > 1:
@@ -136,7 +139,8 @@ class RecurrenceConfig(Section):
         if self.eval_steps < 0:
             raise LoopfitError(f"recurrence.eval_steps is {self.eval_steps}: use >= 1 loops, or 0 for recurrence.mean")
         if not 0 < self.curriculum_fraction <= 1:
-            raise LoopfitError(f"recurrence.curriculum_fraction is {self.curriculum_fraction}: choose a fraction in (0, 1]")
+            raise LoopfitError(f"recurrence.curriculum_fraction is {self.curriculum_fraction}: choose a fraction "
+                               "in (0, 1]")
 
 
 @dataclass
@@ -169,12 +173,12 @@ CPT_FLOOR, FLOOR = 0.01, 0.001
 class ScheduleConfig(Section):
     """the lr schedule (loopfit.train.schedules)"""
 
-    name: Literal["wsd", "cosine", "constant", "cpt"] = key("wsd", "wsd: warmup-stable-decay | cosine | constant | "
-                                                                   "cpt: continued pretraining, cosine from the start lr")
+    name: Literal["wsd", "cosine", "constant", "cpt"] = key(
+        "wsd", "wsd: warmup-stable-decay | cosine | constant | cpt: continued pretraining, cosine from the start lr")
     warmup: float = key(0.005, "warmup: a fraction of the steps if < 1, else a number of steps")
     decay: float = key(0.8, "wsd: the fraction of steps spent decaying")
     decay_shape: Literal["linear", "cosine", "1-sqrt"] = key("cosine", "wsd: the shape of the decay")
-    floor: Optional[float] = key(None, f"final lr as a fraction of the start lr (unset: {CPT_FLOOR} for cpt, continued "
+    floor: float | None = key(None, f"final lr as a fraction of the start lr (unset: {CPT_FLOOR} for cpt, continued "
                                        f"pretraining decays to lr / 100; {FLOOR} otherwise)")
 
     def check(self):
@@ -286,15 +290,19 @@ def _fields(cls):
     return [(f, hints[f.name]) for f in dataclasses.fields(cls)]
 
 
+def _is_union(tp):
+    return get_origin(tp) in (Union, types.UnionType)
+
+
 def _optional(tp):
-    return get_origin(tp) is Union and type(None) in get_args(tp)
+    return _is_union(tp) and type(None) in get_args(tp)
 
 
 # --------------------------------------------------------------------------------------------- reading values
 
 
 def _type_name(tp):
-    if get_origin(tp) is Union:
+    if _is_union(tp):
         return " or ".join(_type_name(a) for a in get_args(tp) if a is not type(None))
     if get_origin(tp) is list:
         return f"a list of {_type_name(get_args(tp)[0])}"
@@ -304,7 +312,7 @@ def _type_name(tp):
 def _coerce(name, value, tp):
     """`value` (from YAML or a command-line string) as the field type `tp` says, or a one-line error."""
     origin, args = get_origin(tp), get_args(tp)
-    if origin is Union:  # Optional[X], or blend's str-or-mapping
+    if _is_union(tp):  # X | None, or blend's str-or-mapping
         if value is None and type(None) in args:
             return None
         arms = [a for a in args if a is not type(None)]
@@ -395,7 +403,8 @@ def load_recipe(source=None, overrides=()):
     if isinstance(source, (str, Path)):
         path = recipes.resolve(source)
         if not path.is_file():
-            raise LoopfitError(f"recipe {path} not found: pass a YAML file or a shipped recipe ({', '.join(recipes.shipped())})")
+            raise LoopfitError(f"recipe {path} not found: pass a YAML file or a shipped recipe "
+                               f"({', '.join(recipes.shipped())})")
         try:
             data = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as e:
