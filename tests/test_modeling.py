@@ -336,3 +336,29 @@ def test_warm_start_carries_the_state_between_tokens():
     assert torch.equal(state, coda_input[:, -1:])
     assert (warm - started).abs().max() <= 1e-6
     assert (warm - cold).abs().max() > 1e-4
+
+
+def test_adaptive_exit_looks_cost_little_latent_runs_no_coda_and_kl_scores_candidates():
+    """latent decides on the state alone: the coda runs once per token (for its output), not once per loop. kl
+    runs the head on the whole vocabulary once per token's first look and for its output, and scores only the
+    first look's top candidates in later looks; a threshold of 0 still changes nothing (vocab 512 > 256)."""
+    from loopfit.modeling import EXIT_CANDIDATES
+
+    torch.manual_seed(0)
+    model = tiny_models.recurrent(2 * EXIT_CANDIDATES, adapter_init="mean", state_init="zeros").eval()
+    ids = torch.randint(0, 2 * EXIT_CANDIDATES, (2, 8), generator=torch.Generator().manual_seed(0))
+    kw = dict(num_steps=6, max_new_tokens=5, do_sample=False, pad_token_id=0)
+    calls = {"coda": 0, "head": 0}
+    hooks = [model.model.coda[0].register_forward_hook(lambda *a: calls.__setitem__("coda", calls["coda"] + 1)),
+             model.lm_head.register_forward_hook(lambda *a: calls.__setitem__("head", calls["head"] + 1))]
+    try:
+        model.generate(ids, exit_criterion="latent:1e-9", **kw)  # never settles: all 6 loops, 4 decoded tokens
+        assert calls["coda"] == 5
+        calls.update(coda=0, head=0)
+        full = model.generate(ids, **kw)
+        assert torch.equal(model.generate(ids, exit_criterion="kl:0", **kw), full)
+        assert calls["head"] == 5 + 5 + 4  # plain; with the exit: each output, plus one first look per decoded token
+        assert calls["coda"] == 5 + 5 + 4 * 6
+    finally:
+        for h in hooks:
+            h.remove()

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 SMALLEST = ["--steps", "1", "--limit", "200", "--gsm8k", "2", "--max-new-tokens", "8", "--eval-steps", "1,2",
-            "--gsm8k-steps", "1,2", "--eval-tokens", "256", "--device", "cpu"]
+            "--gsm8k-steps", "1,2", "--eval-tokens", "256", "--device", "cpu", "--draft-steps", "1"]
 
 
 def loopfit(*args, cwd=None):
@@ -46,6 +46,11 @@ def test_quickstart_smallest_end_to_end(tmp_path):
         metrics = [json.loads(x) for x in (out / "runs" / name / "metrics.jsonl").read_text().splitlines()]
         assert max(m.get("flops") or 0 for m in metrics) == pytest.approx(train[name]["flops"], rel=1e-9)
         assert not (out / "runs" / name / "checkpoints").exists()  # dropped once final/ is written
+
+    # GSM8K of the recurrent model decoded r = 2 by self-speculation (drafting at 1 loop); the plain model plainly
+    settings = {name: json.loads((out / "runs" / name / "eval" / "gsm8k" / "results.json").read_text())["settings"]
+                for name in ("recurrent", "plain")}
+    assert settings["recurrent"]["draft_steps"] == 1 and settings["plain"]["draft_steps"] is None
 
     # a re-run reuses every stage; other settings over the same folder are refused with the fix
     again = loopfit("quickstart", *SMALLEST, "--out", str(out))

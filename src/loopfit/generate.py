@@ -5,11 +5,19 @@ examples:
   loopfit generate runs/smol-484 --prompt "2 + 3 * 4 =" --steps 32 --exit kl:5e-4     # adaptive depth
   loopfit generate runs/smol-484 --prompt-file prompts.txt --steps 8 --warm-start      # one prompt per line
   loopfit generate smollm2-135m --prompt "Hello"                                        # a plain model: no loops
+  loopfit generate runs/smol-484 --prompt "2 + 3 * 4 =" --steps 32 --draft-steps 2     # same tokens, faster
 
 --exit stops a token's loops once its next-token distribution settles: kl:T (KL between successive loops
 below T; 5e-4 to 1e-3 works for Huginn), entropy:T, latent:T (relative state change, e.g. 0.03), argmax:N
 (unchanged for N loops). The mean number of loops used is reported. --warm-start starts each new token's
 state from the previous token's final state (continuous chain of thought) instead of noise.
+
+--draft-steps D decodes by exact self-speculation: each round drafts --draft-tokens K tokens at D loops (the
+first D of the --steps r loops), then verifies all K in one pass that runs only loops D..r-1, keeping the tokens
+r loops agree with. Greedy output is the r-loop output token for token; sampling keeps its distribution. Small D
+drafts cheaply and a draft's loops are never wasted (verification continues from them); how many tokens a round
+keeps depends on how much the model's tokens change past D loops. D = 2, K = 4 are a good start (see
+benchmarks/BENCHMARKS.md); a batch advances by its shortest kept prefix, so it gains most at batch 1.
 """
 
 import sys
@@ -18,6 +26,30 @@ import time
 import torch
 
 from . import LoopfitError
+from .modeling import DRAFT_TOKENS
+
+
+def check_speculation(model, steps, draft_steps, draft_tokens=DRAFT_TOKENS, exit_criterion=None, warm_start=False):
+    """Refuse --draft-steps settings that cannot run, before any work, with the CLI's names. `steps` is one r or a
+    list of r (an eval sweep: an r <= D decodes plainly there, so only the largest r must exceed D)."""
+    if draft_steps is None:
+        return
+    from .eval.loading import is_recurrent
+
+    if not is_recurrent(model):
+        raise LoopfitError("--draft-steps needs a loopfit (recurrent) model; this one is plain: drop --draft-steps")
+    if draft_steps < 1 or draft_tokens < 1:
+        raise LoopfitError(f"--draft-steps and --draft-tokens must be >= 1 (got {draft_steps} and {draft_tokens})")
+    top = max(steps) if isinstance(steps, (list, tuple)) else (steps or model.config.mean_recurrence)
+    if draft_steps >= top:
+        raise LoopfitError(f"--draft-steps {draft_steps} must be below --steps {top}: the draft runs the first D of "
+                           "the r loops")
+    if model.config.cache_policy != "exact":
+        raise LoopfitError(f"--draft-steps needs the exact cache, but this model's cache_policy is "
+                           f"'{model.config.cache_policy}': set \"cache_policy\": \"exact\" in its config.json")
+    if exit_criterion or warm_start:
+        raise LoopfitError(f"--draft-steps does not combine with {'--exit' if exit_criterion else '--warm-start'}: "
+                           "choose one")
 
 
 def add_arguments(parser):
@@ -29,6 +61,10 @@ def add_arguments(parser):
                         "mean_recurrence); with --exit, the most loops a token may use")
     parser.add_argument("--exit", dest="exit_criterion", metavar="RULE", help="adaptive exit rule, e.g. kl:5e-4")
     parser.add_argument("--warm-start", action="store_true", help="continuous chain of thought: carry the state")
+    parser.add_argument("--draft-steps", type=int, metavar="D", help="self-speculative decoding: draft at D loops, "
+                        "verify at --steps (same greedy tokens, faster; D < r; try 2)")
+    parser.add_argument("--draft-tokens", type=int, default=DRAFT_TOKENS, metavar="K",
+                        help=f"tokens drafted per round with --draft-steps (default {DRAFT_TOKENS})")
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     parser.add_argument("--top-p", type=float, default=1.0)
@@ -58,11 +94,13 @@ def check_arguments(prompts, steps=None, exit_criterion=None, max_new_tokens=64,
 
 
 def generate(model, tokenizer, prompts, steps=None, exit_criterion=None, warm_start=False, max_new_tokens=64,
-             temperature=0.0, top_p=1.0, chat=False):
-    """Generate continuations for a batch of prompts (left padded). Returns (texts, mean loops or None)."""
+             temperature=0.0, top_p=1.0, chat=False, draft_steps=None, draft_tokens=DRAFT_TOKENS):
+    """Generate continuations for a batch of prompts (left padded). Returns (texts, mean loops or None).
+    `draft_steps` decodes by exact self-speculation (`draft_tokens` a round)."""
     from .eval.loading import is_recurrent
 
     check_arguments(prompts, steps, exit_criterion, max_new_tokens, temperature, top_p)
+    check_speculation(model, steps, draft_steps, draft_tokens, exit_criterion, warm_start)
 
     if chat:
         prompts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
@@ -78,6 +116,9 @@ def generate(model, tokenizer, prompts, steps=None, exit_criterion=None, warm_st
             raise LoopfitError(f"--steps must be >= 1 (got {steps})")
         cache = model.new_cache()
         kwargs.update(num_steps=steps, exit_criterion=exit_criterion, warm_start=warm_start, past_key_values=cache)
+        if draft_steps is not None:
+            kwargs.update(draft_steps=draft_steps, draft_tokens=draft_tokens)
+            del kwargs["exit_criterion"], kwargs["warm_start"]
     elif exit_criterion or warm_start:
         raise LoopfitError("--exit and --warm-start need a loopfit (recurrent) model; this one is plain")
     try:
@@ -111,7 +152,8 @@ def run(args):
     model, tokenizer = load(args.model)
     t0 = time.time()
     texts, loops = generate(model, tokenizer, prompts, args.steps, args.exit_criterion, args.warm_start,
-                            args.max_new_tokens, args.temperature, args.top_p, args.chat)
+                            args.max_new_tokens, args.temperature, args.top_p, args.chat, args.draft_steps,
+                            args.draft_tokens)
     for prompt, text in zip(prompts, texts):
         print(f"{prompt}{text}\n")
     steps = args.steps or getattr(model.config, "mean_recurrence", None)
@@ -120,4 +162,6 @@ def run(args):
         summary += f", mean loops per token {loops:.2f} of at most {steps} ({args.exit_criterion})"
     elif steps:
         summary += f", {steps} loops per token"
+    if args.draft_steps is not None:
+        summary += f", drafted at {args.draft_steps} loops, {args.draft_tokens} tokens a round"
     print(summary, file=sys.stderr)

@@ -25,6 +25,8 @@ HUGINN_STATE_STD = math.sqrt(2 / (5 * 5280))  # 0.0087039, the state-init sigma 
 ADAPTER_INITS = ("random", "passthrough", "state", "mean")
 STATE_INITS = ("normal", "zeros", "embed")
 CACHE_POLICIES = ("exact", "ring")
+EXIT_CANDIDATES = 256  # tokens an adaptive exit's later looks score (see `exit_rule`)
+DRAFT_TOKENS = 4  # tokens a speculative round drafts by default (see `speculative_generate`)
 # This file ships inside converted folders and meets whatever transformers the user has. transformers moves its
 # cache plumbing between releases (5.24 renamed `past_key_values` to `cache`), so the model never hands its cache
 # to GenerationMixin under a cache name: `generate` passes it as `loopfit_cache`, a model kwarg transformers
@@ -294,6 +296,8 @@ class LoopfitCache:
         self.start = 0
         self.last_state = None  # final recurrent state of the last token (continuous chain of thought)
         self.loops_used = []  # per decoded token, loops each row ran under adaptive exit
+        self.last_embed = None  # prelude output of the last token (a speculative draft keeps it for verification)
+        self.drafts = []  # per speculative round: (tokens drafted, tokens emitted, draft tokens accepted)
 
     def key(self, segment, loop, layer):
         if segment == "core" and self.policy == "ring":
@@ -302,6 +306,11 @@ class LoopfitCache:
 
     def get_seq_length(self, layer_idx=0):
         return self.seen
+
+    def crop(self, length):
+        """Forget every position from `length` on (speculative decoding rolls back rejected draft tokens)."""
+        self.slots = {key: (k[:, :, :length], v[:, :, :length]) for key, (k, v) in self.slots.items()}
+        self.seen = min(self.seen, length)
 
     def begin(self, q_len):
         self.start = self.seen
@@ -472,10 +481,15 @@ class LoopfitModel(LoopfitPreTrainedModel):
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
                 inputs_embeds=None, num_steps=None, output_hidden_states=False, use_cache=False,
-                exit_rule=None, head=None, warm_start=False):
-        x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
-        if self.config.embed_scale != 1.0:
-            x = x * torch.tensor(self.config.embed_scale, dtype=x.dtype)
+                exit_rule=None, head=None, warm_start=False, resume=None):
+        """`resume=(e, s, t)` skips the prelude and starts the core at loop t from state s, with e the prelude's
+        output (speculative verification: loops t.. of tokens whose first t loops a draft already ran)."""
+        if resume is None:
+            x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+            if self.config.embed_scale != 1.0:
+                x = x * torch.tensor(self.config.embed_scale, dtype=x.dtype)
+        else:
+            x = resume[0]
         b, q_len, _ = x.shape
         cache = past_key_values if use_cache or past_key_values is not None else None
         past = cache.seen if cache is not None else 0
@@ -498,21 +512,24 @@ class LoopfitModel(LoopfitPreTrainedModel):
                 x = layer(x, rope, mask, cache, key)
             return x
 
-        e = run("prelude", self.prelude, x)
         decoding = cache is not None and q_len == 1 and past > 0
-        if warm_start and decoding and cache.last_state is not None:  # continuous chain of thought
-            s = cache.last_state
+        if resume is not None:
+            e, s, first_loop = resume
         else:
-            s = self.initial_state(e, position_ids)
+            e, first_loop = run("prelude", self.prelude, x), 0
+            if warm_start and decoding and cache.last_state is not None:  # continuous chain of thought
+                s = cache.last_state
+            else:
+                s = self.initial_state(e, position_ids)
         n, k = resolve_steps(num_steps, self.config.mean_recurrence)
         if exit_rule is not None and decoding:
             s = self.loop_with_exit(s, e, n + k, run, exit_rule, head, rope, mask, cache)
         else:
-            for t in range(n + k):
+            for t in range(first_loop, n + k):
                 with torch.set_grad_enabled(torch.is_grad_enabled() and t >= n):  # truncated backprop: last k loops
                     s = run("core", self.core, self.adapter(torch.cat([s, e], dim=-1)), loop=t)
         if cache is not None:
-            cache.last_state = s[:, -1:].detach()
+            cache.last_state, cache.last_embed = s[:, -1:].detach(), e[:, -1:].detach()
         x = self.norm(run("coda", self.coda, s))
         if hidden is not None:
             hidden.append(x)
@@ -526,13 +543,23 @@ class LoopfitModel(LoopfitPreTrainedModel):
         settled. Rows that stopped keep their state; the loop ends when every row has stopped. Afterwards each
         cache slot of a loop a row skipped holds that row's latest loop (Huginn's fallback), so later tokens
         read what an unbatched run would have left there."""
-        peek = _ReadOnlyCache(cache)
+        peek, candidates = _ReadOnlyCache(cache), None
 
-        def next_token_logprobs(state):
+        def next_token_logprobs(state):  # None for a rule on the state alone (no coda, no head: nearly free)
+            nonlocal candidates
+            if not rule.reads_logits:
+                return None
             x = state
             for j, layer in enumerate(self.coda):
                 x = layer(x, rope, mask, peek, cache.key("coda", 0, j))
-            return torch.log_softmax(head(self.norm(x))[:, -1].float(), dim=-1)
+            x = self.norm(x)[:, -1]
+            if candidates is None:  # first look: the whole vocabulary; later looks: its top candidates only
+                logits = head(x).float()
+                candidates = logits.topk(min(EXIT_CANDIDATES, logits.shape[-1]), -1).indices
+                logits = logits.gather(-1, candidates)
+            else:
+                logits = torch.einsum("bh,bkh->bk", x, head.weight[candidates]).float()
+            return torch.log_softmax(logits, dim=-1)
 
         b = s.shape[0]
         done = torch.zeros(b, dtype=torch.bool, device=s.device)
@@ -546,7 +573,8 @@ class LoopfitModel(LoopfitPreTrainedModel):
                 stop = rule(prev_logp=prev[0], logp=logp, prev_state=prev[1], state=new, history=history) & ~done
                 loops = torch.where(stop, torch.full_like(loops, t + 1), loops)
                 done = done | stop
-            history.append(logp.argmax(-1))
+            if logp is not None:
+                history.append(logp.argmax(-1))
             prev, s = (logp, new), new
             if bool(done.all()):
                 break
@@ -583,6 +611,11 @@ def exit_rule(spec):
       entropy:1e-3  |H(p_t) - H(p_t-1)| below the threshold
       latent:0.03   ||s_t - s_t-1|| / ||s_t|| below the threshold
       argmax:5      the argmax has not changed for this many loops
+
+    What a look costs: kl, entropy and argmax run the coda each loop, and the head on the whole vocabulary only at
+    a token's first look; later looks score its first look's top EXIT_CANDIDATES tokens (renormalised), so the
+    head is no longer dearer than the loops it saves. latent reads the recurrent state alone: no coda, no head,
+    a decision far cheaper than a loop, which makes it the rule that saves wall time.
     """
     kind, _, value = str(spec).partition(":")
     try:
@@ -610,6 +643,7 @@ def exit_rule(spec):
     rules = {"kl": kl, "entropy": entropy, "latent": latent, "argmax": argmax}
     if kind not in rules:
         raise ValueError(f"unknown exit rule {kind!r}: choose one of {', '.join(rules)} (e.g. kl:5e-4)")
+    rules[kind].reads_logits = kind != "latent"
     return rules[kind]
 
 
@@ -656,31 +690,174 @@ class LoopfitForCausalLM(LoopfitPreTrainedModel, GenerationMixin):
             return CausalLMOutputWithPast(loss=loss, logits=None, hidden_states=tuple(hidden) if hidden else None,
                                           **{OUTPUT_CACHE_FIELD: cache})
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) and logits_to_keep else slice(None)
-        logits = self.lm_head(x[:, keep])
-        if self.config.final_logit_softcapping:
-            cap = self.config.final_logit_softcapping
-            logits = torch.tanh(logits / cap) * cap
+        logits = self.head_logits(x[:, keep])
         loss = None
         if labels is not None:
             loss = causal_lm_loss(logits, labels, num_items_in_batch)
         return CausalLMOutputWithPast(loss=loss, logits=logits, hidden_states=tuple(hidden) if hidden else None,
                                       **{OUTPUT_CACHE_FIELD: cache})
 
+    def head_logits(self, x):
+        logits = self.lm_head(x)
+        if self.config.final_logit_softcapping:
+            cap = self.config.final_logit_softcapping
+            logits = torch.tanh(logits / cap) * cap
+        return logits
+
     def new_cache(self):
         return LoopfitCache(self.config.cache_policy, self.config.cache_ring_size)
 
     @torch.no_grad()
-    def generate(self, inputs=None, generation_config=None, **kwargs):
+    def generate(self, inputs=None, generation_config=None, draft_steps=None, draft_tokens=DRAFT_TOKENS, **kwargs):
         """transformers' `generate`, plus `num_steps`, `exit_criterion` and `warm_start`. A LoopfitCache may be
         passed as `cache` or `past_key_values`; it reaches the model as `loopfit_cache` whatever the installed
-        transformers calls its cache argument."""
+        transformers calls its cache argument. `draft_steps=d` decodes by exact self-speculation instead, with a
+        decoding loop of loopfit's own (see `speculative_generate`), drafting `draft_tokens` tokens a round."""
         cache = find_cache(kwargs)
         for name in CACHE_NAMES:
             kwargs.pop(name, None)
+        if draft_steps is not None:
+            inputs = inputs if inputs is not None else kwargs.pop("input_ids", None)
+            return self.speculative_generate(inputs, draft_steps, draft_tokens, generation_config, cache, **kwargs)
         use_cache = kwargs.get("use_cache", generation_config.use_cache if generation_config else True)
         if cache is None and use_cache is not False:
             cache = self.new_cache()
         return super().generate(inputs, generation_config, loopfit_cache=cache, **kwargs)
+
+    SPECULATIVE_SETTINGS = ("max_new_tokens", "max_length", "min_new_tokens", "do_sample", "temperature", "top_k",
+                            "top_p", "eos_token_id", "pad_token_id")
+
+    @torch.no_grad()
+    def speculative_generate(self, input_ids, draft_steps, draft_tokens=DRAFT_TOKENS, generation_config=None,
+                             cache=None, attention_mask=None, num_steps=None, stopping_criteria=None, **kwargs):
+        """Self-speculative decoding, exact. Loops 0..d-1 of an r-loop pass are a d-loop pass (loop t of a token
+        reads only earlier tokens' loops <= t), so each round drafts `draft_tokens` tokens at d = `draft_steps`
+        loops, which writes the cache entries of loops < d, then verifies them all in one pass that runs only loops
+        d..r-1 and the coda from the draft's states, keeps the longest prefix r-loop decoding agrees with plus its
+        first correction, and crops the cache past it. Greedy output equals r-loop greedy decoding token for token;
+        sampling keeps the r-loop distribution by the speculative acceptance rule (keep a drafted token with
+        probability min(1, p/q), else sample from max(p - q, 0)). A batch advances by its shortest kept prefix, so
+        every row stays exact; the next round drafts one token more than this one emitted (at most
+        `draft_tokens`), so early disagreement costs few wasted drafts. Takes what lm-eval and most callers pass: max_new_tokens or max_length,
+        min_new_tokens, eos_token_id, pad_token_id, stopping_criteria, do_sample with temperature, top_k, top_p.
+        Each round is logged in `cache.drafts` as (tokens drafted, tokens emitted, drafted tokens kept)."""
+        gc = generation_config or self.generation_config
+        opts = {k: kwargs.pop(k) if k in kwargs else getattr(gc, k, None) for k in self.SPECULATIVE_SETTINGS}
+        if kwargs.pop("exit_criterion", None):
+            raise ValueError("draft_steps and exit_criterion do not combine: speculation verifies every token at "
+                             "the full r loops, the exit picks each token's depth alone; choose one")
+        if kwargs.pop("warm_start", False):
+            raise ValueError("draft_steps and warm_start do not combine: a warm-started token starts from the previous "
+                             "token's r-loop state, which its draft does not have; drop one")
+        kwargs.pop("use_cache", None)
+        unsupported = sorted(k for k, v in kwargs.items() if v not in (None, False, 1, 1.0))
+        if unsupported or getattr(gc, "num_beams", 1) not in (None, 1):
+            raise ValueError(f"speculative decoding (draft_steps) does not take {', '.join(unsupported) or 'num_beams'}"
+                             f": it takes {', '.join(self.SPECULATIVE_SETTINGS)} and stopping_criteria; drop "
+                             "draft_steps to use transformers' generate")
+        if input_ids is None:
+            raise ValueError("speculative decoding needs input_ids (not inputs_embeds)")
+        if self.config.cache_policy != "exact":
+            raise ValueError(f"speculative decoding needs cache_policy 'exact', not {self.config.cache_policy!r}: the "
+                             "ring's shared slots let the draft's loops overwrite what verification reads; set "
+                             "model.config.cache_policy = 'exact'")
+        n, k_grad = resolve_steps(num_steps, self.config.mean_recurrence)
+        r, d, k = n + k_grad, int(draft_steps), int(draft_tokens)
+        if not 1 <= d < r:
+            raise ValueError(f"draft_steps must be at least 1 and below num_steps (got draft_steps={d}, num_steps={r}):"
+                             " a draft runs the first d of the r loops")
+        if k < 1:
+            raise ValueError(f"draft_tokens must be at least 1 (got {k})")
+        sample = bool(opts["do_sample"])
+        temperature = 1.0 if opts["temperature"] is None else float(opts["temperature"])
+        if sample and temperature <= 0:
+            raise ValueError(f"sampling needs temperature > 0 (got {temperature}); for greedy decoding pass do_sample=False")
+        device, (b, prompt_len) = input_ids.device, input_ids.shape
+        eos = opts["eos_token_id"] if opts["eos_token_id"] is not None else self.config.eos_token_id
+        eos = torch.tensor([eos] if isinstance(eos, int) else list(eos or []), dtype=torch.long, device=device)
+        pad = opts["pad_token_id"] if opts["pad_token_id"] is not None else (int(eos[0]) if len(eos) else 0)
+        if opts["max_new_tokens"] is not None:
+            max_new = int(opts["max_new_tokens"])
+        else:  # transformers' default length is 20 tokens, prompt included
+            max_new = (opts["max_length"] if opts["max_length"] is not None else 20) - prompt_len
+        min_new = int(opts["min_new_tokens"] or 0)
+        mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
+        mask = torch.cat([mask, mask.new_ones(b, max(max_new, 0) + k)], 1)  # sliced to each pass's length
+        cache = self.new_cache() if cache is None else cache
+        if cache.seen:
+            raise ValueError("speculative decoding needs a fresh cache: pass model.new_cache() or none")
+
+        def scores(logits, index):  # logits [b, q, V] of generated tokens index.. -> what a token is picked from
+            logits = logits.float()
+            if index < min_new and len(eos):
+                early = index + torch.arange(logits.shape[1], device=device) < min_new
+                ban = early[:, None] & torch.isin(torch.arange(logits.shape[-1], device=device), eos)[None]
+                logits = logits.masked_fill(ban, float("-inf"))
+            return warp_logits(logits, temperature, opts["top_k"], opts["top_p"]) if sample else logits
+
+        def pick(logits):
+            if not sample:
+                return logits.argmax(-1)
+            return torch.multinomial(logits.softmax(-1).flatten(0, -2), 1).view(logits.shape[:-1])
+
+        out, finished = input_ids, torch.zeros(b, dtype=torch.bool, device=device)
+
+        def emit(tokens):  # append [b, a] tokens one by one as transformers does; True once every row is done
+            nonlocal out, finished
+            for i in range(tokens.shape[1]):
+                token = tokens[:, i]
+                if len(eos):  # as transformers: rows that ended are padded only where an EOS token is known
+                    token = torch.where(finished, torch.full_like(token, pad), token)
+                out = torch.cat([out, token[:, None]], 1)
+                finished = finished | torch.isin(token, eos)
+                for criterion in stopping_criteria or ():
+                    finished = finished | torch.as_tensor(criterion(out, None), device=device).expand(b)
+                if bool(finished.all()):
+                    return True
+            return False
+
+        if max_new <= 0:
+            return input_ids
+        x, _, _ = self.model(input_ids, mask[:, :prompt_len], None, cache, None, r, False, True)
+        done, generated, length = emit(pick(scores(self.head_logits(x[:, -1:]), 0))), 1, k
+        while not done and generated < max_new:
+            q, start, active = min(length, max_new - generated), cache.seen, ~finished
+            token, embeds, states, drafted, draft_scores = out[:, -1:], [], [], [], []
+            for i in range(q):  # draft at d loops; the cache keeps loops < d of these tokens, which are exact
+                x, _, _ = self.model(token, mask[:, :start + i + 1], None, cache, None, d, False, True)
+                embeds.append(cache.last_embed)
+                states.append(cache.last_state)
+                draft_scores.append(scores(self.head_logits(x), generated + i))
+                token = pick(draft_scores[-1])
+                drafted.append(token)
+            cache.seen = start  # verify: loops d..r-1 and the coda of all q tokens in one pass
+            x, _, _ = self.model(None, mask[:, :start + q], None, cache, None, r, False, True,
+                                 resume=(torch.cat(embeds, 1), torch.cat(states, 1), d))
+            target, drafted = scores(self.head_logits(x), generated), torch.cat(drafted, 1)
+            if sample:
+                p, p_draft = target.softmax(-1), torch.cat(draft_scores, 1).softmax(-1)
+                keep = torch.rand(drafted.shape, device=device) * p_draft.gather(-1, drafted[..., None])[..., 0] \
+                    <= p.gather(-1, drafted[..., None])[..., 0]
+                residual = (p - p_draft).clamp(min=0)
+                residual = torch.where(residual.sum(-1, keepdim=True) > 0, residual, p)
+                fix = torch.multinomial(residual.flatten(0, 1), 1).view(b, q)
+            else:
+                fix = target.argmax(-1)
+                keep = fix == drafted
+            kept = keep.long().cumprod(1).sum(1)  # leading drafted tokens each row keeps
+            tokens = torch.where(torch.arange(q, device=device)[None] < kept[:, None], drafted, fix)
+            usable = torch.clamp(kept + 1, max=q)  # kept tokens, then the first correction
+            ends = (torch.isin(tokens, eos) & (torch.arange(q, device=device)[None] < usable[:, None])).any(1)
+            # rows padded from here on (ended, and an EOS is known) take whatever the others keep
+            released = (finished | ends) if len(eos) else torch.zeros_like(finished)
+            step = int(torch.where(released, q, usable).min())
+            cache.crop(start + step)
+            cache.drafts.append((q, step, min(step, int(kept[active].min()))))
+            # draft what the last round kept and one more, up to k: rejected drafts are the loss, so a batch
+            # whose rows disagree early drafts little, and one that agrees drafts k again
+            length = min(k, step + 1)
+            done, generated = emit(tokens[:, :step]), generated + step
+        return out
 
     def prepare_inputs_for_generation(self, input_ids, attention_mask=None, inputs_embeds=None, position_ids=None,
                                       use_cache=True, num_steps=None, logits_to_keep=None, exit_criterion=None,
@@ -698,6 +875,21 @@ class LoopfitForCausalLM(LoopfitPreTrainedModel, GenerationMixin):
         if logits_to_keep is not None:
             inputs["logits_to_keep"] = logits_to_keep
         return inputs
+
+
+def warp_logits(logits, temperature=1.0, top_k=None, top_p=None):
+    """Sampling scores as transformers makes them: divide by the temperature, keep the top_k, then the smallest
+    set of tokens whose probability reaches top_p."""
+    logits = logits / temperature
+    if top_k:
+        kth = logits.topk(min(int(top_k), logits.shape[-1]), -1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        ordered, order = logits.sort(-1)
+        remove = ordered.softmax(-1).cumsum(-1) <= 1 - top_p
+        remove[..., -1] = False
+        logits = logits.masked_fill(remove.scatter(-1, order, remove), float("-inf"))
+    return logits
 
 
 def causal_lm_loss(logits, labels, num_items_in_batch=None):

@@ -20,7 +20,8 @@ Stages (each prints one summary line; a finished stage is reused when re-run wit
               count: 6 * non-embedding params * tokens for plain; loops counted for recurrent; equal within half
               a plain step's FLOPs).
   4. eval     held-out math loss at each --eval-steps r, and a fixed --gsm8k subset of GSM8K (1-shot prompt,
-              greedy, --max-new-tokens), for both models (the plain one ignores r).
+              greedy, --max-new-tokens), for both models (the plain one ignores r); the recurrent model's
+              GSM8K decodes each r > --draft-steps by exact self-speculation (the same completions, faster).
   5. report   OUT/REPORT.md: the table at equal FLOPs, plots (OUT/compare/*.png, the recurrent r sweep) and
               what these numbers do and do not show.
 
@@ -47,6 +48,10 @@ RECIPE = recipes.resolve("quickstart")  # shipped inside the package
 # so ~30 s a pair (benchmarks/BENCHMARKS.md, fresh-clone `make quickstart`).
 STEPS_PER_MINUTE = 2
 DEFAULT_MINUTES = 8.0
+# GSM8K decoding on a GPU drafts at this many loops (exact self-speculation: the same completions). Not on a CPU:
+# there a batch of 8 is compute-bound, so verifying k drafted tokens costs k single-token passes and speculation
+# loses (0.53x measured, benchmarks/BENCHMARKS.md); it pays where a pass is memory-bound (a GPU, or batch 1).
+DRAFT_STEPS = 2
 HOLDOUT = 0.02
 
 
@@ -69,6 +74,10 @@ def add_arguments(parser):
     option("--gsm8k", type=int, help="GSM8K test items (a fixed subset; 0 skips; default %(default)s)")
     option("--gsm8k-steps", help="r for GSM8K (default %(default)s)")
     option("--max-new-tokens", type=int, help="GSM8K generation budget (default %(default)s)")
+    option("--draft-steps", type=int, metavar="D",
+           help="GSM8K of the recurrent model decodes each r > D by exact self-speculation, drafting at D loops: the "
+           f"same completions (default {DRAFT_STEPS} on a GPU, where it is faster; 0, plain decoding, on a CPU, where "
+           "batched verification costs as much as it saves)")
     option("--device", choices=("auto", "cpu", "cuda"), help="auto: a GPU when there is one (default %(default)s)")
     option("--recipe", help="training recipe file or shipped name (default %(default)s)")
     parser.add_argument("--force", action="store_true", help="delete --out and start afresh")
@@ -91,6 +100,8 @@ def _settings(args):
     for name in ("limit", "eval_tokens", "max_new_tokens"):
         if getattr(args, name) < 1:
             raise LoopfitError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if (getattr(args, "draft_steps", None) or 0) < 0:
+        raise LoopfitError(f"--draft-steps must be >= 0 (0 decodes plainly), got {args.draft_steps}")
     if args.gsm8k < 0:
         raise LoopfitError(f"--gsm8k must be >= 0 (0 skips GSM8K), got {args.gsm8k}")
     args.recipe = str(recipes.resolve(args.recipe))
@@ -241,7 +252,7 @@ def stage_train(s, out, recipe):
     }
 
 
-def stage_eval(s, out, device):
+def stage_eval(s, out, device, draft_steps=None):
     from .convert import offline_folder
     from .eval.loading import load
     from .eval.run import evaluate, write
@@ -250,9 +261,9 @@ def stage_eval(s, out, device):
     common = dict(data=data, seq_len=256, max_tokens=s["eval_tokens"], limit=s["gsm8k"] or None,
                   max_new_tokens=s["max_new_tokens"])
 
-    def run(folder, steps, tasks, dest):
+    def run(folder, steps, tasks, dest, draft_steps=None):
         pair = load(folder, device=device)
-        return evaluate(pair, steps=steps, tasks=tasks, out=dest, **common)
+        return evaluate(pair, steps=steps, tasks=tasks, out=dest, draft_steps=draft_steps, **common)
 
     found = {}
     for name in ("recurrent", "plain"):
@@ -260,7 +271,8 @@ def stage_eval(s, out, device):
         res = run(folder, s["eval_steps"], ["loss"], dest)
         rows = res["rows"]
         if s["gsm8k"]:  # generation is the slow part: fewer r than the loss
-            gsm = run(folder, s["gsm8k_steps"], ["gsm8k_1shot"], dest / "gsm8k")
+            speculate = name == "recurrent" and 0 < (draft_steps or 0) < max(s["gsm8k_steps"])
+            gsm = run(folder, s["gsm8k_steps"], ["gsm8k_1shot"], dest / "gsm8k", draft_steps if speculate else None)
             rows = rows + gsm["rows"]
             res = dict(res, rows=rows, tasks=res["tasks"] + gsm["tasks"], seconds=res["seconds"] + gsm["seconds"])
             write(res, [], dest)  # one results.json with both tasks, for `loopfit compare`
@@ -437,7 +449,8 @@ def stage_report(s, out, state, device, seconds, recipe):
 
 def quickstart(model="smollm2-135m", out="quickstart", minutes=DEFAULT_MINUTES, steps=None, layers=None,
                adapter_init="passthrough", limit=2000, eval_steps=(1, 2, 4, 8, 16), eval_tokens=2048, gsm8k=8,
-               gsm8k_steps=(1, 2, 4, 8), max_new_tokens=64, device="auto", recipe="quickstart", force=False):
+               gsm8k_steps=(1, 2, 4, 8), max_new_tokens=64, draft_steps=None, device="auto", recipe="quickstart",
+               force=False):
     """Run (or finish) the quickstart; returns the state dict (settings and each stage's summary). The arguments
     are `loopfit quickstart`'s options (see its --help); lists of r may be given as '1,2,4' or (1, 2, 4)."""
     args = SimpleNamespace(**locals())
@@ -465,7 +478,8 @@ def quickstart(model="smollm2-135m", out="quickstart", minutes=DEFAULT_MINUTES, 
         elif stage == "train":
             summary = stage_train(s, out, args.recipe)
         elif stage == "eval":
-            summary = stage_eval(s, out, device)
+            draft = getattr(args, "draft_steps", None)
+            summary = stage_eval(s, out, device, (DRAFT_STEPS if device == "cuda" else 0) if draft is None else draft)
         else:
             seconds[stage] = 0.0
             summary = stage_report(s, out, state, device, seconds, args.recipe)

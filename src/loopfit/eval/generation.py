@@ -2,7 +2,8 @@
 
 Prompts are sorted by length and left-padded in batches; the model's own `generate()` runs with its KV cache.
 Each completion is cut at the first stop string. With an adaptive-exit rule (recurrent models), each token stops
-looping once its next-token distribution settles, and the loops each real token used are counted.
+looping once its next-token distribution settles, and the loops each real token used are counted. With
+`draft_steps` D (recurrent models), every r > D decodes by exact self-speculation: the same completions, faster.
 """
 
 import torch
@@ -37,10 +38,11 @@ def batches(indices, size):
 
 @torch.no_grad()
 def generate(model, tokenizer, prompts, num_steps=None, max_new_tokens=256, stop=(), batch_size=8, desc="generate",
-             exit_criterion=None, loops_used=None):
+             exit_criterion=None, loops_used=None, draft_steps=None, draft_tokens=None):
     """Greedy completions of `prompts` (in order), each cut at the first stop string. `exit_criterion` ('kl:5e-4')
     lets each token of a recurrent model stop looping early; the loops of every decoded token (padding after a row
-    ended not counted; the first token comes from the prompt's pass, at full r) are appended to `loops_used`."""
+    ended not counted; the first token comes from the prompt's pass, at full r) are appended to `loops_used`.
+    `draft_steps` D decodes by self-speculation when r > D (same tokens), plainly otherwise."""
     if exit_criterion and not is_recurrent(model):
         raise LoopfitError("--exit needs a loopfit (recurrent) model; this one is plain")
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
@@ -54,6 +56,9 @@ def generate(model, tokenizer, prompts, num_steps=None, max_new_tokens=256, stop
             n = enc["input_ids"].shape[1]
             cache = model.new_cache() if exit_criterion else None
             extra = {"exit_criterion": exit_criterion, "past_key_values": cache} if exit_criterion else {}
+            r = num_steps or getattr(model.config, "mean_recurrence", 1)
+            if draft_steps is not None and is_recurrent(model) and r > draft_steps:
+                extra = {"draft_steps": draft_steps, **({"draft_tokens": draft_tokens} if draft_tokens else {})}
             ids = model.generate(
                 **enc,
                 max_new_tokens=max_new_tokens,
@@ -76,11 +81,12 @@ def generate(model, tokenizer, prompts, num_steps=None, max_new_tokens=256, stop
     return out
 
 
-def generate_at(model, tokenizer, prompts, r, task, max_new_tokens, stop, batch_size, exit_criterion=None):
+def generate_at(model, tokenizer, prompts, r, task, max_new_tokens, stop, batch_size, exit_criterion=None,
+                draft_steps=None, draft_tokens=None):
     """(completions, rows) at r loops; under an adaptive exit, rows holds the task's 'mean_loops' row for r."""
     loops = []
     completions = generate(model, tokenizer, prompts, r, max_new_tokens, stop, batch_size, f"{task} r={r}",
-                           exit_criterion, loops)
+                           exit_criterion, loops, draft_steps, draft_tokens)
     rows = [{"task": task, "steps": r, "metric": "mean_loops", "value": sum(loops) / len(loops), "n": len(loops),
              "exit": exit_criterion}] if loops else []
     return completions, rows

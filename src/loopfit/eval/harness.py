@@ -6,7 +6,9 @@
 `python -m loopfit.eval.harness` is lm-eval's own CLI with the `loopfit` model registered and loopfit's task
 folder (`gsm8k_loopfit`, `gsm8k_loopfit_1shot`: offline GSM8K test) added to `--include_path`. The `loopfit`
 model also runs plain transformers folders (num_steps is then ignored), so the baseline goes through the
-same code. From Python, `run_tasks(...)` evaluates an already-loaded model at several r.
+same code. `draft_steps=D` (and `draft_tokens=K`) in `--model_args` decodes generations by exact
+self-speculation, drafting at D loops (the same output as plain decoding at num_steps, faster; a plain model
+refuses it). From Python, `run_tasks(...)` evaluates an already-loaded model at several r.
 """
 
 import sys
@@ -26,10 +28,18 @@ TASKS_DIR = Path(__file__).parent / "tasks"
 class LoopfitLM(HFLM):
     """HFLM that runs a recurrent model with `num_steps` loops (default: the model's mean_recurrence)."""
 
-    def __init__(self, pretrained, num_steps=None, **kwargs):
+    def __init__(self, pretrained, num_steps=None, draft_steps=None, draft_tokens=None, **kwargs):
         kwargs.setdefault("device", "cpu")
         super().__init__(pretrained=pretrained, **kwargs)
         self.num_steps = int(num_steps) if num_steps not in (None, "") else None
+        self.draft_steps = int(draft_steps) if draft_steps not in (None, "") else None
+        self.draft_tokens = int(draft_tokens) if draft_tokens not in (None, "") else None
+        if self.draft_steps is not None:
+            from ..generate import check_speculation
+            from ..modeling import DRAFT_TOKENS
+
+            r = self.num_steps or getattr(self.model.config, "mean_recurrence", None)
+            check_speculation(self.model, r, self.draft_steps, self.draft_tokens or DRAFT_TOKENS)
 
     def _model_call(self, inps, attn_mask=None, labels=None):
         import torch
@@ -39,6 +49,11 @@ class LoopfitLM(HFLM):
 
     def _model_generate(self, context, max_length, stop, **generation_kwargs):
         generation_kwargs.update(steps_kwargs(self.model, self.num_steps))
+        r = self.num_steps or getattr(self.model.config, "mean_recurrence", 1)
+        if self.draft_steps is not None and r > self.draft_steps:  # an r <= D in a sweep decodes plainly
+            generation_kwargs.update(draft_steps=self.draft_steps)
+            if self.draft_tokens:
+                generation_kwargs["draft_tokens"] = self.draft_tokens
         return super()._model_generate(context, max_length, stop, **generation_kwargs)
 
 
@@ -48,11 +63,14 @@ def task_manager():
     return TaskManager(include_path=str(TASKS_DIR))
 
 
-def run_tasks(model, tokenizer, tasks, steps, limit=None, batch_size=1, max_gen_toks=None):
-    """Run lm-eval `tasks` on a loaded model at each r in `steps`; (rows, raw results per r)."""
+def run_tasks(model, tokenizer, tasks, steps, limit=None, batch_size=1, max_gen_toks=None, draft_steps=None,
+              draft_tokens=None):
+    """Run lm-eval `tasks` on a loaded model at each r in `steps`; (rows, raw results per r). `draft_steps` D
+    decodes generations at each r > D by self-speculation."""
     import lm_eval
 
     lm = LoopfitLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+    lm.draft_steps, lm.draft_tokens = draft_steps, draft_tokens
     rows, raw = [], {}
     gen_kwargs = f"max_gen_toks={max_gen_toks}" if max_gen_toks else None
     for r in steps:

@@ -16,6 +16,9 @@ tasks (comma-separated):
 A plain transformers model (the baseline) runs once and its figures are repeated at every r.
 --exit kl:5e-4 lets each generated token stop looping early (r is then the most loops a token may use) and adds
 a `mean_loops` row per generation task and r.
+--draft-steps D decodes GSM8K / MATH / lm: generations by exact self-speculation at every r > D (the same
+completions as plain decoding; r <= D decodes plainly): draft D loops, verify r. Try D = 2 on a GPU; on a
+CPU the batches are compute-bound and speculation is slower: leave it off there.
 Writes OUT/results.json (one row per task, metric and r), OUT/samples.jsonl (every completion) and
 OUT/sweep.png (metric vs r); OUT defaults to MODEL/eval. Generation is greedy, batched, with the KV cache;
 --limit takes the same fixed random subset (--seed) for every r and every model.
@@ -28,6 +31,7 @@ from pathlib import Path
 from .. import LoopfitError, __version__
 from ..data.shards import tokenizer_fingerprint
 from ..io import atomic_file, check_empty_or_force, check_writable
+from ..modeling import DRAFT_TOKENS
 from . import accuracy, loss
 from .loading import is_recurrent, load, parse_steps
 from .plots import plot_sweep
@@ -49,7 +53,8 @@ def parse_tasks(text):
 def run_task(task, model, tok, steps, opts):
     """(rows, samples) of one task at every r."""
     gen = {"limit": opts["limit"], "seed": opts["seed"], "batch_size": opts["batch_size"],
-           "exit_criterion": opts.get("exit_criterion")}
+           "exit_criterion": opts.get("exit_criterion"), "draft_steps": opts.get("draft_steps"),
+           "draft_tokens": opts.get("draft_tokens")}
     if opts.get("max_new_tokens"):
         gen["max_new_tokens"] = opts["max_new_tokens"]
     if task == "loss":
@@ -63,14 +68,17 @@ def run_task(task, model, tok, steps, opts):
         return accuracy.evaluate(model, tok, task, steps, **gen)
     from .harness import run_tasks
 
-    rows, _ = run_tasks(model, tok, [task[3:]], steps, limit=opts["limit"], max_gen_toks=opts.get("max_new_tokens"))
+    rows, _ = run_tasks(model, tok, [task[3:]], steps, limit=opts["limit"], max_gen_toks=opts.get("max_new_tokens"),
+                        draft_steps=opts.get("draft_steps"), draft_tokens=opts.get("draft_tokens"))
     return rows, []
 
 
 def evaluate(model, steps=(1, 2, 4, 8), tasks=("loss",), out=None, limit=None, seed=1234, batch_size=8,
-             max_new_tokens=None, data=None, seq_len=512, max_tokens=16384, plot=True, exit_criterion=None):
+             max_new_tokens=None, data=None, seq_len=512, max_tokens=16384, plot=True, exit_criterion=None,
+             draft_steps=None, draft_tokens=None):
     """Run `tasks` at each r in `steps` on a model folder / name (or a loaded (model, tokenizer) pair).
-    `exit_criterion` ('kl:5e-4') lets generated tokens stop looping early (recurrent models).
+    `exit_criterion` ('kl:5e-4') lets generated tokens stop looping early (recurrent models); `draft_steps` D
+    decodes generations at every r > D by exact self-speculation (`draft_tokens` a round).
     Returns the results dict and, when `out` is given, writes results.json, samples.jsonl and sweep.png there."""
     steps = parse_steps(",".join(map(str, steps)) if not isinstance(steps, str) else steps)
     tasks = parse_tasks(",".join(tasks) if not isinstance(tasks, str) else tasks)
@@ -79,9 +87,14 @@ def evaluate(model, steps=(1, 2, 4, 8), tasks=("loss",), out=None, limit=None, s
     recurrent = is_recurrent(model)
     if exit_criterion:
         check_exit(exit_criterion, recurrent)
+    if draft_steps is not None:
+        from ..generate import check_speculation
+
+        check_speculation(model, steps, draft_steps, draft_tokens or DRAFT_TOKENS, exit_criterion)
     run_steps = steps if recurrent else steps[:1]  # a plain model ignores r: run once
     opts = dict(limit=limit, seed=seed, batch_size=batch_size, max_new_tokens=max_new_tokens, data=data,
-                seq_len=seq_len, max_tokens=max_tokens, exit_criterion=exit_criterion)
+                seq_len=seq_len, max_tokens=max_tokens, exit_criterion=exit_criterion, draft_steps=draft_steps,
+                draft_tokens=draft_tokens)
     rows, samples, started = [], [], time.time()
     for task in tasks:
         task_rows, task_samples = run_task(task, model, tok, run_steps, opts)
@@ -155,6 +168,10 @@ def add_arguments(parser):
     parser.add_argument("--max-tokens", type=int, default=16384, help="loss tokens in all (default 16384)")
     parser.add_argument("--exit", dest="exit_criterion", metavar="RULE",
                         help="adaptive exit while generating, e.g. kl:5e-4 (adds a mean_loops row per r)")
+    parser.add_argument("--draft-steps", type=int, metavar="D", help="decode generations at each r > D by exact "
+                        "self-speculation (same completions; faster on a GPU; try 2)")
+    parser.add_argument("--draft-tokens", type=int, default=DRAFT_TOKENS, metavar="K",
+                        help=f"tokens drafted per round with --draft-steps (default {DRAFT_TOKENS})")
     parser.add_argument("--out", help="output folder (default MODEL/eval for a folder, else eval-NAME); must be "
                         "empty or new unless --force")
     parser.add_argument("--force", action="store_true", help="write into a non-empty --out (replacing results.json, "
@@ -179,6 +196,7 @@ def run(args):
     results = evaluate(args.model, parse_steps(args.steps), parse_tasks(args.tasks), out=out, limit=args.limit,
                        seed=args.seed, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
                        data=args.data, seq_len=args.seq_len, max_tokens=args.max_tokens,
-                       exit_criterion=args.exit_criterion)
+                       exit_criterion=args.exit_criterion, draft_steps=args.draft_steps,
+                       draft_tokens=args.draft_tokens)
     print(table(results["rows"]))
     print(f"wrote {out}/results.json, samples.jsonl, sweep.png ({results['seconds']} s)")
