@@ -9,10 +9,13 @@ from loopfit.analyze import analyze
 from loopfit.cli import build_parser
 from loopfit.convert import convert
 from loopfit.data.prepare import prepare_one
+from loopfit.eval.run import evaluate
+from loopfit.generate import generate
 from loopfit.quickstart import quickstart
 
 VERBS = {"convert": (convert, ["SRC"]), "prepare": (prepare_one, ["x", "--tokenizer", "t", "--out", "o"]),
-         "analyze": (analyze, ["m"]), "quickstart": (quickstart, [])}
+         "analyze": (analyze, ["m"]), "quickstart": (quickstart, []), "eval": (evaluate, ["m"]),
+         "generate": (generate, ["m", "--prompt", "hi"])}
 
 
 @pytest.mark.parametrize("verb", sorted(VERBS))
