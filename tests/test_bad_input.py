@@ -222,3 +222,14 @@ def test_convert_records_its_version_and_a_newer_folder_is_refused(fx, tmp_path)
                                   "train": {"out_dir": str(tmp_path / "run")}}))
     one_line(loopfit("train", recipe), fix)
     nothing_written(tmp_path / "ev", tmp_path / "run")
+
+
+def test_train_help_lists_the_recipe_keys_and_a_bad_override_is_one_line(tmp_path):
+    help_text = loopfit("train", "--help").stdout
+    assert "recurrence: how many loops" in help_text and "  optim.name = 'muon'" in help_text
+    assert "[muon | adamw]" in help_text and "data.synthetic = unset" in help_text
+    one_line(loopfit("train", "quickstart", "--schedule.decay_shape=sqrt"), "schedule.decay_shape",
+             "choose one of linear, cosine, 1-sqrt")
+    one_line(loopfit("train", "quickstart", "--train.steps=ten"), "train.steps", "expects int")
+    one_line(loopfit("train", "quickstart", "--data.synthetic=random"), "data.synthetic and data.root",
+             "remove the other")

@@ -1,6 +1,7 @@
 """Every shipped recipe (src/loopfit/recipes/) goes through the real recipe loader and data pipeline (a typo'd key
 fails here), and the GPU recipes carry the paper's settings (docs/papers.md §1, §2, §5)."""
 
+import dataclasses
 import re
 from pathlib import Path
 
@@ -51,13 +52,13 @@ def test_recipe_loads_and_its_data_section_is_valid(path, data_root):
     cfg = load_recipe(path)  # unknown keys raise LoopfitError with a suggestion
     assert cfg.model.init_from and cfg.train.out_dir
     assert cfg.train.batch_size % cfg.train.micro_batch_size == 0
-    data = {**cfg.data, "root": str(data_root)}
+    data = dataclasses.replace(cfg.data, root=str(data_root))
     steps = cfg.train.steps
     source = build_source(data, cfg.train.batch_size, 0, 1, 0, steps, lambda s: lr_fraction(s, *sched(cfg)))
-    assert source.sampler.seq_len == cfg.data["seq_len"]
+    assert source.sampler.seq_len == cfg.data.seq_len
     # the phases exist in the data and the sampler hands out batches from both ends of the run
     for step in (0, steps - 1):
-        assert source.batch(step)["input_ids"].shape == (cfg.train.batch_size, cfg.data["seq_len"])
+        assert source.batch(step)["input_ids"].shape == (cfg.train.batch_size, cfg.data.seq_len)
 
 
 @pytest.mark.parametrize("name", sorted(GPU))
@@ -67,7 +68,7 @@ def test_gpu_recipes_carry_the_papers_settings(name):
     r, o, s = cfg.recurrence, cfg.optim, cfg.schedule
     assert (r.mode, r.mean, r.backprop, r.curriculum, r.curriculum_fraction, r.curriculum_target) == (
         "sample", 32, 8, "1-sqrt", 0.75, "mean")
-    assert r.eval_steps == 32 and cfg.data["seq_len"] == 1024
+    assert r.eval_steps == 32 and cfg.data.seq_len == 1024
     assert (o.name, o.lr, o.adamw_lr, o.weight_decay, o.betas, o.grad_clip) == ("muon", 1e-3, 5e-5, 1e-4, [0.9, 0.95], 1.0)
     assert o.eps == 1e-10 and r.depth_per == "micro_batch"  # the authors' AdamW eps and per-micro-batch depth
     assert s.name == "wsd" and s.decay_shape == "cosine" and s.floor == 0.001
@@ -92,7 +93,7 @@ def test_gpu_blend_switches_at_a_fifth_of_the_lr_after_warmup(name, data_root):
     cfg = load_recipe(next(p for p in RECIPES if p.stem == name))
     steps = cfg.train.steps
     assert lr_factor(0, *sched(cfg)) < 0.2  # the warmup starts below lr_start / 5 ...
-    source = build_source({**cfg.data, "root": str(data_root)}, cfg.train.batch_size, 0, 1, 0, steps,
+    source = build_source(dataclasses.replace(cfg.data, root=str(data_root)), cfg.train.batch_size, 0, 1, 0, steps,
                           lambda s: lr_fraction(s, *sched(cfg)))
     switch = next(s for s in range(steps) if source.sampler.phase_at(s) == 1)
     assert lr_factor(switch, *sched(cfg)) <= 0.2 < lr_factor(switch - 1, *sched(cfg))  # ... but only the decay counts

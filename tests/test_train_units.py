@@ -156,7 +156,7 @@ def test_recipe_overrides_types_and_suggestions(tmp_path):
     path.write_text("optim:\n  lr: 1e-3\ntrain:\n  steps: 10\ndata:\n  synthetic: pattern\n")
     cfg = load_recipe(path, ["--train.steps=5", "--optim.betas=[0.8, 0.9]", "--data.seq_len=16", "--train.tensorboard=false"])
     assert cfg.optim.lr == 0.001 and cfg.train.steps == 5 and cfg.optim.betas == [0.8, 0.9]
-    assert cfg.data == {"synthetic": "pattern", "seq_len": 16} and cfg.train.tensorboard is False
+    assert (cfg.data.synthetic, cfg.data.seq_len) == ("pattern", 16) and cfg.train.tensorboard is False
     with pytest.raises(LoopfitError, match="unknown recipe key 'optim.lrr': did you mean 'optim.lr'"):
         load_recipe(path, ["--optim.lrr=1"])
     with pytest.raises(LoopfitError, match="did you mean 'train.micro_batch_size'"):
@@ -167,6 +167,49 @@ def test_recipe_overrides_types_and_suggestions(tmp_path):
         load_recipe({}, ["--schedule.decay_shape=sqrt"])
     with pytest.raises(LoopfitError, match="expects int"):
         load_recipe({}, ["--train.steps=ten"])
+
+
+def test_recipe_sections_are_typed_and_check_themselves():
+    from loopfit.train.config import DataConfig, ScheduleConfig, TrainConfig, describe_keys
+
+    # the cpt floor is the config's stated default, not a trainer's rewrite; an explicit floor is kept as given
+    assert load_recipe({}).schedule.floor == 0.001 and ScheduleConfig().floor == 0.001
+    assert load_recipe({"schedule": {"name": "cpt"}}).schedule.floor == ScheduleConfig(name="cpt").floor == 0.01
+    assert load_recipe({"schedule": {"name": "cpt", "floor": 0.001}}).schedule.floor == 0.001
+    assert load_recipe({}, ["--schedule.name=cpt"]).to_dict()["schedule"]["floor"] == 0.01  # written with the run
+    # choices come from the Literal types, for sections built directly too
+    with pytest.raises(LoopfitError, match="recipe key 'train.precision' is 'fp16': choose one of auto, fp32, bf16"):
+        TrainConfig(precision="fp16")
+    with pytest.raises(LoopfitError, match="recipe key 'data.synthetic' is 'noise': choose one of random, pattern"):
+        load_recipe({}, ["--data.synthetic=noise"])
+    # the data section is typed: CLI strings become its types, unknown keys get a suggestion
+    cfg = load_recipe({"data": {"root": "d", "weights": {"a": 1}}}, ["--data.seq_len=64", "--data.weights.b=0.5"])
+    assert cfg.data.seq_len == 64 and cfg.data.weights == {"a": 1, "b": 0.5} and cfg.data.kind == "blend"
+    assert cfg.to_dict()["data"] == {"root": "d", "weights": {"a": 1, "b": 0.5}, "seq_len": 64, "pack": "concat"}
+    with pytest.raises(LoopfitError, match="unknown recipe key 'data.seqlen': did you mean 'data.seq_len'"):
+        load_recipe({"data": {"synthetic": "random", "seqlen": 8}})
+    with pytest.raises(LoopfitError, match="recipe key 'data.seq_len' expects int, got 'long'"):
+        load_recipe({}, ["--data.seq_len=long"])
+    # cross-field checks live in the config
+    with pytest.raises(LoopfitError, match="data.synthetic and data.tokens are both set"):
+        DataConfig(synthetic="random", tokens="t.npy")
+    with pytest.raises(LoopfitError, match="data needs a blend"):
+        load_recipe({"data": {"root": "d"}})
+    with pytest.raises(LoopfitError, match="batch_size 10 is not divisible by micro_batch_size 4 x 1 rank"):
+        load_recipe({"train": {"batch_size": 10}})
+    with pytest.raises(LoopfitError, match="batch_size 12 is not divisible by micro_batch_size 4 x 2 rank"):
+        load_recipe({"model": {"init_from": "m"}, "data": {"synthetic": "random"}, "train": {"batch_size": 12}}
+                    ).check_runnable(world=2)
+    with pytest.raises(LoopfitError, match="recurrence.mean and recurrence.backprop must be >= 1"):
+        load_recipe({}, ["--recurrence.backprop=0"])
+    with pytest.raises(LoopfitError, match="optim.betas is .*: give two numbers"):
+        load_recipe({}, ["--optim.betas=0.9"])
+    with pytest.raises(LoopfitError, match="the recipe has no data"):
+        load_recipe({"model": {"init_from": "m"}}).check_runnable()
+    # --help lists every key, grouped by section, with its default, choices and doc
+    text = describe_keys()
+    assert "\nschedule: " in text and "  train.precision = 'auto'\n" in text and "[auto | fp32 | bf16]" in text
+    assert "0.01 for cpt" in text and "data.seq_len = 1024" in text
 
 
 def test_muon_runs_newton_schulz_in_fp32_on_cpu_and_matches_torch():

@@ -213,8 +213,11 @@ def analyze(source, text=None, samples=4, seq_len=256, sizes=None, out=None, mod
 def add_arguments(parser):
     parser.add_argument("model", metavar="MODEL", help="model folder, .gguf file, or short name (smollm2-135m, ...)")
     parser.add_argument("--text", help="sample text: .txt (blank-line separated) or .jsonl ('text'); default LAMBADA")
-    parser.add_argument("--samples", type=int, default=4, help="rows of sample text (default 4)")
-    parser.add_argument("--seq-len", type=int, default=256, help="tokens per row (default 256)")
+    from .cli import options_of
+
+    option = options_of(parser, analyze)
+    option("--samples", type=int, help="rows of sample text (default %(default)s)")
+    option("--seq-len", type=int, help="tokens per row (default %(default)s)")
     parser.add_argument("--layers", metavar="P,K,C", help="sizes of prelude, core, coda (default: paper's proportions)")
     parser.add_argument("--out", help="folder for importance.json and importance.png (default analyze-NAME)")
 

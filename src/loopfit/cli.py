@@ -5,6 +5,7 @@ Only the module of the verb being run is imported, so `loopfit --help` is instan
 
 import argparse
 import importlib
+import inspect
 import sys
 
 # verb -> (module, one-line summary). Order follows the user's path: convert -> prepare -> train -> eval.
@@ -25,6 +26,24 @@ EPILOG = """typical path:
   loopfit train quickstart --model.init_from=runs/smol-484
   loopfit eval runs/smol-484 --steps 1,2,4,8 --tasks loss,gsm8k
 run `loopfit VERB --help` for each verb's options."""
+
+
+def options_of(parser, func):
+    """`add(*flags, **kwargs)`: `parser.add_argument` with the default read from `func`'s signature (the parameter
+    named like the option, or `param=`), so each default is written once, in the Python function. A list or tuple
+    default becomes the comma-separated text a user would type. Help texts show it with %(default)s."""
+    params = inspect.signature(func).parameters
+
+    def add(*flags, param=None, **kwargs):
+        name = param or kwargs.get("dest") or flags[0].lstrip("-").replace("-", "_")
+        default = params[name].default
+        if default is inspect.Parameter.empty:
+            raise TypeError(f"{func.__name__}() has no default for {name}")
+        if isinstance(default, (list, tuple)):
+            default = ",".join(map(str, default))
+        return parser.add_argument(*flags, default=default, **kwargs)
+
+    return add
 
 
 def build_parser(verb):

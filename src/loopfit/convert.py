@@ -398,16 +398,19 @@ def add_arguments(parser):
     parser.add_argument("--prelude", metavar="A-B", help="explicit prelude layer range, e.g. 0-3")
     parser.add_argument("--core", metavar="A-B", help="explicit core (looped) layer range, e.g. 10-17")
     parser.add_argument("--coda", metavar="A-B", help="explicit coda layer range, e.g. 18-21")
-    parser.add_argument("--adapter-init", default="random", choices=ADAPTER_INITS,
-                        help="random: the paper's (needs healing); passthrough: [0|I], equals the base with the "
-                        "dropped layers removed at any r; state: [I|0]; mean: [I/2|I/2] (default: random)")
-    parser.add_argument("--state-init", default="normal", choices=STATE_INITS,
-                        help="initial recurrent state: normal (truncated, sigma 0.0087), zeros, or embed (= prelude "
-                        "output) (default: normal)")
-    parser.add_argument("--recurrence", type=int, default=4, metavar="R", help="default number of loops (default 4)")
-    parser.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
-                        help="weights dtype on disk (auto: the source's; float32 for GGUF)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the random adapter init (default 0)")
+    from .cli import options_of
+
+    option = options_of(parser, convert)
+    option("--adapter-init", choices=ADAPTER_INITS,
+           help="random: the paper's (needs healing); passthrough: [0|I], equals the base with the dropped layers "
+           "removed at any r; state: [I|0]; mean: [I/2|I/2] (default: %(default)s)")
+    option("--state-init", choices=STATE_INITS,
+           help="initial recurrent state: normal (truncated, sigma 0.0087), zeros, or embed (= prelude output) "
+           "(default: %(default)s)")
+    option("--recurrence", type=int, metavar="R", help="default number of loops (default %(default)s)")
+    option("--dtype", choices=("auto", "float32", "bfloat16", "float16"),
+           help="weights dtype on disk (auto: the source's; float32 for GGUF) (default %(default)s)")
+    option("--seed", type=int, help="seed of the random adapter init (default %(default)s)")
     parser.add_argument("--force", action="store_true", help="replace --out if it exists")
     parser.add_argument("--no-parity", action="store_true", help="skip the parity report against the original")
     parser.add_argument("--refresh", action="store_true", help="SRC is a loopfit folder: replace its modeling.py "

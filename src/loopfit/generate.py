@@ -57,17 +57,20 @@ def add_arguments(parser):
     src = parser.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", action="append", help="a prompt (repeat for a batch)")
     src.add_argument("--prompt-file", help="a text file with one prompt per line")
-    parser.add_argument("--steps", type=int, default=None, help="loops per token (default: the model's "
-                        "mean_recurrence); with --exit, the most loops a token may use")
+    from .cli import options_of
+
+    option = options_of(parser, generate)
+    option("--steps", type=int, help="loops per token (default: the model's mean_recurrence); with --exit, the most "
+           "loops a token may use")
     parser.add_argument("--exit", dest="exit_criterion", metavar="RULE", help="adaptive exit rule, e.g. kl:5e-4")
     parser.add_argument("--warm-start", action="store_true", help="continuous chain of thought: carry the state")
     parser.add_argument("--draft-steps", type=int, metavar="D", help="self-speculative decoding: draft at D loops, "
                         "verify at --steps (same greedy tokens, faster; D < r; try 2)")
-    parser.add_argument("--draft-tokens", type=int, default=DRAFT_TOKENS, metavar="K",
-                        help=f"tokens drafted per round with --draft-steps (default {DRAFT_TOKENS})")
-    parser.add_argument("--max-new-tokens", type=int, default=64)
-    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    parser.add_argument("--top-p", type=float, default=1.0)
+    option("--draft-tokens", type=int, metavar="K", help="tokens drafted per round with --draft-steps "
+           "(default %(default)s)")
+    option("--max-new-tokens", type=int, help="tokens to generate (default %(default)s)")
+    option("--temperature", type=float, help="0 = greedy (default %(default)s)")
+    option("--top-p", type=float, help="nucleus sampling mass (default %(default)s)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--chat", action="store_true", help="wrap each prompt in the tokenizer's chat template")
 

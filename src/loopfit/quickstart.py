@@ -36,6 +36,7 @@ import shutil
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 from . import LoopfitError, recipes
 from .io import check_writable
@@ -55,30 +56,30 @@ HOLDOUT = 0.02
 
 
 def add_arguments(parser):
-    parser.add_argument("--model", default="smollm2-135m", help="offline model short name: smollm2-135m, "
-                        "qwen2.5-0.5b, gemma3-270m (default smollm2-135m)")
-    parser.add_argument("--out", default="quickstart", help="output folder (default quickstart/)")
-    parser.add_argument("--minutes", type=float, default=DEFAULT_MINUTES, help="training minutes for both models on "
-                        f"a 2-core CPU; sets the recurrent steps at {STEPS_PER_MINUTE}/minute (default "
-                        f"{DEFAULT_MINUTES:g})")
-    parser.add_argument("--steps", type=int, help="recurrent training steps (overrides --minutes)")
-    parser.add_argument("--layers", metavar="P,R,C", help="prelude, core, coda layer counts (default: the paper's "
-                        "shape scaled to the model, (5,10,5) for SmolLM2)")
-    parser.add_argument("--adapter-init", default="passthrough", choices=("random", "passthrough", "state", "mean"),
-                        help="adapter init (default passthrough: starts at the base model minus the dropped layers)")
-    parser.add_argument("--limit", type=int, default=2000, help="documents of each corpus to prepare (default 2000)")
-    parser.add_argument("--eval-steps", default="1,2,4,8,16", help="test-time recurrences r (default 1,2,4,8,16)")
-    parser.add_argument("--eval-tokens", type=int, default=2048, help="held-out math tokens for the loss (default 2048)")
-    parser.add_argument("--gsm8k", type=int, default=8, help="GSM8K test items (a fixed subset; 0 skips; default 8)")
-    parser.add_argument("--gsm8k-steps", default="1,2,4,8", help="r for GSM8K (default 1,2,4,8)")
-    parser.add_argument("--max-new-tokens", type=int, default=64, help="GSM8K generation budget (default 64)")
-    parser.add_argument("--draft-steps", type=int, metavar="D",
-                        help="GSM8K of the recurrent model decodes each r > D by exact self-speculation, drafting at "
-                        f"D loops: the same completions (default {DRAFT_STEPS} on a GPU, where it is faster; 0, plain "
-                        "decoding, on a CPU, where batched verification costs as much as it saves)"),
-    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
-                        help="auto: a GPU when there is one (default)")
-    parser.add_argument("--recipe", default="quickstart", help="training recipe file or shipped name (default quickstart)")
+    from .cli import options_of
+
+    option = options_of(parser, quickstart)
+    option("--model", help="offline model short name: smollm2-135m, qwen2.5-0.5b, gemma3-270m (default %(default)s)")
+    option("--out", help="output folder (default %(default)s/)")
+    option("--minutes", type=float, help=f"training minutes for both models on a 2-core CPU; sets the recurrent steps "
+           f"at {STEPS_PER_MINUTE}/minute (default %(default)g)")
+    option("--steps", type=int, help="recurrent training steps (overrides --minutes)")
+    option("--layers", metavar="P,R,C", help="prelude, core, coda layer counts (default: the paper's shape scaled to "
+           "the model, (5,10,5) for SmolLM2)")
+    option("--adapter-init", choices=("random", "passthrough", "state", "mean"),
+           help="adapter init (default %(default)s: starts at the base model minus the dropped layers)")
+    option("--limit", type=int, help="documents of each corpus to prepare (default %(default)s)")
+    option("--eval-steps", help="test-time recurrences r (default %(default)s)")
+    option("--eval-tokens", type=int, help="held-out math tokens for the loss (default %(default)s)")
+    option("--gsm8k", type=int, help="GSM8K test items (a fixed subset; 0 skips; default %(default)s)")
+    option("--gsm8k-steps", help="r for GSM8K (default %(default)s)")
+    option("--max-new-tokens", type=int, help="GSM8K generation budget (default %(default)s)")
+    option("--draft-steps", type=int, metavar="D",
+           help="GSM8K of the recurrent model decodes each r > D by exact self-speculation, drafting at D loops: the "
+           f"same completions (default {DRAFT_STEPS} on a GPU, where it is faster; 0, plain decoding, on a CPU, where "
+           "batched verification costs as much as it saves)")
+    option("--device", choices=("auto", "cpu", "cuda"), help="auto: a GPU when there is one (default %(default)s)")
+    option("--recipe", help="training recipe file or shipped name (default %(default)s)")
     parser.add_argument("--force", action="store_true", help="delete --out and start afresh")
 
 
@@ -111,14 +112,19 @@ def _settings(args):
     if args.layers:
         from .convert import _counts
 
-        layers = list(_counts(args.layers))
+        layers = list(_counts(_text(args.layers)))
     steps = args.steps or max(1, round(args.minutes * STEPS_PER_MINUTE))
     return {
         "model": args.model, "layers": layers, "adapter_init": args.adapter_init, "steps": steps,
-        "limit": args.limit, "eval_steps": parse_steps(args.eval_steps), "eval_tokens": args.eval_tokens,
-        "gsm8k": args.gsm8k, "gsm8k_steps": parse_steps(args.gsm8k_steps), "max_new_tokens": args.max_new_tokens,
+        "limit": args.limit, "eval_steps": parse_steps(_text(args.eval_steps)), "eval_tokens": args.eval_tokens,
+        "gsm8k": args.gsm8k, "gsm8k_steps": parse_steps(_text(args.gsm8k_steps)), "max_new_tokens": args.max_new_tokens,
         "recipe_sha256": hashlib.sha256(Path(args.recipe).read_bytes()).hexdigest()[:16],
     }
+
+
+def _text(value):
+    """A comma list as the command line writes it: '1,2,4' stays, (1, 2, 4) becomes '1,2,4'."""
+    return value if isinstance(value, str) else ",".join(map(str, value))
 
 
 def _device(choice):
@@ -233,7 +239,7 @@ def stage_train(s, out, recipe):
     rec = _train_run(recipe, rec_over, out / "runs" / "recurrent")
     plain_dir = offline_folder(s["model"])
     cfg = load_recipe(recipe, rec_over)
-    tokens_per_step = cfg.train.batch_size * int(cfg.data.get("seq_len", 1024))
+    tokens_per_step = cfg.train.batch_size * cfg.data.seq_len
     steps, per_step = plain_steps(rec["flops"], plain_dir, tokens_per_step)
     plain = _train_run(recipe, _overrides(out, plain_dir, "plain", steps), out / "runs" / "plain")
     gap = (plain["flops"] - rec["flops"]) / rec["flops"]
@@ -314,7 +320,7 @@ def recipe_summary(path):
         depth += f" of mean {rc.mean}"
     optim = "Muon + AdamW" if cfg.optim.name == "muon" else "AdamW"
     schedule = "continued-pretraining schedule" if cfg.schedule.name == "cpt" else f"`{cfg.schedule.name}` schedule"
-    phases = cfg.data.get("phases") or [{"weights": cfg.data.get("weights", {})}]
+    phases = cfg.data.phases or [{"weights": cfg.data.weights or {}}]
     blend = ", then ".join(
         (f"`{p['name']}` " if p.get("name") else "")
         + "(" + ", ".join(f"{w / sum(p['weights'].values()):.0%} `{k}`" for k, w in p["weights"].items()) + ")"
@@ -441,8 +447,13 @@ def stage_report(s, out, state, device, seconds, recipe):
 # ------------------------------------------------------------------------------------------------ the run
 
 
-def quickstart(args):
-    """Run (or finish) the quickstart; returns the state dict (settings and each stage's summary)."""
+def quickstart(model="smollm2-135m", out="quickstart", minutes=DEFAULT_MINUTES, steps=None, layers=None,
+               adapter_init="passthrough", limit=2000, eval_steps=(1, 2, 4, 8, 16), eval_tokens=2048, gsm8k=8,
+               gsm8k_steps=(1, 2, 4, 8), max_new_tokens=64, draft_steps=None, device="auto", recipe="quickstart",
+               force=False):
+    """Run (or finish) the quickstart; returns the state dict (settings and each stage's summary). The arguments
+    are `loopfit quickstart`'s options (see its --help); lists of r may be given as '1,2,4' or (1, 2, 4)."""
+    args = SimpleNamespace(**locals())
     if args.device == "cpu":
         os.environ["CUDA_VISIBLE_DEVICES"] = ""  # before torch first looks for a GPU (the trainer would take it)
     s = _settings(args)
@@ -480,5 +491,5 @@ def quickstart(args):
 
 
 def run(args):
-    quickstart(args)
+    quickstart(**vars(args))
     return 0

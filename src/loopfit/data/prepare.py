@@ -41,6 +41,7 @@ from . import sources
 from .shards import FORMAT, MANIFEST, token_dtype, tokenizer_fingerprint
 
 DEFAULT_SHARD_TOKENS = 100_000_000
+DEFAULT_WORKERS = min(2, os.cpu_count() or 1)
 BATCH_DOCS = 256
 
 
@@ -48,14 +49,17 @@ def add_arguments(parser):
     parser.add_argument("sources", nargs="+", metavar="[NAME=]SOURCE", help="what to tokenise (see above)")
     parser.add_argument("--tokenizer", required=True, help="model folder, tokenizer folder, GGUF file or short name")
     parser.add_argument("--out", required=True, help="data root: each source is written to OUT/NAME")
-    parser.add_argument("--text-field", default="text", help="JSON/Parquet field holding the text (default: text)")
+    from ..cli import options_of
+
+    option = options_of(parser, prepare_one)
+    option("--text-field", help="JSON/Parquet field holding the text (default: %(default)s)")
     parser.add_argument("--template", help='format over record fields, e.g. "Question: {question}\\nAnswer: {answer}"')
-    parser.add_argument("--holdout", type=float, default=0.0, help="fraction of documents for the 'val' split (e.g. 0.01)")
-    parser.add_argument("--limit", type=int, help="keep only the first N documents of each source (for quick tries)")
-    parser.add_argument("--shard-tokens", type=int, default=DEFAULT_SHARD_TOKENS, help="tokens per shard file")
-    parser.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1), help="tokenising processes")
-    parser.add_argument("--encoding-errors", choices=("strict", "replace", "ignore"), default="strict",
-                        help="non-UTF-8 bytes: stop (strict), use U+FFFD (replace) or drop them (ignore)")
+    option("--holdout", type=float, help="fraction of documents for the 'val' split, e.g. 0.01 (default %(default)s)")
+    option("--limit", type=int, help="keep only the first N documents of each source (for quick tries)")
+    option("--shard-tokens", type=int, help="tokens per shard file (default %(default)s)")
+    option("--workers", type=int, help="tokenising processes (default %(default)s)")
+    option("--encoding-errors", choices=("strict", "replace", "ignore"),
+           help="non-UTF-8 bytes: stop (strict), use U+FFFD (replace) or drop them (ignore) (default %(default)s)")
     parser.add_argument("--force", action="store_true", help="replace datasets prepared with other settings")
 
 
@@ -212,8 +216,8 @@ def is_holdout(i, holdout):
 
 
 def prepare_one(name, spec, tokenizer, out, *, text_field="text", template=None, holdout=0.0, limit=None,
-                shard_tokens=DEFAULT_SHARD_TOKENS, workers=2, encoding_errors="strict", force=False,
-                progress=True):  # fmt: skip
+                shard_tokens=DEFAULT_SHARD_TOKENS, workers=DEFAULT_WORKERS, encoding_errors="strict",
+                force=False, progress=True):  # fmt: skip
     """Tokenise one source spec into the dataset folder OUT/NAME; returns (folder, manifest, status) where
     status is 'written' or 'up to date' (same inputs and settings: nothing done)."""
     if not 0.0 <= holdout < 1.0:

@@ -76,7 +76,7 @@ def run_task(task, model, tok, steps, opts):
 
 def evaluate(model, steps=(1, 2, 4, 8), tasks=("loss",), out=None, limit=None, seed=1234, batch_size=8,
              max_new_tokens=None, data=None, seq_len=512, max_tokens=16384, plot=True, exit_criterion=None,
-             draft_steps=None, draft_tokens=None):
+             draft_steps=None, draft_tokens=DRAFT_TOKENS):
     """Run `tasks` at each r in `steps` on a model folder / name (or a loaded (model, tokenizer) pair).
     `exit_criterion` ('kl:5e-4') lets generated tokens stop looping early (recurrent models); `draft_steps` D
     decodes generations at every r > D by exact self-speculation (`draft_tokens` a round).
@@ -158,21 +158,24 @@ def table(rows):
 
 def add_arguments(parser):
     parser.add_argument("model", metavar="MODEL", help="loopfit or plain transformers folder, .gguf file, or short name")
-    parser.add_argument("--steps", default="1,2,4,8", help="test-time recurrences r, comma-separated (default 1,2,4,8)")
-    parser.add_argument("--tasks", default="loss", help=f"comma-separated: {', '.join(TASKS)}, lm:TASK (default loss)")
-    parser.add_argument("--limit", type=int, help="evaluate a fixed random subset of this many examples per task")
-    parser.add_argument("--seed", type=int, default=1234, help="seed of the --limit subset (default 1234)")
-    parser.add_argument("--max-new-tokens", type=int, help="generation budget (default 256 GSM8K, 512 MATH)")
-    parser.add_argument("--batch-size", type=int, default=8, help="prompts (or loss rows) per batch (default 8)")
-    parser.add_argument("--data", help="loss text: .txt (blank-line separated), .jsonl ('text'), or prepared folder")
-    parser.add_argument("--seq-len", type=int, default=512, help="loss sequence length (default 512)")
-    parser.add_argument("--max-tokens", type=int, default=16384, help="loss tokens in all (default 16384)")
+    from ..cli import options_of
+
+    option = options_of(parser, evaluate)
+    option("--steps", help="test-time recurrences r, comma-separated (default %(default)s)")
+    option("--tasks", help=f"comma-separated: {', '.join(TASKS)}, lm:TASK (default %(default)s)")
+    option("--limit", type=int, help="evaluate a fixed random subset of this many examples per task")
+    option("--seed", type=int, help="seed of the --limit subset (default %(default)s)")
+    option("--max-new-tokens", type=int, help="generation budget (default 256 GSM8K, 512 MATH)")
+    option("--batch-size", type=int, help="prompts (or loss rows) per batch (default %(default)s)")
+    option("--data", help="loss text: .txt (blank-line separated), .jsonl ('text'), or prepared folder")
+    option("--seq-len", type=int, help="loss sequence length (default %(default)s)")
+    option("--max-tokens", type=int, help="loss tokens in all (default %(default)s)")
     parser.add_argument("--exit", dest="exit_criterion", metavar="RULE",
                         help="adaptive exit while generating, e.g. kl:5e-4 (adds a mean_loops row per r)")
     parser.add_argument("--draft-steps", type=int, metavar="D", help="decode generations at each r > D by exact "
                         "self-speculation (same completions; faster on a GPU; try 2)")
-    parser.add_argument("--draft-tokens", type=int, default=DRAFT_TOKENS, metavar="K",
-                        help=f"tokens drafted per round with --draft-steps (default {DRAFT_TOKENS})")
+    option("--draft-tokens", type=int, metavar="K", help="tokens drafted per round with --draft-steps "
+           "(default %(default)s)")
     parser.add_argument("--out", help="output folder (default MODEL/eval for a folder, else eval-NAME); must be "
                         "empty or new unless --force")
     parser.add_argument("--force", action="store_true", help="write into a non-empty --out (replacing results.json, "

@@ -1,92 +1,260 @@
-"""Recipes: a YAML file of sections whose every key has a default here, overridable as --section.key=value.
+"""Recipes: a YAML file of sections whose every key has a typed, documented default here, overridable on the command
+line as --section.key=value.
 
-Unknown keys are errors with a suggestion (a typo must never train silently with a default). The `data`
-section is passed as-is to the data pipeline, which checks its own keys.
+Each section is a dataclass. A field's type says how a command-line string is read (int, float, bool, list) and,
+as a `Literal`, which values it may take; its `doc` is what `loopfit train --help` prints. Each section checks its
+own values and the ones that depend on each other when it is built (`__post_init__` -> `check`), so a recipe that
+loads is one the trainer can run; what needs the run itself (the number of ranks, files on disk) is checked by
+`Recipe.check_runnable` and the data pipeline. Unknown keys are errors with a suggestion: a typo must never train
+silently with a default.
 """
 
 import dataclasses
 import difflib
+import types
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
 from .. import LoopfitError, recipes
 
 
-@dataclass
-class ModelConfig:
-    init_from: str = ""            # a converted loopfit folder, a plain transformers folder, or an offline short name
+def key(default, doc):
+    """A recipe key: its default and a one-line description for --help (a list or dict default is copied per use)."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"doc": doc})
+    return field(default=default, metadata={"doc": doc})
+
+
+def choices(tp):
+    """The allowed values of a Literal type (also inside Optional[...]), or None."""
+    if get_origin(tp) is Literal:
+        return get_args(tp)
+    if _is_union(tp):
+        for arm in get_args(tp):
+            if get_origin(arm) is Literal:
+                return get_args(arm)
+    return None
+
+
+class Section:
+    """Base of the recipe sections: checks each value against its field's type, then the section's own `check`."""
+
+    def __post_init__(self):
+        name = SECTION_NAMES.get(type(self), type(self).__name__)
+        for f, tp in _fields(type(self)):
+            value = getattr(self, f.name)
+            allowed = choices(tp)
+            if allowed is not None and value not in allowed and not (value is None and _optional(tp)):
+                raise LoopfitError(f"recipe key '{name}.{f.name}' is {value!r}: choose one of {', '.join(allowed)}")
+        self.check()
+
+    def check(self):
+        """Cross-field checks of this section (raise LoopfitError naming the key and the fix)."""
+
+
+# --------------------------------------------------------------------------------------------- the sections
 
 
 @dataclass
-class RecurrenceConfig:
-    mode: str = "sample"           # sample: Poisson-lognormal depth per step | fixed: exactly `mean` loops
-    mean: int = 32                 # mean recurrence rbar (its maximum when a curriculum ramps it)
-    backprop: int = 8              # k_max: the last k loops get gradients, earlier ones run under no_grad
-    curriculum: str = "1-sqrt"     # none | linear | 1-sqrt
-    curriculum_fraction: float = 0.75  # ramp over this fraction of training, then hold
-    curriculum_target: str = "mean"    # mean | backprop | both
-    eval_steps: int = 0            # loops for held-out loss (0: `mean`)
-    depth_per: str = "micro_batch"     # micro_batch: a new (n, k) per micro-batch (the authors') | step: one per step
+class ModelConfig(Section):
+    """the starting weights"""
+
+    init_from: str = key("", "a converted loopfit folder, a plain transformers folder (the baseline), or an offline "
+                             "model's short name")
 
 
 @dataclass
-class OptimConfig:
-    name: str = "muon"             # muon (Muon for hidden matrices + AdamW for the rest) | adamw
-    lr: float = 1e-3               # Muon lr
-    adamw_lr: float = 5e-5         # AdamW lr (embeddings, head, norms; everything when name is adamw)
-    weight_decay: float = 1e-4
-    betas: list = field(default_factory=lambda: [0.9, 0.95])
-    eps: float = 1e-8
-    muon_momentum: float = 0.95
-    muon_adjust_lr: str = "original"   # original | match_rms_adamw (torch.optim.Muon's adjust_lr_fn)
-    grad_clip: float = 1.0         # 0 disables
+class DataConfig(Section):
+    """what the trainer reads: exactly one of synthetic, tokens, or prepared data (root + blend, phases or weights)"""
+
+    synthetic: Literal["random", "pattern"] | None = key(None, "synthetic tokens for smoke tests and benchmarks: "
+                                                                  "random, or pattern (learnable arithmetic sequences)")
+    tokens: str | None = key(None, "one .npy / .pt file of token ids, sampled in windows (the last 5% held out)")
+    root: str | None = key(None, "the --out folder of `loopfit prepare`")
+    blend: str | dict | None = key(None, "a blend YAML file (or mapping) of phases and datasets, see "
+                                                  "`loopfit prepare --help`")
+    phases: list | None = key(None, "inline blend: a list of {name, weights, until} phases")
+    weights: dict | None = key(None, "inline blend of one phase: {DATASET: weight}")
+    datasets: dict | None = key(None, "inline blend: {DATASET: folder} where a name is not a folder under root")
+    seq_len: int = key(1024, "tokens per training sequence")
+    pack: Literal["concat", "docs"] = key("concat", "concat: documents run together | docs: each sequence starts "
+                                                    "at a document, EOS-padded")
+    eval: str | None = key(None, "the prepared dataset whose 'val' split gives the held-out loss")
+    vocab_size: int | None = key(None, "largest token id + 1 (synthetic: default 256; tokens: default from the file)")
+
+    def check(self):
+        if self.seq_len < 1:
+            raise LoopfitError(f"data.seq_len is {self.seq_len}: it must be >= 1")
+        inline = any(v is not None for v in (self.phases, self.weights, self.datasets))
+        kinds = [k for k, on in (("data.synthetic", self.synthetic is not None),
+                                 ("data.tokens", self.tokens is not None),
+                                 ("data.root / data.blend", self.root is not None or self.blend is not None or inline))
+                 if on]
+        if len(kinds) > 1:
+            raise LoopfitError(f"{' and '.join(kinds)} are both set: a recipe reads one kind of data, remove the other")
+        if self.kind == "blend" and not self.blend_spec():
+            raise LoopfitError("data needs a blend: data.blend: FILE.yaml, or data.weights: {DATASET: 1.0}")
+        if self.kind == "blend" and self.vocab_size is not None:
+            raise LoopfitError("data.vocab_size is for synthetic or tokens data: prepared data knows its tokenizer, "
+                               "remove data.vocab_size")
+
+    @property
+    def kind(self):
+        """'synthetic', 'tokens', 'blend', or None when the recipe has no data."""
+        if self.synthetic is not None:
+            return "synthetic"
+        if self.tokens is not None:
+            return "tokens"
+        if any(v is not None for v in (self.root, self.blend, self.phases, self.weights, self.datasets)):
+            return "blend"
+        return None
+
+    def blend_spec(self):
+        """The blend to load: data.blend, or the inline phases / weights / datasets."""
+        inline = {k: getattr(self, k) for k in ("phases", "weights", "datasets") if getattr(self, k) is not None}
+        return self.blend or inline
 
 
 @dataclass
-class ScheduleConfig:
-    name: str = "wsd"              # wsd | cosine | constant | cpt
-    warmup: float = 0.005          # fraction of steps if < 1, else steps
-    decay: float = 0.8             # wsd: fraction of steps spent decaying
-    decay_shape: str = "cosine"    # linear | cosine | 1-sqrt
-    floor: float = 0.001           # final lr as a fraction of the start lr (cpt: 0.01)
+class RecurrenceConfig(Section):
+    """how many loops each micro-batch runs (docs/papers.md §2)"""
+
+    mode: Literal["sample", "fixed"] = key("sample", "sample: Poisson-lognormal depth per micro-batch | fixed: "
+                                                     "exactly `mean` loops")
+    mean: int = key(32, "mean recurrence rbar (its maximum when a curriculum ramps it)")
+    backprop: int = key(8, "k_max: the last k loops get gradients, earlier ones run under no_grad")
+    curriculum: Literal["none", "linear", "1-sqrt"] = key("1-sqrt", "how the curriculum ramps up its target")
+    curriculum_fraction: float = key(0.75, "ramp over this fraction of training, then hold")
+    curriculum_target: Literal["mean", "backprop", "both"] = key("mean", "what the curriculum ramps")
+    eval_steps: int = key(0, "loops r for the held-out loss (0: `mean`)")
+    depth_per: Literal["micro_batch", "step"] = key("micro_batch", "micro_batch: a new (n, k) per micro-batch (the "
+                                                                   "authors') | step: one per optimizer step")
+
+    def check(self):
+        if self.mean < 1 or self.backprop < 1:
+            raise LoopfitError("recurrence.mean and recurrence.backprop must be >= 1")
+        if self.eval_steps < 0:
+            raise LoopfitError(f"recurrence.eval_steps is {self.eval_steps}: use >= 1 loops, or 0 for recurrence.mean")
+        if not 0 < self.curriculum_fraction <= 1:
+            raise LoopfitError(f"recurrence.curriculum_fraction is {self.curriculum_fraction}: choose a fraction "
+                               "in (0, 1]")
 
 
 @dataclass
-class TrainConfig:
-    out_dir: str = "runs/train"
-    steps: int = 1000
-    batch_size: int = 64           # global sequences per optimizer step (all ranks, all micro-batches)
-    micro_batch_size: int = 4      # sequences per forward pass per rank; the rest is gradient accumulation
-    seed: int = 0
-    precision: str = "auto"        # auto (bf16 autocast on GPU, fp32 on CPU) | fp32 | bf16
-    compile: str = "auto"          # auto (on CUDA) | true | false: torch.compile each transformer block
-    activation_checkpointing: str = "none"  # none | core | all: recompute these blocks in the backward
-    on_nonfinite: str = "stop"     # stop (checkpoint last good state, exit with a message) | skip (drop the step)
-    log_every: int = 1
-    eval_every: int = 0            # held-out loss every N steps (0: only at the end if the data has a held-out set)
-    eval_batches: int = 4
-    peak_flops: float = 0.0        # FLOP/s for MFU (0: datasheet for known GPUs, measured matmul on CPU)
-    tensorboard: bool = True
-    progress: bool = True
+class OptimConfig(Section):
+    """the optimizers"""
+
+    name: Literal["muon", "adamw"] = key("muon", "muon: Muon for hidden matrices + AdamW for the rest | adamw: AdamW "
+                                                 "for everything")
+    lr: float = key(1e-3, "Muon lr")
+    adamw_lr: float = key(5e-5, "AdamW lr (embeddings, head, norms; everything when name is adamw)")
+    weight_decay: float = key(1e-4, "decoupled weight decay of both optimizers")
+    betas: list[float] = key([0.9, 0.95], "AdamW betas (beta1, beta2)")
+    eps: float = key(1e-8, "AdamW eps")
+    muon_momentum: float = key(0.95, "Muon momentum")
+    muon_adjust_lr: Literal["original", "match_rms_adamw"] = key("original", "Muon's lr scaling per matrix shape "
+                                                                             "(torch.optim.Muon's adjust_lr_fn)")
+    grad_clip: float = key(1.0, "clip the global gradient norm to this (0 disables)")
+
+    def check(self):
+        if len(self.betas) != 2:
+            raise LoopfitError(f"optim.betas is {self.betas}: give two numbers, e.g. --optim.betas=[0.9,0.95]")
+        if self.grad_clip < 0:
+            raise LoopfitError(f"optim.grad_clip is {self.grad_clip}: use a positive norm, or 0 to disable clipping")
+
+
+CPT_FLOOR, FLOOR = 0.01, 0.001
 
 
 @dataclass
-class CheckpointConfig:
-    every: int = 500               # steps between checkpoints (0: only at the end and on a signal)
-    keep: int = 3                  # keep the last K checkpoints
+class ScheduleConfig(Section):
+    """the lr schedule (loopfit.train.schedules)"""
+
+    name: Literal["wsd", "cosine", "constant", "cpt"] = key(
+        "wsd", "wsd: warmup-stable-decay | cosine | constant | cpt: continued pretraining, cosine from the start lr")
+    warmup: float = key(0.005, "warmup: a fraction of the steps if < 1, else a number of steps")
+    decay: float = key(0.8, "wsd: the fraction of steps spent decaying")
+    decay_shape: Literal["linear", "cosine", "1-sqrt"] = key("cosine", "wsd: the shape of the decay")
+    floor: float | None = key(None, f"final lr as a fraction of the start lr (unset: {CPT_FLOOR} for cpt, continued "
+                                       f"pretraining decays to lr / 100; {FLOOR} otherwise)")
+
+    def check(self):
+        if self.floor is None:  # resolved here, so the recipe written with the run states the value used
+            self.floor = CPT_FLOOR if self.name == "cpt" else FLOOR
+        if not 0 <= self.floor <= 1:
+            raise LoopfitError(f"schedule.floor is {self.floor}: choose a fraction of the start lr in [0, 1]")
+        if self.warmup < 0 or not 0 <= self.decay <= 1:
+            raise LoopfitError("schedule.warmup must be >= 0 and schedule.decay a fraction in [0, 1]")
 
 
 @dataclass
-class DistributedConfig:
-    strategy: str = "ddp"          # ddp | fsdp (FSDP2 fully_shard per block); used only under torchrun
+class TrainConfig(Section):
+    """the run"""
+
+    out_dir: str = key("runs/train", "where checkpoints, metrics and the final model go")
+    steps: int = key(1000, "optimizer steps")
+    batch_size: int = key(64, "global sequences per optimizer step (all ranks, all micro-batches)")
+    micro_batch_size: int = key(4, "sequences per forward pass per rank; the rest is gradient accumulation")
+    seed: int = key(0, "seed of the initial state noise, the depth draws and the data order")
+    precision: Literal["auto", "fp32", "bf16"] = key("auto", "auto: bf16 autocast on GPU, fp32 on CPU")
+    compile: Literal["auto", "true", "false"] = key("auto", "torch.compile each transformer block (auto: on CUDA)")
+    activation_checkpointing: Literal["none", "core", "all"] = key("none", "recompute these blocks' activations in "
+                                                                           "the backward")
+    on_nonfinite: Literal["stop", "skip"] = key("stop", "stop: checkpoint the last good state and exit with a message "
+                                                        "| skip: drop the step")
+    log_every: int = key(1, "write metrics every N steps")
+    eval_every: int = key(0, "held-out loss every N steps (0: only at the end, if the data has a held-out set)")
+    eval_batches: int = key(4, "batches of the held-out loss")
+    peak_flops: float = key(0.0, "FLOP/s for MFU (0: the datasheet for known GPUs, a measured matmul on CPU)")
+    tensorboard: bool = key(True, "also write TensorBoard logs to out_dir/tb")
+    progress: bool = key(True, "show a progress bar")
+
+    def check(self):
+        if self.steps < 1 or self.batch_size < 1 or self.micro_batch_size < 1:
+            raise LoopfitError("train.steps, train.batch_size and train.micro_batch_size must be >= 1")
+        if self.log_every < 1 or self.eval_every < 0 or self.eval_batches < 1:
+            raise LoopfitError("train.log_every and train.eval_batches must be >= 1, train.eval_every >= 0")
+        self.check_world(1)
+
+    def check_world(self, world):
+        """The global batch splits into micro-batches on `world` ranks."""
+        per_step = self.micro_batch_size * world
+        if self.batch_size % per_step:
+            raise LoopfitError(
+                f"train.batch_size {self.batch_size} is not divisible by micro_batch_size {self.micro_batch_size} x "
+                f"{world} rank(s) = {per_step}: choose a batch size that is a multiple of {per_step}")
+
+    def accumulation(self, world):
+        """Micro-batches per rank per optimizer step."""
+        return self.batch_size // (self.micro_batch_size * world)
+
+
+@dataclass
+class CheckpointConfig(Section):
+    """checkpoints in out_dir/checkpoints"""
+
+    every: int = key(500, "steps between checkpoints (0: only at the end and on a signal)")
+    keep: int = key(3, "keep the last K checkpoints")
+
+    def check(self):
+        if self.every < 0 or self.keep < 1:
+            raise LoopfitError("checkpoint.every must be >= 0 and checkpoint.keep >= 1")
+
+
+@dataclass
+class DistributedConfig(Section):
+    """multi-GPU runs (used only under torchrun)"""
+
+    strategy: Literal["ddp", "fsdp"] = key("ddp", "ddp: replicate the model | fsdp: FSDP2 fully_shard per block")
 
 
 @dataclass
 class Recipe:
     model: ModelConfig = field(default_factory=ModelConfig)
-    data: dict = field(default_factory=dict)
+    data: DataConfig = field(default_factory=DataConfig)
     recurrence: RecurrenceConfig = field(default_factory=RecurrenceConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
@@ -95,101 +263,148 @@ class Recipe:
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
 
     def to_dict(self):
-        return dataclasses.asdict(self)
+        """Every key with its value; the data section without its unset keys (a recipe that loads back the same)."""
+        d = dataclasses.asdict(self)
+        d["data"] = {k: v for k, v in d["data"].items() if v is not None}
+        return d
+
+    def check_runnable(self, world=1):
+        """What a training run needs beyond a valid recipe: a model, data, and a batch that splits over the ranks."""
+        from ..assets import OFFLINE_MODELS
+
+        if not self.model.init_from:
+            raise LoopfitError("no model: set model.init_from to a converted loopfit folder, a transformers model "
+                               f"folder or an offline model ({', '.join(OFFLINE_MODELS)})")
+        if self.data.kind is None:
+            raise LoopfitError("the recipe has no data: set data.root and data.blend (from `loopfit prepare`), or "
+                               "data.synthetic / data.tokens (see the recipes shipped in loopfit/recipes/)")
+        self.train.check_world(world)
 
 
-CHOICES = {
-    "recurrence.mode": ("sample", "fixed"),
-    "recurrence.curriculum": ("none", "linear", "1-sqrt"),
-    "recurrence.curriculum_target": ("mean", "backprop", "both"),
-    "optim.name": ("muon", "adamw"),
-    "optim.muon_adjust_lr": ("original", "match_rms_adamw"),
-    "schedule.name": ("wsd", "cosine", "constant", "cpt"),
-    "schedule.decay_shape": ("linear", "cosine", "1-sqrt"),
-    "recurrence.depth_per": ("micro_batch", "step"),
-    "train.precision": ("auto", "fp32", "bf16"),
-    "train.compile": ("auto", "true", "false"),
-    "train.activation_checkpointing": ("none", "core", "all"),
-    "train.on_nonfinite": ("stop", "skip"),
-    "distributed.strategy": ("ddp", "fsdp"),
-}
+SECTIONS = {f.name: f.default_factory for f in dataclasses.fields(Recipe)}
+SECTION_NAMES = {cls: name for name, cls in SECTIONS.items()}
+
+
+def _fields(cls):
+    hints = get_type_hints(cls)
+    return [(f, hints[f.name]) for f in dataclasses.fields(cls)]
+
+
+def _is_union(tp):
+    return get_origin(tp) in (Union, types.UnionType)
+
+
+def _optional(tp):
+    return _is_union(tp) and type(None) in get_args(tp)
+
+
+# --------------------------------------------------------------------------------------------- reading values
+
+
+def _type_name(tp):
+    if _is_union(tp):
+        return " or ".join(_type_name(a) for a in get_args(tp) if a is not type(None))
+    if get_origin(tp) is list:
+        return f"a list of {_type_name(get_args(tp)[0])}"
+    return {list: "a list", dict: "a mapping"}.get(tp, getattr(tp, "__name__", str(tp)))
+
+
+def _coerce(name, value, tp):
+    """`value` (from YAML or a command-line string) as the field type `tp` says, or a one-line error."""
+    origin, args = get_origin(tp), get_args(tp)
+    if _is_union(tp):  # X | None, or blend's str-or-mapping
+        if value is None and type(None) in args:
+            return None
+        arms = [a for a in args if a is not type(None)]
+        return _coerce(name, value, dict if isinstance(value, dict) and dict in arms else arms[0])
+    if origin is Literal:
+        text = str(value).lower() if isinstance(value, bool) else str(value)
+        if text not in args:
+            raise LoopfitError(f"recipe key '{name}' is {value!r}: choose one of {', '.join(args)}")
+        return text
+    try:
+        if tp is bool:
+            if isinstance(value, str):
+                value = {"true": True, "false": False, "1": True, "0": False}[value.lower()]
+            if not isinstance(value, (bool, int)):
+                raise TypeError
+            return bool(value)
+        if tp is int:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError
+            return int(value)
+        if tp is float:
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        if tp is str:
+            return "" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
+        if origin is list or tp is list:
+            items = list(value) if isinstance(value, (list, tuple)) else str(value).split(",")
+            return [args[0](v) for v in items] if args else items
+        if tp is dict:
+            if not isinstance(value, dict):
+                raise TypeError
+            return dict(value)
+    except (ValueError, TypeError, KeyError):
+        raise LoopfitError(f"recipe key '{name}' expects {_type_name(tp)}, got {value!r}") from None
+    raise TypeError(f"recipe field type {tp} has no reader")  # a programming error, not a user's
 
 
 def all_keys():
-    """Every dotted key a recipe may set, e.g. 'optim.lr' (the data section's keys belong to the data pipeline)."""
-    keys = []
-    for section in dataclasses.fields(Recipe):
-        if section.name == "data":
-            continue
-        keys += [f"{section.name}.{f.name}" for f in dataclasses.fields(section.default_factory())]
-    return keys
+    """Every dotted key a recipe may set, e.g. 'optim.lr'."""
+    return [f"{s}.{f.name}" for s, cls in SECTIONS.items() for f in dataclasses.fields(cls)]
 
 
-def _unknown(key):
-    close = difflib.get_close_matches(key, all_keys() + [s.name for s in dataclasses.fields(Recipe)], n=1, cutoff=0.6)
+def _unknown(name):
+    close = difflib.get_close_matches(name, all_keys() + list(SECTIONS), n=1, cutoff=0.6)
     hint = f"did you mean '{close[0]}'?" if close else "see `loopfit train --help` for the recipe keys"
-    return LoopfitError(f"unknown recipe key '{key}': {hint}")
+    return LoopfitError(f"unknown recipe key '{name}': {hint}")
 
 
-def _coerce(key, value, default):
-    try:
-        if isinstance(default, bool):
-            if isinstance(value, str):
-                value = {"true": True, "false": False, "1": True, "0": False}[value.lower()]
-            return bool(value)
-        if isinstance(default, int):
-            if isinstance(value, float) and not value.is_integer():
-                raise ValueError
-            return int(value)
-        if isinstance(default, float):
-            return float(value)
-        if isinstance(default, list):
-            return list(value) if isinstance(value, (list, tuple)) else [float(v) for v in str(value).split(",")]
-        if isinstance(default, str):
-            value = "" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
-    except (ValueError, TypeError, KeyError):
-        raise LoopfitError(f"recipe key '{key}' expects {type(default).__name__}, got {value!r}") from None
-    if key in CHOICES and value not in CHOICES[key]:
-        raise LoopfitError(f"recipe key '{key}' is {value!r}: choose one of {', '.join(CHOICES[key])}")
-    return value
+def _put(raw, dotted, value):
+    """Set SECTION.KEY[.SUBKEY...] in the nested dict of raw values; a subkey goes inside a mapping-valued key."""
+    section, _, rest = dotted.partition(".")
+    if section not in SECTIONS:
+        raise _unknown(dotted)
+    node = raw.setdefault(section, {})
+    *parents, leaf = rest.split(".")
+    if parents and parents[0] not in {f.name for f in dataclasses.fields(SECTIONS[section])}:
+        raise _unknown(f"{section}.{parents[0]}")
+    for p in parents:
+        if not isinstance(node.get(p), dict):
+            node[p] = {}
+        node = node[p]
+    node[leaf] = value
 
 
-def _set(recipe, key, value):
-    section, _, name = key.partition(".")
-    if section == "data" and name:
-        node = recipe.data
-        *parents, leaf = name.split(".")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = value
-        return
-    if section == "data":
-        if not isinstance(value, dict):
-            raise LoopfitError("recipe section 'data' must be a mapping")
-        recipe.data = dict(value)
-        return
-    if not name or not hasattr(recipe, section) or not hasattr(getattr(recipe, section), name):
-        raise _unknown(key)
-    obj = getattr(recipe, section)
-    setattr(obj, name, _coerce(key, value, getattr(obj, name)))
+def _build(section, values):
+    cls = SECTIONS[section]
+    kwargs = {}
+    for f, tp in _fields(cls):
+        if f.name in values:
+            kwargs[f.name] = _coerce(f"{section}.{f.name}", values.pop(f.name), tp)
+    if values:
+        raise _unknown(f"{section}.{sorted(values)[0]}")
+    return cls(**kwargs)
 
 
 def parse_override(text):
     """'--optim.lr=3e-4' or 'optim.lr=3e-4' -> ('optim.lr', 0.0003)."""
     body = text[2:] if text.startswith("--") else text
-    key, eq, raw = body.partition("=")
-    if not eq or "." not in key:
+    name, eq, raw = body.partition("=")
+    if not eq or "." not in name:
         raise LoopfitError(f"override {text!r} must look like --section.key=value (e.g. --optim.lr=3e-4)")
-    return key, yaml.safe_load(raw) if raw else ""
+    return name, yaml.safe_load(raw) if raw else ""
 
 
 def load_recipe(source=None, overrides=()):
     """Recipe from a YAML path or dict (or defaults), then `overrides`: strings like '--train.steps=10' or pairs."""
-    recipe = Recipe()
     if isinstance(source, (str, Path)):
         path = recipes.resolve(source)
         if not path.is_file():
-            raise LoopfitError(f"recipe {path} not found: pass a YAML file or a shipped recipe ({', '.join(recipes.shipped())})")
+            raise LoopfitError(f"recipe {path} not found: pass a YAML file or a shipped recipe "
+                               f"({', '.join(recipes.shipped())})")
         try:
             data = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as e:
@@ -198,29 +413,38 @@ def load_recipe(source=None, overrides=()):
         data = dict(source or {})
     if not isinstance(data, dict):
         raise LoopfitError("a recipe must be a mapping of sections (model, data, recurrence, optim, ...)")
+    raw = {}
     for section, values in data.items():
-        if section == "data":
-            _set(recipe, "data", values or {})
-        elif not isinstance(values, dict):
-            raise _unknown(section) if not hasattr(recipe, section) else LoopfitError(
-                f"recipe section '{section}' must be a mapping of keys")
-        else:
-            for name, value in values.items():
-                _set(recipe, f"{section}.{name}", value)
+        if section not in SECTIONS:  # a misspelt section: suggest with its first key, 'recurrence.mean'
+            raise _unknown(f"{section}.{next(iter(values))}" if isinstance(values, dict) and values else str(section))
+        if values is None:
+            values = {}
+        if not isinstance(values, dict):
+            raise LoopfitError(f"recipe section '{section}' must be a mapping of keys")
+        raw[section] = {str(k): v for k, v in values.items()}
     for item in overrides:
-        key, value = parse_override(item) if isinstance(item, str) else item
-        _set(recipe, key, value)
-    return recipe
+        name, value = parse_override(item) if isinstance(item, str) else item
+        _put(raw, name, value)
+    return Recipe(**{section: _build(section, raw.get(section, {})) for section in SECTIONS})
+
+
+def data_config(data):
+    """A DataConfig from a DataConfig or a dict of data keys (checked like a recipe's data section)."""
+    return data if isinstance(data, DataConfig) else _build("data", dict(data or {}))
+
+
+# --------------------------------------------------------------------------------------------- --help
 
 
 def describe_keys():
-    """One line per recipe key with its default, for --help."""
+    """The recipe keys for --help, grouped by section: key, default, choices and what it does."""
     lines = []
-    for section in dataclasses.fields(Recipe):
-        if section.name == "data":
-            lines.append("  data.*                       passed to the data pipeline (see `loopfit prepare --help`)")
-            continue
-        for f in dataclasses.fields(section.default_factory()):
-            default = getattr(section.default_factory(), f.name)
-            lines.append(f"  {section.name}.{f.name:<{27 - len(section.name)}} {default!r}")
+    for section, cls in SECTIONS.items():
+        lines.append(f"\n{section}: {cls.__doc__.strip()}")
+        for f, tp in _fields(cls):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            allowed = choices(tp)
+            shown = "unset" if default is None else repr(default)
+            what = f.metadata["doc"] + (f" [{' | '.join(allowed)}]" if allowed else "")
+            lines.append(f"  {section}.{f.name} = {shown}\n      {what}")
     return "\n".join(lines)

@@ -7,9 +7,9 @@
     vocab_size                                 largest token id + 1 it can produce (checked against the model)
     eval_batches(n) -> iterable of such dicts  optional: this rank's held-out batches for the fixed-r eval loss
 
-`build_source` makes one from the recipe's `data` section: `synthetic:` (random or learnable patterns, for
-smoke tests and benchmarks), `tokens:` (one .npy / .pt file of token ids, sampled in windows), or else the
-prepared shards and phased blends of `loopfit.data`.
+`build_source` makes one from the recipe's `data` section (a DataConfig, checked when the recipe loads):
+`synthetic:` (random or learnable patterns, for smoke tests and benchmarks), `tokens:` (one .npy / .pt file of
+token ids, sampled in windows), or else the prepared shards and phased blends of `loopfit.data`.
 """
 
 from pathlib import Path
@@ -29,8 +29,6 @@ class SyntheticSource:
     """Deterministic synthetic batches: 'random' tokens, or 'pattern' (arithmetic sequences mod vocab: learnable)."""
 
     def __init__(self, kind="pattern", vocab_size=256, seq_len=64, batch_size=8, rank=0, world=1, seed=0):
-        if kind not in ("random", "pattern"):
-            raise LoopfitError(f"data.synthetic is {kind!r}: choose random or pattern")
         self.kind, self.vocab_size, self.seq_len = kind, int(vocab_size), int(seq_len)
         self.batch_size, self.rank, self.world, self.seed = int(batch_size), rank, world, int(seed)
 
@@ -136,40 +134,27 @@ class BlendSource:
             self.sampler.load_state_dict(state)
 
 
-def build_source(data_cfg, batch_size, rank, world, seed, total_steps=None, lr_fraction_at=None, eval_batch_size=4):
-    """A data source for this rank from the recipe's `data` section (see the module docstring).
+def build_source(data, batch_size, rank, world, seed, total_steps=None, lr_fraction_at=None, eval_batch_size=4):
+    """A data source for this rank from the recipe's `data` section (a DataConfig, or a dict of its keys; see the
+    module docstring and `loopfit train --help`)."""
+    from .config import data_config
 
-    Prepared data: `root` (the --out of `loopfit prepare`), `blend` (a blend YAML, or inline `phases:` /
-    `weights:` / `datasets:`), `seq_len`, `pack` (concat | docs), `eval` (dataset whose 'val' split gives the
-    held-out loss).
-    """
-    cfg = dict(data_cfg or {})
-    seq_len = int(cfg.pop("seq_len", 1024))
-    if not cfg:
+    cfg = data_config(data)
+    if cfg.kind is None:
         raise LoopfitError("the recipe has no data: set data.root and data.blend (from `loopfit prepare`), or "
                            "data.synthetic / data.tokens (see the recipes shipped in loopfit/recipes/)")
-    if "synthetic" in cfg:
-        return SyntheticSource(cfg["synthetic"], int(cfg.get("vocab_size", 256)), seq_len, batch_size, rank, world, seed)
-    if "tokens" in cfg:
-        return TokenWindowSource(_load_tokens(cfg["tokens"]), seq_len, batch_size, rank, world, seed, cfg.get("vocab_size"))
+    if cfg.kind == "synthetic":
+        return SyntheticSource(cfg.synthetic, cfg.vocab_size or 256, cfg.seq_len, batch_size, rank, world, seed)
+    if cfg.kind == "tokens":
+        return TokenWindowSource(_load_tokens(cfg.tokens), cfg.seq_len, batch_size, rank, world, seed, cfg.vocab_size)
     from ..data import BlendSampler, load_blend
 
-    root = cfg.pop("root", None)
-    if root is not None and not Path(root).is_dir():
-        raise LoopfitError(f"data.root {root} does not exist: run `loopfit prepare ... --out {root}` first")
-    inline = {k: cfg.pop(k) for k in ("phases", "weights", "datasets") if k in cfg}
-    blend_spec = cfg.pop("blend", None) or inline
-    if not blend_spec:
-        raise LoopfitError("data needs a blend: data.blend: FILE.yaml, or data.weights: {DATASET: 1.0}")
-    blend = load_blend(blend_spec, root)
-    eval_name = cfg.pop("eval", None)
-    pack = cfg.pop("pack", "concat")
-    if cfg:
-        raise LoopfitError(f"unknown data key '{sorted(cfg)[0]}': data takes root, blend (or phases / weights / "
-                           "datasets), seq_len, pack, eval")
-    sampler = BlendSampler(blend, seq_len, batch_size, rank=rank, world_size=world, seed=seed, total_steps=total_steps,
-                           pack=pack, lr_fraction_at=lr_fraction_at)
+    if cfg.root is not None and not Path(cfg.root).is_dir():
+        raise LoopfitError(f"data.root {cfg.root} does not exist: run `loopfit prepare ... --out {cfg.root}` first")
+    blend = load_blend(cfg.blend_spec(), cfg.root)
+    sampler = BlendSampler(blend, cfg.seq_len, batch_size, rank=rank, world_size=world, seed=seed,
+                           total_steps=total_steps, pack=cfg.pack, lr_fraction_at=lr_fraction_at)
     eval_folder = None
-    if eval_name:
-        eval_folder = blend.datasets.get(eval_name) or Path(root or ".") / eval_name
+    if cfg.eval:
+        eval_folder = blend.datasets.get(cfg.eval) or Path(cfg.root or ".") / cfg.eval
     return BlendSource(sampler, eval_folder, eval_batch_size)

@@ -31,6 +31,7 @@ import signal
 import sys
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -41,7 +42,7 @@ from .. import LoopfitError, __version__
 from ..io import atomic_dir, atomic_file, check_writable
 from ..loading import OFFLINE_MODELS, from_pretrained, is_recurrent, offline_folder
 from . import checkpoint, distributed
-from .config import ScheduleConfig, describe_keys, load_recipe
+from .config import describe_keys, load_recipe
 from .flops import param_counts, peak_flops, train_flops
 from .optim import build_optimizers, remember_base_lr, set_lr
 from .performance import compile_blocks, compile_wanted, set_activation_checkpointing
@@ -108,12 +109,9 @@ def _say(d, msg):
         tqdm.write(f"loopfit train: {msg}", file=sys.stderr)
 
 
-def _check_recipe(cfg, d):
-    t = cfg.train
-    if not cfg.model.init_from:
-        raise LoopfitError("no model: set model.init_from to a converted loopfit folder, a transformers model folder "
-                           f"or an offline model ({', '.join(OFFLINE_MODELS)})")
-    if cfg.model.init_from in OFFLINE_MODELS:  # a short name: its fp32 folder, dequantized once by the main rank
+def _resolve_model(cfg, d):
+    """model.init_from as a model folder: an offline short name becomes its fp32 folder (dequantized once)."""
+    if cfg.model.init_from in OFFLINE_MODELS:
         if d.main:
             offline_folder(cfg.model.init_from)
         distributed.barrier()
@@ -121,18 +119,6 @@ def _check_recipe(cfg, d):
     if not Path(cfg.model.init_from).is_dir() or not (Path(cfg.model.init_from) / "config.json").is_file():
         raise LoopfitError(f"model.init_from {cfg.model.init_from} is not a model folder with a config.json: "
                            "convert one with `loopfit convert` or point to a saved transformers model")
-    if cfg.schedule.name == "cpt" and cfg.schedule.floor == ScheduleConfig.floor:
-        cfg.schedule.floor = 0.01  # continued pretraining decays to lr_start / 100 unless told otherwise
-    if t.steps < 1 or t.batch_size < 1 or t.micro_batch_size < 1:
-        raise LoopfitError("train.steps, train.batch_size and train.micro_batch_size must be >= 1")
-    per_step = t.micro_batch_size * d.world
-    if t.batch_size % per_step:
-        raise LoopfitError(
-            f"train.batch_size {t.batch_size} is not divisible by micro_batch_size {t.micro_batch_size} x "
-            f"{d.world} rank(s) = {per_step}: choose a batch size that is a multiple of {per_step}")
-    r = cfg.recurrence
-    if r.mean < 1 or r.backprop < 1:
-        raise LoopfitError("recurrence.mean and recurrence.backprop must be >= 1")
 
 
 def _load_model(cfg):
@@ -173,18 +159,19 @@ def _export_final(out_dir, model, cfg, d):
     return dest
 
 
-def _eval_loss(model, source, cfg, d, recurrent, autocast):
+def _eval_loss(run):
     """Mean held-out next-token loss at a fixed number of loops (recurrence.eval_steps, default its mean)."""
-    if not hasattr(source, "eval_batches"):
+    cfg, d, model = run.cfg, run.d, run.model
+    if not hasattr(run.source, "eval_batches"):
         return None
     r = cfg.recurrence.eval_steps or cfg.recurrence.mean
-    kwargs = {"num_steps": r} if recurrent else {}
+    kwargs = {"num_steps": r} if run.recurrent else {}
     model.eval()
     total = count = 0.0
-    with torch.no_grad(), autocast():
-        for b in source.eval_batches(cfg.train.eval_batches):
+    with torch.no_grad(), run.autocast():
+        for b in run.source.eval_batches(cfg.train.eval_batches):
             ids, labels = b["input_ids"].to(d.device), b.get("labels", b["input_ids"]).to(d.device)
-            total += _loss_sum(model, ids, labels, recurrent, kwargs).item()
+            total += _loss_sum(model, ids, labels, run.recurrent, kwargs).item()
             count += (labels[:, 1:] != -100).sum().item()
     model.train()
     total, count = distributed.all_sum([total, count], d.device)
@@ -259,9 +246,67 @@ def _start_state(cfg, d, resume, out_dir):
     return path
 
 
-def _train(cfg, d, resume, data):
+def _schedule(cfg):
+    """(lr_at, blend_lr_at): the lr multiplier at a step, and what an lr-triggered blend switch reads (1 in warmup)."""
+    s, total = cfg.schedule, cfg.train.steps
+    args = (s.name, s.warmup, s.decay, s.decay_shape, s.floor)
+    return (lambda step: lr_factor(step, total, *args)), (lambda step: lr_fraction(step, total, *args))
+
+
+def _depths(cfg, step, accum, recurrent):
+    """(n, k, rbar) of each micro-batch of `step`: one draw per micro-batch, or one per step (depth_per=step)."""
+    if not recurrent:
+        return [(0, 1, 0)] * accum
+    per_micro = cfg.recurrence.depth_per == "micro_batch"
+    return [depth_for_step(step, cfg.train.steps, cfg.recurrence, cfg.train.seed, i if per_micro else None)[:3]
+            for i in range(accum)]
+
+
+@dataclass
+class _Run:
+    """What the steps of a run share: set up once by `_setup`, advanced by `_step`, closed by `_finish`."""
+
+    cfg: object
+    d: object
+    out_dir: Path
+    model: object
+    recurrent: bool
+    counts: dict
+    source: object
+    optimizers: list
+    metrics: object
+    peak: float
+    bf16: bool
+    accum: int
+    lr_at: object
+    blend_lr_at: object
+    bar: object = None
+    start: int = 0
+    tokens: int = 0
+    flops: float = 0.0
+    flops_full: float = 0.0
+    last_saved: int = -1  # the step of the newest checkpoint this run holds
+    loss: float = math.nan
+    eval_loss: float = None
+
+    def autocast(self):
+        return torch.autocast(self.d.device.type, dtype=torch.bfloat16, enabled=self.bf16)
+
+    def save(self, step):
+        state = {"step": step, "tokens": self.tokens, "flops": self.flops, "flops_full": self.flops_full,
+                 "data": self.source.state_dict()}
+        return checkpoint.save(self.out_dir, step, self.model, self.optimizers, state, self.d,
+                               self.cfg.checkpoint.keep, recipe=self.cfg.to_dict())
+
+    def saved_path(self, step):
+        return checkpoint.checkpoint_dir(self.out_dir) / f"step-{step:08d}"
+
+
+def _setup(cfg, d, resume, data):
+    """Check the recipe against this run, load the model, data and optimizers (or a checkpoint's state)."""
     t = cfg.train
-    _check_recipe(cfg, d)
+    cfg.check_runnable(d.world)
+    _resolve_model(cfg, d)
     out_dir = Path(t.out_dir)
     check_writable(out_dir, "train.out_dir")  # before the model loads
     ckpt_path = _start_state(cfg, d, resume, out_dir)
@@ -270,14 +315,7 @@ def _train(cfg, d, resume, data):
     model = _load_model(cfg)
     recurrent = is_recurrent(model)
     counts = param_counts(model)
-    sched = (cfg.schedule.name, cfg.schedule.warmup, cfg.schedule.decay, cfg.schedule.decay_shape, cfg.schedule.floor)
-
-    def lr_at(step):
-        return lr_factor(step, t.steps, *sched)
-
-    def blend_lr_at(step):  # what an lr-triggered blend switch reads (1 during warmup)
-        return lr_fraction(step, t.steps, *sched)
-
+    lr_at, blend_lr_at = _schedule(cfg)
     source = data if data is not None else build_source(cfg.data, t.batch_size, d.rank, d.world, t.seed, t.steps,
                                                         blend_lr_at, t.micro_batch_size)
     _check_data(source, model)
@@ -291,11 +329,11 @@ def _train(cfg, d, resume, data):
     optimizers = build_optimizers(model, cfg.optim)
     remember_base_lr(optimizers)
 
-    start, tokens_total, flops_total, flops_full_total = 0, 0, 0.0, 0.0
+    start, tokens, flops, flops_full = 0, 0, 0.0, 0.0
     if ckpt_path is not None:
         state = checkpoint.load(ckpt_path, model, optimizers, d)
-        start, tokens_total, flops_total = state["step"], state["tokens"], state["flops"]
-        flops_full_total = state.get("flops_full", flops_total)
+        start, tokens, flops = state["step"], state["tokens"], state["flops"]
+        flops_full = state.get("flops_full", flops)
         source.load_state_dict(state.get("data", {}))
         _say(d, f"resumed from {ckpt_path} at step {start}" + ("" if state["rng_restored"] else
              f" (saved with {state['world']} ranks, now {d.world}: RNG reseeded, not bit-exact)"))
@@ -311,126 +349,125 @@ def _train(cfg, d, resume, data):
         _say(d, note)
     peak, peak_source = peak_flops(d.device, t.peak_flops)
     bf16 = t.precision == "bf16" or (t.precision == "auto" and d.device.type == "cuda")
-
-    def autocast():
-        return torch.autocast(d.device.type, dtype=torch.bfloat16, enabled=bf16)
-
-    accum = t.batch_size // (t.micro_batch_size * d.world)
+    accum = t.accumulation(d.world)
     _say(d, f"{'recurrent' if recurrent else 'plain'} model, non-embedding params {counts}; {t.steps} steps of "
          f"{t.batch_size} sequences ({t.micro_batch_size} x {d.world} rank(s) x {accum} accumulation); "
          f"MFU against {peak:.3g} FLOP/s ({peak_source})"
          + (f"; {checkpointed} blocks recompute activations" if checkpointed else "")
          + ("; blocks compiled (the first steps compile)" if compiled else ""))
 
-    def trainer_state(step):
-        return {"step": step, "tokens": tokens_total, "flops": flops_total, "flops_full": flops_full_total,
-                "data": source.state_dict()}
-
-    def save(step):
-        return checkpoint.save(out_dir, step, model, optimizers, trainer_state(step), d, cfg.checkpoint.keep,
-                               recipe=cfg.to_dict())
-
     bar = None
     if d.main and t.progress:
         from tqdm import tqdm
 
         bar = tqdm(total=t.steps, initial=start, desc="train", dynamic_ncols=True)
-
     # a resumed run starts from what the killed one logged (its loss shows even if no step is left to run)
-    last_saved, loss, eval_loss, stopped = start if ckpt_path else -1, metrics.last("loss", math.nan), None, None
-    with StopSignal() as stop:
-        for step in range(start, t.steps):
-            factor = lr_at(step)
-            lrs = set_lr(optimizers, factor)
-            per_micro = cfg.recurrence.depth_per == "micro_batch"
-            depths = [depth_for_step(step, t.steps, cfg.recurrence, t.seed, i if per_micro else None)[:3]
-                      if recurrent else (0, 1, 0) for i in range(accum)]
-            batch = source.batch(step, blend_lr_at(step))
-            ids = batch["input_ids"].to(d.device)
-            labels = batch.get("labels", batch["input_ids"]).to(d.device)
-            local_tokens = float((labels[:, 1:] != -100).sum())
-            # one collective: the global count of predicted tokens (loss normaliser) and whether any rank got a signal
-            global_tokens, stop_votes = distributed.all_sum([local_tokens, float(stop.name is not None)], d.device)
-            if stop_votes:
-                stopped = stop.name or "SIGTERM"
-                break
+    return _Run(cfg, d, out_dir, model, recurrent, counts, source, optimizers, metrics, peak, bf16, accum, lr_at,
+                blend_lr_at, bar, start, tokens, flops, flops_full, last_saved=start if ckpt_path else -1,
+                loss=metrics.last("loss", math.nan))
 
-            t0 = time.perf_counter()
-            loss_sum = 0.0
-            for i, (n, k, _) in enumerate(depths):
-                rows = slice(i * t.micro_batch_size, (i + 1) * t.micro_batch_size)
-                kwargs = {"num_steps": (n, k)} if recurrent else {}
-                with distributed.grad_sync(model, i == accum - 1), autocast():
-                    ce = _loss_sum(model, ids[rows], labels[rows], recurrent, kwargs)
-                    # sum over tokens / global count, x world because DDP and FSDP average gradients over ranks
-                    (ce * (d.world / max(global_tokens, 1.0))).backward()
-                loss_sum += ce.item()
-            (loss_total,) = distributed.all_sum([loss_sum], d.device)
-            loss = loss_total / max(global_tokens, 1.0)
-            grad_norm = _grad_norm(model, cfg.optim.grad_clip)
 
-            if not (math.isfinite(loss) and math.isfinite(grad_norm)):
-                for opt in optimizers:
-                    opt.zero_grad(set_to_none=True)
-                what = f"loss {loss:.4g}, grad norm {grad_norm:.4g}"
-                if t.on_nonfinite == "skip":
-                    _say(d, f"step {step + 1}: non-finite ({what}); skipped (train.on_nonfinite=skip)")
-                    metrics.log({"step": step + 1, "skipped": 1, "loss": None, "lr": lrs[0]})
-                    if bar:
-                        bar.update(1)
-                    continue
-                path = save(step) if last_saved != step else checkpoint.checkpoint_dir(out_dir) / f"step-{step:08d}"
-                if bar:
-                    bar.close()
-                metrics.close()
-                raise LoopfitError(
-                    f"non-finite training signal at step {step + 1} ({what}): stopped; the last good state (after step "
-                    f"{step}) is saved in {path}. Lower optim.lr / optim.adamw_lr or optim.grad_clip, check the data, "
-                    "then continue with --resume (or set train.on_nonfinite=skip to drop such steps)")
-            for opt in optimizers:
-                opt.step()
-                opt.zero_grad(set_to_none=True)
+def _step_record(done, loss, lrs, grad_norm, depths, run, step_tokens, step_flops, step_flops_full, dt):
+    """The metrics line of one optimizer step (totals already include it)."""
+    n, k = (_mean([dep[j] for dep in depths]) for j in (0, 1))
+    world = run.d.world
+    record = {"step": done, "loss": loss, "lr": lrs[0], "grad_norm": grad_norm, "n": n, "k": k,
+              "rbar": depths[0][2], "tokens": run.tokens, "flops": run.flops,
+              "flops_full": run.flops_full, "tokens_per_s": step_tokens / dt,
+              "mfu": step_flops / dt / (run.peak * world), "mfu_full": step_flops_full / dt / (run.peak * world),
+              "time": dt}
+    if len(lrs) > 1:
+        record["lr_adamw"] = lrs[-1]
+    return record
 
-            dt = time.perf_counter() - t0
-            step_tokens = int(ids.numel() * d.world)
-            micro_tokens = step_tokens // accum
-            step_flops = sum(train_flops(micro_tokens, counts, n, k) for n, k, _ in depths)
-            step_flops_full = sum(train_flops(micro_tokens, counts, n, k, full=True) for n, k, _ in depths)
-            tokens_total += step_tokens
-            flops_total += step_flops
-            flops_full_total += step_flops_full
-            done = step + 1
-            n, k = (_mean([dep[j] for dep in depths]) for j in (0, 1))
-            record = {"step": done, "loss": loss, "lr": lrs[0], "grad_norm": grad_norm, "n": n, "k": k,
-                      "rbar": depths[0][2], "tokens": tokens_total, "flops": flops_total,
-                      "flops_full": flops_full_total, "tokens_per_s": step_tokens / dt,
-                      "mfu": step_flops / dt / (peak * d.world), "mfu_full": step_flops_full / dt / (peak * d.world),
-                      "time": dt}
-            if len(lrs) > 1:
-                record["lr_adamw"] = lrs[-1]
-            if d.device.type == "cuda":
-                record["peak_memory_gib"] = torch.cuda.max_memory_allocated(d.device) / 2**30
-            if t.eval_every and done % t.eval_every == 0:
-                eval_loss = record["eval_loss"] = _eval_loss(model, source, cfg, d, recurrent, autocast)
-            if done % max(1, t.log_every) == 0 or "eval_loss" in record or done == t.steps:
-                metrics.log(record)
-            if bar:
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{record['tokens_per_s']:.0f}",
-                                r=f"{n + k:g}" if recurrent else "-", lr=f"{lrs[0]:.2e}")
-            if cfg.checkpoint.every and done % cfg.checkpoint.every == 0 and done < t.steps:
-                save(done)
-                last_saved = done
-        else:
-            step = t.steps
 
-    done = step if stopped else t.steps
-    if last_saved != done:
-        path = save(done)
-    else:
-        path = checkpoint.checkpoint_dir(out_dir) / f"step-{done:08d}"
-    if bar:
-        bar.close()
+def _step(run, step, stop):
+    """One optimizer step at 0-based `step`; returns the name of a signal that stops the run before it, else None."""
+    cfg, d, t, model = run.cfg, run.d, run.cfg.train, run.model
+    lrs = set_lr(run.optimizers, run.lr_at(step))
+    depths = _depths(cfg, step, run.accum, run.recurrent)
+    batch = run.source.batch(step, run.blend_lr_at(step))
+    ids = batch["input_ids"].to(d.device)
+    labels = batch.get("labels", batch["input_ids"]).to(d.device)
+    local_tokens = float((labels[:, 1:] != -100).sum())
+    # one collective: the global count of predicted tokens (loss normaliser) and whether any rank got a signal
+    global_tokens, stop_votes = distributed.all_sum([local_tokens, float(stop.name is not None)], d.device)
+    if stop_votes:
+        return stop.name or "SIGTERM"
+
+    t0 = time.perf_counter()
+    loss_sum = 0.0
+    for i, (n, k, _) in enumerate(depths):
+        rows = slice(i * t.micro_batch_size, (i + 1) * t.micro_batch_size)
+        kwargs = {"num_steps": (n, k)} if run.recurrent else {}
+        with distributed.grad_sync(model, i == run.accum - 1), run.autocast():
+            ce = _loss_sum(model, ids[rows], labels[rows], run.recurrent, kwargs)
+            # sum over tokens / global count, x world because DDP and FSDP average gradients over ranks
+            (ce * (d.world / max(global_tokens, 1.0))).backward()
+        loss_sum += ce.item()
+    (loss_total,) = distributed.all_sum([loss_sum], d.device)
+    loss = run.loss = loss_total / max(global_tokens, 1.0)
+    grad_norm = _grad_norm(model, cfg.optim.grad_clip)
+
+    if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+        _nonfinite(run, step, f"loss {loss:.4g}, grad norm {grad_norm:.4g}", lrs)
+        return None
+    for opt in run.optimizers:
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    dt = time.perf_counter() - t0
+    step_tokens = int(ids.numel() * d.world)
+    micro_tokens = step_tokens // run.accum
+    step_flops = sum(train_flops(micro_tokens, run.counts, n, k) for n, k, _ in depths)
+    step_flops_full = sum(train_flops(micro_tokens, run.counts, n, k, full=True) for n, k, _ in depths)
+    run.tokens += step_tokens
+    run.flops += step_flops
+    run.flops_full += step_flops_full
+    done = step + 1
+    record = _step_record(done, loss, lrs, grad_norm, depths, run, step_tokens, step_flops, step_flops_full, dt)
+    if d.device.type == "cuda":
+        record["peak_memory_gib"] = torch.cuda.max_memory_allocated(d.device) / 2**30
+    if t.eval_every and done % t.eval_every == 0:
+        run.eval_loss = record["eval_loss"] = _eval_loss(run)
+    if done % max(1, t.log_every) == 0 or "eval_loss" in record or done == t.steps:
+        run.metrics.log(record)
+    if run.bar:
+        run.bar.update(1)
+        run.bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{record['tokens_per_s']:.0f}",
+                            r=f"{record['n'] + record['k']:g}" if run.recurrent else "-", lr=f"{lrs[0]:.2e}")
+    if cfg.checkpoint.every and done % cfg.checkpoint.every == 0 and done < t.steps:
+        run.save(done)
+        run.last_saved = done
+    return None
+
+
+def _nonfinite(run, step, what, lrs):
+    """A non-finite loss or gradient: drop the step (train.on_nonfinite=skip) or save the last good state and stop."""
+    for opt in run.optimizers:
+        opt.zero_grad(set_to_none=True)
+    if run.cfg.train.on_nonfinite == "skip":
+        _say(run.d, f"step {step + 1}: non-finite ({what}); skipped (train.on_nonfinite=skip)")
+        run.metrics.log({"step": step + 1, "skipped": 1, "loss": None, "lr": lrs[0]})
+        if run.bar:
+            run.bar.update(1)
+        return
+    path = run.save(step) if run.last_saved != step else run.saved_path(step)
+    if run.bar:
+        run.bar.close()
+    run.metrics.close()
+    raise LoopfitError(
+        f"non-finite training signal at step {step + 1} ({what}): stopped; the last good state (after step "
+        f"{step}) is saved in {path}. Lower optim.lr / optim.adamw_lr or optim.grad_clip, check the data, "
+        "then continue with --resume (or set train.on_nonfinite=skip to drop such steps)")
+
+
+def _finish(run, done, stopped):
+    """Checkpoint the last step; unless a signal stopped the run, the final held-out loss and the final/ folder."""
+    cfg, d, t, metrics = run.cfg, run.d, run.cfg.train, run.metrics
+    path = run.save(done) if run.last_saved != done else run.saved_path(done)
+    if run.bar:
+        run.bar.close()
     final = None
     if stopped:
         _say(d, f"stopped by {stopped} after step {done}: checkpoint {path}; continue with `loopfit train "
@@ -438,16 +475,29 @@ def _train(cfg, d, resume, data):
     else:
         logged = metrics.logged(done, "eval_loss")
         if logged is not None:  # the killed run logged it, then died exporting final/: log it once
-            eval_loss = logged
+            run.eval_loss = logged
         elif not t.eval_every or t.steps % t.eval_every:
-            eval_loss = _eval_loss(model, source, cfg, d, recurrent, autocast)
-            if eval_loss is not None:
-                metrics.log({"step": done, "eval_loss": eval_loss, "tokens": tokens_total, "flops": flops_total,
-                             "flops_full": flops_full_total})
-        final = _export_final(out_dir, model, cfg, d)
-        _say(d, f"done: {done} steps, {tokens_total} tokens, {flops_total:.3g} FLOPs, loss {loss:.4f}"
-                + (f", held-out loss {eval_loss:.4f}" if eval_loss is not None else "") + f"; model in {final}")
+            run.eval_loss = _eval_loss(run)
+            if run.eval_loss is not None:
+                metrics.log({"step": done, "eval_loss": run.eval_loss, "tokens": run.tokens, "flops": run.flops,
+                             "flops_full": run.flops_full})
+        final = _export_final(run.out_dir, run.model, cfg, d)
+        _say(d, f"done: {done} steps, {run.tokens} tokens, {run.flops:.3g} FLOPs, loss {run.loss:.4f}"
+                + (f", held-out loss {run.eval_loss:.4f}" if run.eval_loss is not None else "")
+                + f"; model in {final}")
     metrics.close()
-    return {"step": done, "loss": loss, "eval_loss": eval_loss, "tokens": tokens_total, "flops": flops_total,
-            "out_dir": str(out_dir), "final": str(final) if final else None, "stopped": stopped,
+    return {"step": done, "loss": run.loss, "eval_loss": run.eval_loss, "tokens": run.tokens, "flops": run.flops,
+            "out_dir": str(run.out_dir), "final": str(final) if final else None, "stopped": stopped,
             "checkpoint": str(path)}
+
+
+def _train(cfg, d, resume, data):
+    run = _setup(cfg, d, resume, data)
+    done, stopped = cfg.train.steps, None
+    with StopSignal() as stop:
+        for step in range(run.start, cfg.train.steps):
+            stopped = _step(run, step, stop)
+            if stopped:
+                done = step
+                break
+    return _finish(run, done, stopped)
