@@ -15,13 +15,13 @@ import argparse
 import time
 
 import torch
-
 from _common import emit, interleaved
+
 from loopfit.convert import LayerPlan, build_loopfit, plan_layers
-from loopfit.loading import load_base
 from loopfit.eval import accuracy, items
 from loopfit.eval.extract import flexible_answer
 from loopfit.eval.prompts import gsm8k_prompt
+from loopfit.loading import load_base
 
 
 def cache_mb(cache):

@@ -4,8 +4,8 @@ bounded ring cache. Prints one JSON line.  Usage: python benchmarks/bench_genera
 import argparse
 
 import torch
-
 from _common import emit, interleaved
+
 from loopfit.convert import build_loopfit, plan_layers
 from loopfit.loading import load_base
 

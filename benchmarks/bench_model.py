@@ -7,8 +7,8 @@ of r = 4 vs r = 1 for the paper-style (4,8,4) model.  Usage: python benchmarks/b
 import argparse
 
 import torch
-
 from _common import emit, interleaved
+
 from loopfit.convert import LayerPlan, build_loopfit, plan_layers
 from loopfit.loading import load_base
 

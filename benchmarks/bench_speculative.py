@@ -15,8 +15,8 @@ import argparse
 import time
 
 import torch
-
 from _common import emit
+
 from loopfit.convert import LayerPlan, build_loopfit, plan_layers
 from loopfit.eval import items
 from loopfit.loading import load_base

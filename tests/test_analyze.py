@@ -10,7 +10,6 @@ from loopfit import LoopfitError
 from loopfit.analyze import layer_importance, suggest_layers
 from loopfit.cli import main as cli
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 

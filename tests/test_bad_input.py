@@ -13,9 +13,8 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
-
 import tiny_models
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -136,8 +135,8 @@ def test_generate_arguments_are_checked_before_the_model_loads(fx, model, args, 
 
 def test_generate_refuses_an_empty_prompt_from_python_too(fx):
     from loopfit import LoopfitError
-    from loopfit.loading import load
     from loopfit.generate import generate
+    from loopfit.loading import load
 
     model, tok = load(fx / "plain")
     with pytest.raises(LoopfitError, match="a prompt is empty"):

@@ -5,10 +5,10 @@ matched FLOPs, both plots are written, different tokenizers warn, bad input is o
 import json
 
 import pytest
+import tiny_models
 import torch
 import yaml
 
-import tiny_models
 from loopfit.cli import main as cli
 
 TEXT = "\n\n".join(f"The keeper climbed {n} steps at dusk and lit the lamp before the boats came home." for n in

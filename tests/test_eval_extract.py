@@ -2,9 +2,16 @@
 
 import pytest
 
-from loopfit.eval.extract import (flexible_answer, gsm8k_reference, last_boxed, math_answer, math_equal,
-                                  normalize_number, strict_answer)
 from loopfit.eval.accuracy import score_gsm8k as score
+from loopfit.eval.extract import (
+    flexible_answer,
+    gsm8k_reference,
+    last_boxed,
+    math_answer,
+    math_equal,
+    normalize_number,
+    strict_answer,
+)
 
 
 @pytest.mark.parametrize("text, strict, flexible", [

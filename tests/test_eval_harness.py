@@ -9,9 +9,9 @@ import sys
 
 import lm_eval
 import pytest
+import tiny_models
 import torch
 
-import tiny_models
 from loopfit.eval.harness import LoopfitLM, run_tasks, task_manager
 from loopfit.eval.prompts import gsm8k_prompt
 

@@ -6,9 +6,9 @@ import subprocess
 import sys
 
 import pytest
+import tiny_models
 import torch
 
-import tiny_models
 from loopfit import LoopfitError, LoopfitForCausalLM
 from loopfit.cli import main as cli
 from loopfit.eval import run as eval_run

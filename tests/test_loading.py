@@ -4,11 +4,11 @@ and one tokenizer loader with one pad policy (as saved unless pad=True; the padd
 import json
 
 import pytest
+import tiny_models
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-import tiny_models
 from loopfit import LoopfitError
 from loopfit.loading import is_recurrent, load, load_tokenizer
 

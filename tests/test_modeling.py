@@ -2,6 +2,7 @@
 backprop, save/load. Tiny random models built here; fp32; tolerances stated per test."""
 
 import pytest
+import tiny_models
 import torch
 from transformers import (
     AutoModelForCausalLM,
@@ -14,7 +15,6 @@ from transformers import (
 )
 
 import loopfit
-import tiny_models
 from loopfit.convert import LayerPlan, build_loopfit, plan_layers
 from loopfit.modeling import LoopfitCache, LoopfitConfig
 

@@ -7,12 +7,12 @@ change with r (a passthrough model ignores r and would accept every draft)."""
 import json
 
 import pytest
+import tiny_models
 import torch
+from test_modeling import FAMILIES, VOCAB, padded_batch, random_base
 from transformers import StoppingCriteria, StoppingCriteriaList
 
-import tiny_models
 from loopfit.convert import build_loopfit, plan_layers
-from test_modeling import FAMILIES, VOCAB, padded_batch, random_base
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 GREEDY = dict(do_sample=False, pad_token_id=0)

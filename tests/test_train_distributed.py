@@ -7,11 +7,10 @@ import subprocess
 import sys
 
 import pytest
+import tiny_models
 import torch
 import yaml
 from safetensors.torch import load_file
-
-import tiny_models
 
 STEPS = 4
 # absolute, on the loss. DDP differs only in the order of the gradient sum. Under FSDP2, Muon's Newton-Schulz runs

@@ -9,11 +9,10 @@ import sys
 import time
 
 import pytest
+import tiny_models
 import torch
 import yaml
 from safetensors.torch import load_file
-
-import tiny_models
 
 STEPS = 24
 

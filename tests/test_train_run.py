@@ -6,11 +6,11 @@ import subprocess
 import sys
 
 import pytest
+import tiny_models
 import torch
 import yaml
 from safetensors.torch import load_file
 
-import tiny_models
 from loopfit import LoopfitConfig, LoopfitError, LoopfitForCausalLM
 from loopfit.train import train
 
@@ -73,8 +73,9 @@ def test_recurrent_loss_falls_and_final_folder_loads(tiny_dir, tmp_path):
     assert rows[-1]["flops"] == pytest.approx(result["flops"]) and rows[-1]["tokens"] == 30 * 8 * 32
     # checkpoints: last K kept; the final folder is an ordinary transformers checkpoint
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-00000020", "step-00000030"]
-    import loopfit  # noqa: F401
     from transformers import AutoModelForCausalLM
+
+    import loopfit  # noqa: F401
 
     model = AutoModelForCausalLM.from_pretrained(out / "final")
     saved = load_file(out / "checkpoints/step-00000030/model.safetensors")

@@ -9,11 +9,11 @@ import subprocess
 import sys
 
 import pytest
+import tiny_models
 import torch
 import yaml
 from safetensors.torch import load_file
 
-import tiny_models
 from loopfit import LoopfitError
 from loopfit.modeling import causal_lm_loss, linear_cross_entropy
 from loopfit.train.config import load_recipe

@@ -4,16 +4,15 @@ import math
 
 import numpy as np
 import pytest
+import tiny_models
 import torch
 
-import tiny_models
 from loopfit import LoopfitError
 from loopfit.train.config import load_recipe
 from loopfit.train.flops import param_counts, train_flops
 from loopfit.train.optim import build_optimizers, split_params
 from loopfit.train.recurrence import curriculum_value, depth_for_step, fixed_depth, sample_depth
 from loopfit.train.schedules import lr_factor, lr_fraction
-
 
 # ------------------------------------------------------------------ recurrence
 

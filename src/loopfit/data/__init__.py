@@ -6,7 +6,14 @@
 from .blend import Blend, Phase, load_blend
 from .prepare import prepare
 from .sampler import BlendSampler
-from .shards import TokenDataset, check_tokenizer, iter_eval_batches, open_dataset, tokenizer_fingerprint, verify_dataset
+from .shards import (
+    TokenDataset,
+    check_tokenizer,
+    iter_eval_batches,
+    open_dataset,
+    tokenizer_fingerprint,
+    verify_dataset,
+)
 from .sources import read_documents
 
 __all__ = [

@@ -8,9 +8,9 @@ stop strings, scorer) and one runner (greedy batched generation at each r, then 
   math500      MATH-500, as `math`
 """
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
-from typing import Callable
 
 from . import items as test_sets
 from .extract import flexible_answer, math_answer, math_equal, strict_answer
