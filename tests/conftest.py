@@ -58,3 +58,11 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(old)
+
+
+def pytest_collection_modifyitems(items):
+    """The tier is the folder: tests/unit or tests/integration (`-m unit`, `-m integration`)."""
+    for item in items:
+        tier = item.path.parent.name
+        if tier in ("unit", "integration"):
+            item.add_marker(tier)

@@ -16,7 +16,7 @@ import pytest
 
 from loopfit.cli import VERBS, build_parser
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 README = (ROOT / "README.md").read_text()
 
 # appended to each command of the verb when the path runs in the test (README commands stay as users type them)

@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM
 from loopfit import LoopfitForCausalLM
 from loopfit.cli import main
 
-OLD_MODELING = Path(__file__).parent / "data" / "modeling_loopfit_0_1_0.py"  # as shipped by loopfit 0.1.0
+OLD_MODELING = Path(__file__).parents[1] / "data" / "modeling_loopfit_0_1_0.py"  # as shipped by loopfit 0.1.0
 
 
 def old_module():

@@ -17,7 +17,7 @@ from loopfit.train.sources import build_source
 # the tiny datasets below are repeated many times over a 25k-step recipe: expected here
 pytestmark = pytest.mark.filterwarnings("ignore:dataset .* will be repeated")
 
-RECIPES_DIR = Path(__file__).parent.parent / "src" / "loopfit" / "recipes"
+RECIPES_DIR = Path(__file__).parents[2] / "src" / "loopfit" / "recipes"
 RECIPES = sorted(RECIPES_DIR.glob("*.yaml"))
 GPU = {"tinyllama-448": (22, (4, 8, 4), ([0, 1, 2, 3], list(range(10, 18)), [18, 19, 20, 21])),
        "llama32-1b-464": (16, (4, 6, 4), ([0, 1, 2, 3], list(range(6, 12)), [12, 13, 14, 15])),

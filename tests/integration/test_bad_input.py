@@ -16,7 +16,7 @@ import pytest
 import tiny_models
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def loopfit(*argv, env=None, cwd=None):
