@@ -36,7 +36,7 @@ def main():
     ap.add_argument("--batch8-grid", default="2:4,4:4", help="(d:k) pairs run at batch > 1 (the full grid at 1)")
     ap.add_argument("--exit", dest="exit_rule", default="latent:0.03")
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--layers", default="all", help="all: every layer, core 24-25 (default); or P,R,C such as "
+    ap.add_argument("--layers", default="all", help="all: every layer, core 24-25 (default); or P,K,C such as "
                     "4,8,4: the paper's slice, whose core is most of a token's cost")
     ap.add_argument("--gsm8k", type=int, default=0, help="instead: GSM8K 1-shot eval of this many items at r = "
                     "--gsm8k-steps, plain vs --draft-steps (the quickstart's eval stage)")

@@ -97,7 +97,7 @@ class LayerPlan:
         def span(ids):
             return f"{ids[0]}-{ids[-1]}" if len(ids) > 1 else (str(ids[0]) if ids else "none")
 
-        return (f"(p,r,c) = ({len(self.prelude)},{len(self.core)},{len(self.coda)}): prelude {span(self.prelude)}, "
+        return (f"(P,K,C) = ({len(self.prelude)},{len(self.core)},{len(self.coda)}): prelude {span(self.prelude)}, "
                 f"core {span(self.core)}, coda {span(self.coda)}, dropped {_compact(self.dropped) or 'none'} "
                 f"of {self.num_base_layers} layers")
 
@@ -134,13 +134,13 @@ def parse_range(text, what):
 def plan_layers(num_layers, layers=None, prelude=None, core=None, coda=None):
     """Choose prelude/core/coda base layers from counts (p, r, c) or from explicit ranges."""
     if layers is not None and any(x is not None for x in (prelude, core, coda)):
-        raise LoopfitError("give either --layers p,r,c or --prelude/--core/--coda ranges, not both")
+        raise LoopfitError("give either --layers P,K,C or --prelude/--core/--coda ranges, not both")
     if prelude is None and core is None and coda is None:
         p, r, c = layers if layers is not None else default_layers(num_layers)
         if min(p, c) < 0:
             raise LoopfitError(f"--layers {p},{r},{c} has a negative count: p and c must be >= 0 (layers, not indices)")
         if r < 1:
-            raise LoopfitError("the core is empty: --layers p,r,c needs r >= 1 (r counts the looped layers)")
+            raise LoopfitError("the core is empty: --layers P,K,C needs K >= 1 (K counts the looped layers)")
         if p + r + c > num_layers:
             raise LoopfitError(f"--layers {p},{r},{c} needs {p + r + c} layers but the model has {num_layers}: "
                                f"choose p + r + c <= {num_layers}")
@@ -383,9 +383,9 @@ def _counts(text):
     try:
         p, r, c = (int(x) for x in text.split(","))
     except ValueError:
-        raise LoopfitError(f"--layers '{text}' must be three counts p,r,c like 4,8,4") from None
+        raise LoopfitError(f"--layers '{text}' must be three counts P,K,C like 4,8,4") from None
     if min(p, r, c) < 0:
-        raise LoopfitError(f"--layers {text} has a negative count: p,r,c count layers (>= 0, r >= 1), like 4,8,4")
+        raise LoopfitError(f"--layers {text} has a negative count: P,K,C count layers (>= 0, K >= 1), like 4,8,4")
     return p, r, c
 
 
@@ -393,7 +393,7 @@ def add_arguments(parser):
     parser.add_argument("source", metavar="SRC", help="model folder, .gguf file, or short name (smollm2-135m, "
                         "qwen2.5-0.5b, gemma3-270m)")
     parser.add_argument("--out", help="output folder (must not exist unless --force)")
-    parser.add_argument("--layers", metavar="P,R,C", help="counts: first P layers, R core layers right before the "
+    parser.add_argument("--layers", metavar="P,K,C", help="counts: first P layers, K core layers right before the "
                         "last C (default: the paper's 4,8,4-of-22 proportions)")
     parser.add_argument("--prelude", metavar="A-B", help="explicit prelude layer range, e.g. 0-3")
     parser.add_argument("--core", metavar="A-B", help="explicit core (looped) layer range, e.g. 10-17")

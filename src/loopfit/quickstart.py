@@ -64,7 +64,7 @@ def add_arguments(parser):
     option("--minutes", type=float, help=f"training minutes for both models on a 2-core CPU; sets the recurrent steps "
            f"at {STEPS_PER_MINUTE}/minute (default %(default)g)")
     option("--steps", type=int, help="recurrent training steps (overrides --minutes)")
-    option("--layers", metavar="P,R,C", help="prelude, core, coda layer counts (default: the paper's shape scaled to "
+    option("--layers", metavar="P,K,C", help="prelude, core, coda layer counts (default: the paper's shape scaled to "
            "the model, (5,10,5) for SmolLM2)")
     option("--adapter-init", choices=("random", "passthrough", "state", "mean"),
            help="adapter init (default %(default)s: starts at the base model minus the dropped layers)")
