@@ -93,6 +93,8 @@ class BlendSampler:
         self._last_step = -1
         self._cache = (0, np.zeros(len(self.datasets), dtype=np.int64))  # (step, draws per dataset before it)
         self._warned = set()
+        # unit order per (dataset, epoch), cached per sampler: a cache on the method would keep samplers alive
+        self._permutation = functools.lru_cache(maxsize=8)(self._unit_order)
         if total_steps:
             for row in self.report():
                 if row["epochs"] > max_epochs:
@@ -188,8 +190,7 @@ class BlendSampler:
 
     # ------------------------------------------------------------ reading units
 
-    @functools.lru_cache(maxsize=8)
-    def _permutation(self, d, epoch):
+    def _unit_order(self, d, epoch):
         return np.random.default_rng([self.seed, 3, d, epoch]).permutation(int(self.units[d]))
 
     def _row(self, d, k):
@@ -256,7 +257,7 @@ class BlendSampler:
         if not total:
             raise LoopfitError("report() needs total_steps")
         bounds, estimated, start = [], False, 0
-        for p, phase in enumerate(self.blend.phases):
+        for phase in self.blend.phases:
             if phase.until is None:
                 end = total
             elif phase.until[0] == "lr_fraction":

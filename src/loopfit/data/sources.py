@@ -195,7 +195,7 @@ def _table_documents(table, text_field, template, where):
             f"fix {'--template' if template else '--text-field'}"
         )
     for batch in table.to_batches(max_chunksize=4096):
-        for i, record in enumerate(batch.to_pylist()):
+        for record in batch.to_pylist():
             yield render(record, text_field, template, where)
 
 
