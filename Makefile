@@ -57,9 +57,11 @@ test-oldest:
 	.venv-oldest/bin/python -m pytest -n 2 -q -ra $(COMPAT_TESTS)
 
 test: setup
+	$(VENV)/bin/ruff check src tests benchmarks tools
 	$(PY) -m pytest -n 2 --dist loadgroup -q -ra
 
 test-fast: setup
+	$(VENV)/bin/ruff check src tests benchmarks tools
 	$(PY) -m pytest -n 2 -q -m "not real"
 
 quickstart: setup
