@@ -60,10 +60,12 @@ test-oldest:
 # The whole suite: tests/unit (tiny models, in-process) and tests/integration (CLI subprocesses, torchrun,
 # kill -9, lm-eval, real models); the slowest tests are listed at the end.
 test: setup
+	$(VENV)/bin/ruff check src tests benchmarks tools
 	$(PY) -m pytest -n 2 --dist worksteal -q -ra --durations=15
 
 # The unit tier alone, without real-model tests: about a minute.
 test-fast: setup
+	$(VENV)/bin/ruff check src tests benchmarks tools
 	$(PY) -m pytest tests/unit -n 2 --dist worksteal -q -m "not real" --durations=5
 
 quickstart: setup

@@ -52,16 +52,19 @@ def main():
               pad_token_id=tok.pad_token_id)
     outs, sizes = {}, {}
 
-    def gen(policy, n):
+    # the model is an argument, not read from main's scope: main deletes `paper` before (b) to free its memory
+    def gen(sliced, policy, n):
         def call():
-            paper.config.cache_policy = policy
-            cache = paper.new_cache()
-            out = paper.generate(**batch, past_key_values=cache, **{**kw, "max_new_tokens": n, "min_new_tokens": n})
+            sliced.config.cache_policy = policy
+            cache = sliced.new_cache()
+            out = sliced.generate(**batch, past_key_values=cache, **{**kw, "max_new_tokens": n, "min_new_tokens": n})
             outs[policy], sizes[policy] = out[:, -n:], cache_mb(cache)
         return call
 
     with torch.no_grad():
-        t = interleaved({f"{p}_{n}": gen(p, n) for n in (1, args.gen) for p in ("exact", "ring")}, repeats=2, warmup=0)
+        calls = {f"{p}_{n}": gen(paper, p, n) for n in (1, args.gen) for p in ("exact", "ring")}
+        t = interleaved(calls, repeats=2, warmup=0)
+        del calls
     new_tokens = args.batch * args.gen
     decode = {p: args.batch * (args.gen - 1) / (t[f"{p}_{args.gen}"] - t[f"{p}_1"]) for p in ("exact", "ring")}
 
@@ -92,9 +95,11 @@ def main():
          ring_token_agreement=round((outs["ring"] == outs["exact"]).float().mean().item(), 3),
          exit_model="every layer kept: prelude 0-23, core 24-25, coda 26-29, mean adapter, embed state",
          exit_rule=args.exit, gsm8k_items=args.items, gsm8k_prompt="1shot", max_new_tokens=args.new,
-         mean_loops_with_exit=round(ex["rows"]["mean_loops"], 3), loops_saved=round(1 - ex["rows"]["mean_loops"] / args.steps, 3),
+         mean_loops_with_exit=round(ex["rows"]["mean_loops"], 3),
+         loops_saved=round(1 - ex["rows"]["mean_loops"] / args.steps, 3),
          accuracy_strict_full=full["rows"]["accuracy_strict"], accuracy_strict_exit=ex["rows"]["accuracy_strict"],
-         accuracy_flexible_full=full["rows"]["accuracy_flexible"], accuracy_flexible_exit=ex["rows"]["accuracy_flexible"],
+         accuracy_flexible_full=full["rows"]["accuracy_flexible"],
+         accuracy_flexible_exit=ex["rows"]["accuracy_flexible"],
          same_answer_items=same_answer, same_completion_items=same_text,
          seconds_full=round(full["seconds"], 1), seconds_exit=round(ex["seconds"], 1),
          exit_time_ratio=round(ex["seconds"] / full["seconds"], 3))

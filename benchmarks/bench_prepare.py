@@ -40,7 +40,8 @@ def main():
         "prepare_tokens_per_s": {f"workers={w}": round(tokens / t) for w, t in prep_s.items()},
         "reference": "bare tokenizer, 1 process, same documents, no reading or writing",
         "reference_s": round(ref_s, 2), "reference_tokens_per_s": round(ref_tokens / ref_s),
-        "ratio_vs_reference": {f"workers={w}": round((tokens / t) / (ref_tokens / ref_s), 3) for w, t in prep_s.items()},
+        "ratio_vs_reference": {f"workers={w}": round((tokens / t) / (ref_tokens / ref_s), 3)
+                               for w, t in prep_s.items()},
     }))
 
 

@@ -60,9 +60,9 @@ def main():
         return interleaved_check(model, tok, args)
     questions = [p["question"] for p in items.subset(items.gsm8k_test(), max(args.batch), seed=1234)]
 
-    def timed(fn):
+    def timed(fn, **kwargs):
         t0 = time.perf_counter()
-        out = fn()
+        out = fn(**kwargs)
         return out, time.perf_counter() - t0
 
     warm = tok(questions[:1], return_tensors="pt")
@@ -76,11 +76,11 @@ def main():
             n = batch.input_ids.shape[1]
             kw = dict(max_new_tokens=args.new, min_new_tokens=args.new, do_sample=False, pad_token_id=tok.pad_token_id)
             with torch.no_grad():
-                ref, t_ref = timed(lambda: model.generate(**batch, num_steps=r, **kw))
-                _, t_base = timed(lambda: base.generate(**batch, **kw))
+                ref, t_ref = timed(model.generate, **batch, num_steps=r, **kw)
+                _, t_base = timed(base.generate, **batch, **kw)
                 cache = model.new_cache()
-                early, t_exit = timed(lambda: model.generate(**batch, num_steps=r, exit_criterion=args.exit_rule,
-                                                             cache=cache, **kw))
+                early, t_exit = timed(model.generate, **batch, num_steps=r, exit_criterion=args.exit_rule,
+                                      cache=cache, **kw)
                 loops = torch.stack(cache.loops_used).float().mean().item()
                 grid = [(d, k) for d in args.drafts for k in args.tokens] if b == 1 else \
                     [tuple(int(x) for x in pair.split(":")) for pair in args.batch8_grid.split(",")]
@@ -89,8 +89,8 @@ def main():
                     if d >= r:
                         continue
                     cache = model.new_cache()
-                    out, t = timed(lambda: model.generate(**batch, num_steps=r, draft_steps=d, draft_tokens=k,
-                                                          cache=cache, **kw))
+                    out, t = timed(model.generate, **batch, num_steps=r, draft_steps=d, draft_tokens=k,
+                                   cache=cache, **kw)
                     assert torch.equal(out, ref), (r, b, d, k)
                     drafted = sum(q for q, _, _ in cache.drafts)
                     spec[f"d{d}_k{k}"] = {
@@ -103,7 +103,8 @@ def main():
             best = max(spec, key=lambda key: spec[key]["speedup"]) if spec else None
             emit("speculative_decoding", model=args.model, steps=r, batch=b,
                  prompt_tokens=n, new_tokens=args.new,
-                 cached_tokens_per_s=round(b * args.new / t_ref, 2), base_model_tokens_per_s=round(b * args.new / t_base, 2),
+                 cached_tokens_per_s=round(b * args.new / t_ref, 2),
+                 base_model_tokens_per_s=round(b * args.new / t_base, 2),
                  speculative=spec, best=best, best_speedup=spec[best]["speedup"] if best else None,
                  identical_output=True, fraction_differing_r_d_vs_r=differ or None,
                  exit={"rule": args.exit_rule, "time_ratio": round(t_exit / t_ref, 3), "mean_loops": round(loops, 2),
@@ -123,13 +124,15 @@ def interleaved_check(model, tok, args):
     with torch.no_grad():
         t = interleaved({
             "cached": lambda: outs.__setitem__("cached", model.generate(**batch, **kw)),
-            "speculative": lambda: outs.__setitem__("spec", model.generate(**batch, draft_steps=d, draft_tokens=k, **kw)),
+            "speculative": lambda: outs.__setitem__("spec",
+                                                    model.generate(**batch, draft_steps=d, draft_tokens=k, **kw)),
             "exit": lambda: outs.__setitem__("exit", model.generate(**batch, exit_criterion=args.exit_rule, **kw)),
         }, repeats=args.interleaved, warmup=0)
     assert torch.equal(outs["cached"], outs["spec"])
     n = batch.input_ids.shape[1]
     emit("speculative_decoding_interleaved", model=args.model, steps=r, batch=b, new_tokens=args.new, draft_steps=d,
-         draft_tokens=k, repeats=args.interleaved, cached_s=round(t["cached"], 1), speculative_s=round(t["speculative"], 1),
+         draft_tokens=k, repeats=args.interleaved, cached_s=round(t["cached"], 1),
+         speculative_s=round(t["speculative"], 1),
          speedup=round(t["cached"] / t["speculative"], 2), identical_output=True, exit_rule=args.exit_rule,
          exit_time_ratio=round(t["exit"] / t["cached"], 3),
          exit_token_agreement=round((outs["exit"][:, n:] == outs["cached"][:, n:]).float().mean().item(), 3))

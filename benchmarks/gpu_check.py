@@ -141,7 +141,8 @@ def main(argv=None):
     skip = set(filter(None, args.skip.split(",")))
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        recurrent, plain = tiny_models(root) if args.tiny else real_models(root, tuple(map(int, args.layers.split(","))))
+        recurrent, plain = (tiny_models(root) if args.tiny
+                            else real_models(root, tuple(map(int, args.layers.split(",")))))
         if "train_r32_k8" not in skip:
             train_check("train_r32_k8", recurrent, args, root / "runs")
         if "fsdp_one_rank" not in skip:

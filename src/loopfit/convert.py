@@ -157,7 +157,8 @@ def plan_layers(num_layers, layers=None, prelude=None, core=None, coda=None):
     for a, b in zip(segments, segments[1:]):
         if a[-1] >= b[0]:
             raise LoopfitError("layer ranges overlap or are out of order: prelude, core and coda must be "
-                               f"increasing and disjoint (got prelude {plan.prelude}, core {plan.core}, coda {plan.coda})")
+                               f"increasing and disjoint (got prelude {plan.prelude}, core {plan.core}, "
+                               f"coda {plan.coda})")
     return plan
 
 

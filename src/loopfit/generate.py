@@ -111,8 +111,8 @@ def generate(model, tokenizer, prompts, steps=None, exit_criterion=None, warm_st
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     batch = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left")
-    kwargs = dict(max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
-                  do_sample=temperature > 0, **({"temperature": temperature, "top_p": top_p} if temperature > 0 else {}))
+    kwargs = dict(max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id, do_sample=temperature > 0,
+                  **({"temperature": temperature, "top_p": top_p} if temperature > 0 else {}))
     cache = None
     if is_recurrent(model):
         if steps is not None and steps < 1:

@@ -56,7 +56,8 @@ def is_recurrent(model_or_config_or_folder):
 def check_family(cfg):
     """Refuse a base config of a family loopfit does not convert (or a variant it cannot run)."""
     if cfg.model_type not in SUPPORTED:
-        raise LoopfitError(f"unsupported architecture '{cfg.model_type}': loopfit converts {', '.join(SUPPORTED)} models")
+        raise LoopfitError(f"unsupported architecture '{cfg.model_type}': "
+                           f"loopfit converts {', '.join(SUPPORTED)} models")
     if cfg.model_type == "gemma3_text" and getattr(cfg, "attn_logit_softcapping", None):
         raise LoopfitError("Gemma3 with attention logit softcapping is not supported (SDPA cannot cap logits)")
 
@@ -170,8 +171,8 @@ def check_folder_version(folder):
     except InvalidVersion:
         return
     if newer:
-        raise LoopfitError(f"{folder} was written by loopfit {written}, newer than the installed loopfit {__version__}: "
-                           "upgrade with `pip install -U loopfit`")
+        raise LoopfitError(f"{folder} was written by loopfit {written}, "
+                           f"newer than the installed loopfit {__version__}: upgrade with `pip install -U loopfit`")
 
 
 def from_pretrained(folder, dtype=torch.float32, what=None):
@@ -259,7 +260,8 @@ def load(source, dtype=torch.float32, device="cpu"):
     path = Path(source)
     if path.is_dir():
         if not (path / "config.json").exists():
-            raise LoopfitError(f"{path} is not a model folder (no config.json): pass a folder written by save_pretrained")
+            raise LoopfitError(f"{path} is not a model folder (no config.json): "
+                               "pass a folder written by save_pretrained")
         tokenizer = load_tokenizer(path, pad=True)  # before the weights: a missing tokenizer fails fast
         model = from_pretrained(path, dtype)
     else:

@@ -342,7 +342,8 @@ class LoopfitCache:
         return new
 
     def reorder_cache(self, beam_idx):
-        self.slots = {key: (k.index_select(0, beam_idx), v.index_select(0, beam_idx)) for key, (k, v) in self.slots.items()}
+        self.slots = {key: (k.index_select(0, beam_idx), v.index_select(0, beam_idx))
+                      for key, (k, v) in self.slots.items()}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -738,8 +739,9 @@ class LoopfitForCausalLM(LoopfitPreTrainedModel, GenerationMixin):
         sampling keeps the r-loop distribution by the speculative acceptance rule (keep a drafted token with
         probability min(1, p/q), else sample from max(p - q, 0)). A batch advances by its shortest kept prefix, so
         every row stays exact; the next round drafts one token more than this one emitted (at most
-        `draft_tokens`), so early disagreement costs few wasted drafts. Takes what lm-eval and most callers pass: max_new_tokens or max_length,
-        min_new_tokens, eos_token_id, pad_token_id, stopping_criteria, do_sample with temperature, top_k, top_p.
+        `draft_tokens`), so early disagreement costs few wasted drafts. Takes what lm-eval and most callers pass:
+        max_new_tokens or max_length, min_new_tokens, eos_token_id, pad_token_id, stopping_criteria, do_sample with
+        temperature, top_k, top_p.
         Each round is logged in `cache.drafts` as (tokens drafted, tokens emitted, drafted tokens kept)."""
         gc = generation_config or self.generation_config
         opts = {k: kwargs.pop(k) if k in kwargs else getattr(gc, k, None) for k in self.SPECULATIVE_SETTINGS}
@@ -771,7 +773,8 @@ class LoopfitForCausalLM(LoopfitPreTrainedModel, GenerationMixin):
         sample = bool(opts["do_sample"])
         temperature = 1.0 if opts["temperature"] is None else float(opts["temperature"])
         if sample and temperature <= 0:
-            raise ValueError(f"sampling needs temperature > 0 (got {temperature}); for greedy decoding pass do_sample=False")
+            raise ValueError(f"sampling needs temperature > 0 (got {temperature}); "
+                             "for greedy decoding pass do_sample=False")
         device, (b, prompt_len) = input_ids.device, input_ids.shape
         eos = opts["eos_token_id"] if opts["eos_token_id"] is not None else self.config.eos_token_id
         eos = torch.tensor([eos] if isinstance(eos, int) else list(eos or []), dtype=torch.long, device=device)
@@ -865,9 +868,9 @@ class LoopfitForCausalLM(LoopfitPreTrainedModel, GenerationMixin):
         # Feed only the tokens the cache has not seen; positions come from the attention mask (left padding).
         past_key_values = find_cache({"loopfit_cache": loopfit_cache, **kwargs}) if use_cache else None
         seen = past_key_values.seen if past_key_values is not None else 0
-        inputs = {"input_ids": input_ids[:, seen:], "attention_mask": attention_mask, "past_key_values": past_key_values,
-                  "use_cache": use_cache, "num_steps": num_steps, "exit_criterion": exit_criterion,
-                  "warm_start": warm_start}
+        inputs = {"input_ids": input_ids[:, seen:], "attention_mask": attention_mask,
+                  "past_key_values": past_key_values, "use_cache": use_cache, "num_steps": num_steps,
+                  "exit_criterion": exit_criterion, "warm_start": warm_start}
         if inputs_embeds is not None and seen == 0:
             inputs = {**inputs, "input_ids": None, "inputs_embeds": inputs_embeds}
         if position_ids is not None:

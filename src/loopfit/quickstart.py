@@ -357,7 +357,8 @@ def report_text(s, state, device, seconds, recipe):
     row = (f"| plain {s['model']} (all layers) | - | {tr['plain']['flops']:.3e} | {tr['plain']['tokens']:,} | "
            f"{cell(plain['loss'], plain_r)} |")
     if gsm:
-        row += f" {cell(plain.get('accuracy_strict'), plain_r, True)} | {cell(plain.get('accuracy_flexible'), plain_r, True)} |"
+        row += (f" {cell(plain.get('accuracy_strict'), plain_r, True)} |"
+                f" {cell(plain.get('accuracy_flexible'), plain_r, True)} |")
     rows.append(row)
     before = [f"| base {s['model']}, untrained | - | 0 | 0 | {cell(m['base']['loss'], 1)} |",
               f"| recurrent, just converted | 1 / 4 | 0 | 0 | {cell(m['converted']['loss'], 1)} / "
@@ -381,7 +382,8 @@ def report_text(s, state, device, seconds, recipe):
     timing = ", ".join(f"{k} {v / 60:.1f} min" for k, v in seconds.items())
     parts = [
         f"# loopfit quickstart: {s['model']}", "",
-        f"Run on {device} in {total / 60:.1f} minutes ({timing}; a re-run reuses finished stages and counts their first time).", "",
+        f"Run on {device} in {total / 60:.1f} minutes ({timing}; "
+        "a re-run reuses finished stages and counts their first time).", "",
         "## What was done", "",
         f"1. **Convert** `{s['model']}` into a recurrent model: {conv['plan']}. The layers follow the paper's "
         "TinyLlama (4,8,4)-of-22 shape scaled to this model's depth (`loopfit convert`'s default); `loopfit analyze` "
@@ -391,7 +393,8 @@ def report_text(s, state, device, seconds, recipe):
            "as the base with the dropped layers removed, at every r). The paper's random adapter starts far worse "
            "(loss ~13-16 against ~7 here) and needs far more than minutes of CPU to heal; training then teaches the "
            "adapter to use the state." if s["adapter_init"] == "passthrough" else ".")
-        + f" Sample-text loss right after conversion: base {conv['base_loss']:.3f}, converted {conv['converted_loss']:.3f}.",
+        + f" Sample-text loss right after conversion: base {conv['base_loss']:.3f}, "
+          f"converted {conv['converted_loss']:.3f}.",
         f"2. **Prepare** the built-in corpora: {prep['line']}.",
         f"3. **Train** both models with {recipe_summary(recipe)}. The recurrent model trained "
         f"{tr['recurrent']['step']} steps; the plain model (every layer of the base, no recurrence) trained "
@@ -415,7 +418,8 @@ def report_text(s, state, device, seconds, recipe):
         "training with curriculum and truncated backprop, a plain baseline held to the same FLOPs, and a sweep "
         "over test-time depth — and how each number moves in a few minutes. What it does not show: whether "
         "recurrence beats the plain model. Converting drops "
-        f"layers {conv['dropped']} of the base (sample-text loss {conv['base_loss']:.2f} -> {conv['converted_loss']:.2f}), "
+        f"layers {conv['dropped']} of the base "
+        f"(sample-text loss {conv['base_loss']:.2f} -> {conv['converted_loss']:.2f}), "
         "more than these minutes can heal, while the plain model starts from the intact base; "
         f"{leader}. "
         "A gain (or not) from larger r at this budget is small and noisy: held-out loss is measured on "

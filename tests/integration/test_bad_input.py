@@ -64,7 +64,7 @@ def nothing_written(*paths):
         assert not Path(p).exists(), p
 
 
-# ------------------------------------------------------------------------------------- unwritable output folders
+# ---------------------------------------------------------------------------------- unwritable output folders
 
 
 def unwritable_cases(w):
@@ -88,7 +88,7 @@ def test_an_output_folder_that_cannot_be_written_is_refused_before_any_work(fx, 
     one_line(loopfit(*argv(fx / "a-file" / "sub")), "a-file is a file, not a folder")
 
 
-# ------------------------------------------------------------------------------------- corrupt inputs
+# ---------------------------------------------------------------------------------- corrupt inputs
 
 
 @pytest.mark.parametrize("verb", ["convert", "eval", "analyze"])
@@ -117,7 +117,7 @@ def test_non_utf8_text_is_one_line(fx, tmp_path):
     nothing_written(tmp_path / "ev")
 
 
-# ------------------------------------------------------------------------------------- generate's own arguments
+# ---------------------------------------------------------------------------------- generate's own arguments
 
 
 @pytest.mark.parametrize("model, args, words", [
@@ -143,7 +143,7 @@ def test_generate_refuses_an_empty_prompt_from_python_too(fx):
         generate(model, tok, [""], max_new_tokens=2)
 
 
-# ------------------------------------------------------------------------------------- messages that blame the right thing
+# ---------------------------------------------------------------------------------- messages that blame the right thing
 
 
 def test_refusals_name_the_argument_at_fault_before_any_work(fx, tmp_path):
@@ -155,7 +155,7 @@ def test_refusals_name_the_argument_at_fault_before_any_work(fx, tmp_path):
     nothing_written(tmp_path / "c", tmp_path / "a", tmp_path / "p")
 
 
-# ------------------------------------------------------------------------------------- non-empty or half-written --out
+# ---------------------------------------------------------------------------------- non-empty or half-written --out
 
 
 def test_eval_and_compare_refuse_a_non_empty_out_unless_forced(fx, tmp_path):
@@ -182,7 +182,7 @@ def test_a_failed_prepare_leaves_no_empty_out(fx, tmp_path):
     nothing_written(tmp_path / "data")
 
 
-# ------------------------------------------------------------------------------------- versions
+# ---------------------------------------------------------------------------------- versions
 
 
 def test_a_transformers_older_than_supported_is_one_line(tmp_path):

@@ -55,7 +55,8 @@ def test_run_tasks_gives_rows_per_r(tiny):
     model, tok, _ = tiny
     rows, raw = run_tasks(model, tok, ["gsm8k_loopfit_1shot"], [1, 2], limit=1, max_gen_toks=2)
     assert sorted(raw) == [1, 2]
-    assert {(r["steps"], r["metric"]) for r in rows} >= {(1, "exact_match_strict-match"), (2, "exact_match_flexible-extract")}
+    assert {(r["steps"], r["metric"]) for r in rows} >= {(1, "exact_match_strict-match"),
+                                                         (2, "exact_match_flexible-extract")}
     assert all(r["task"] == "lm:gsm8k_loopfit_1shot" for r in rows)
 
 
@@ -135,7 +136,8 @@ def test_loopfit_and_lm_eval_gsm8k_score_completions_alike():
         rows, samples = accuracy.score(task, 1, chosen, completions)
         theirs = {(s["doc_id"], s["filter"]): s["exact_match"] for s in out["samples"][lm_task]}
         for i, ours in zip(picked, samples):
-            assert (theirs[i, "strict-match"], theirs[i, "flexible-extract"]) == (ours["strict"], ours["flexible"]), ours
+            assert ((theirs[i, "strict-match"], theirs[i, "flexible-extract"])
+                    == (ours["strict"], ours["flexible"])), ours
         ours = {r["metric"]: r["value"] for r in rows}
         results = out["results"][lm_task]
         assert results["exact_match,strict-match"] == pytest.approx(ours["accuracy_strict"], abs=1e-12)

@@ -55,7 +55,8 @@ def commands(text, blocks=None):
     for block in blocks or code_blocks(text):
         for line in block.replace("\\\n", " ").splitlines():
             argv = shlex.split(line, comments=True)
-            if argv and (argv[0] in ("loopfit", "torchrun", "make") or argv[:3] == ["python", "-m", "loopfit.eval.harness"]):
+            if argv and (argv[0] in ("loopfit", "torchrun", "make")
+                         or argv[:3] == ["python", "-m", "loopfit.eval.harness"]):
                 out.append(argv)
     return out
 
@@ -109,6 +110,7 @@ def test_the_path_runs_end_to_end(tmp_path):
         verb = argv[1]
         cmd = [sys.executable, "-m", "loopfit.cli", verb, *argv[2:], *SHORT[verb]]
         proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=900,
-                              env={**__import__("os").environ, "OMP_NUM_THREADS": "2", "TOKENIZERS_PARALLELISM": "false"})
+                              env={**__import__("os").environ, "OMP_NUM_THREADS": "2",
+                                   "TOKENIZERS_PARALLELISM": "false"})
         assert proc.returncode == 0, f"{shlex.join(argv)} failed:\n{proc.stderr[-3000:]}"
     assert (tmp_path / "report" / "report.md").is_file()

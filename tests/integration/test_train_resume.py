@@ -142,6 +142,7 @@ def test_kill_9_while_exporting_final_then_resume_logs_the_end_once(recipe_path,
     assert csv_steps(out) == [r["step"] for r in records] and csv_steps(out).count(STEPS) == 2  # train row + eval row
     last_loss = [r["loss"] for r in records if r.get("loss") is not None][-1]
     done = next(line for line in err.splitlines() if "done:" in line)
-    assert "loss nan" not in done and f"loss {last_loss:.4f}" in done and f"held-out loss {evals[0]['eval_loss']:.4f}" in done
+    assert ("loss nan" not in done and f"loss {last_loss:.4f}" in done
+            and f"held-out loss {evals[0]['eval_loss']:.4f}" in done)
     assert (out / "final/model.safetensors").exists()
     assert not any(p.name.startswith(".final.tmp") for p in out.iterdir())  # the killed export's leftovers are gone

@@ -156,7 +156,8 @@ def test_nonfinite_loss_stops_with_last_good_checkpoint(tiny_dir, tmp_path):
     out = tmp_path / "nan"
     r = recipe(tiny_dir, out, optim={"name": "adamw", "adamw_lr": 1e30, "grad_clip": 0},
                schedule={"name": "constant", "warmup": 0}, train={"steps": 20, "eval_every": 0})
-    with pytest.raises(LoopfitError, match=r"non-finite training signal at step (\d+) .* last good state .* --resume") as e:
+    with pytest.raises(LoopfitError,
+                       match=r"non-finite training signal at step (\d+) .* last good state .* --resume") as e:
         train(r)
     bad_step = int(e.value.args[0].split("at step ")[1].split()[0])
     saved = out / f"checkpoints/step-{bad_step - 1:08d}/model.safetensors"
@@ -214,5 +215,6 @@ def test_data_from_another_tokenizer_is_refused(tmp_path, smollm2_tokenizer):
     prepare([f"general={tmp_path / 'text.txt'}"], smollm2_tokenizer, tmp_path / "data", progress=False)
     r = recipe(model_dir, tmp_path / "run")
     r["data"] = {"root": str(tmp_path / "data"), "weights": {"general": 1.0}, "seq_len": 32}
-    with pytest.raises(LoopfitError, match="another tokenizer .* re-run `loopfit prepare` with the model's --tokenizer"):
+    with pytest.raises(LoopfitError,
+                       match="another tokenizer .* re-run `loopfit prepare` with the model's --tokenizer"):
         train(r)

@@ -248,7 +248,7 @@ def test_batched_newton_schulz_equals_one_matrix_at_a_time():
     bufs = [torch.zeros_like(m) for m in mats]
     opt = Muon(params, lr=0.02, weight_decay=0.1)
     lr = 0.02
-    for step in range(3):
+    for _ in range(3):
         grads = [torch.randn(*s, generator=g) for s in shapes]
         for p, gr in zip(params, grads):
             p.grad = gr.clone()

@@ -48,7 +48,8 @@ def test_cli_on_a_model_folder(smollm2_tokenizer, tmp_path, capsys):
     tiny_llama(len(smollm2_tokenizer), layers=8).save_pretrained(folder)
     smollm2_tokenizer.save_pretrained(folder)
     out = tmp_path / "an"
-    assert cli(["analyze", str(folder), "--samples", "2", "--seq-len", "32", "--layers", "2,3,2", "--out", str(out)]) == 0
+    assert cli(["analyze", str(folder), "--samples", "2", "--seq-len", "32", "--layers", "2,3,2",
+                "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     result = json.loads((out / "importance.json").read_text())
     assert len(result["block_influence"]) == 8 and result["tokens"] == 64

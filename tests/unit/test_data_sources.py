@@ -80,7 +80,8 @@ def test_folders_and_globs(tmp_path):
 @pytest.mark.parametrize("setup, spec, kw, match", [
     (None, "missing.txt", {}, "does not exist"),
     (None, "nothing/*.jsonl", {}, "no file matches"),
-    ({"r.jsonl": '{"body": "x", "id": 1}\n'}, "r.jsonl", {}, r"line 1 has no field 'text' \(fields: body, id\): fix --text-field"),
+    ({"r.jsonl": '{"body": "x", "id": 1}\n'}, "r.jsonl", {},
+     r"line 1 has no field 'text' \(fields: body, id\): fix --text-field"),
     ({"r.jsonl": '{"q": "x"}\n'}, "r.jsonl", {"template": "{q} {a}"}, "has no field 'a'.*--template"),
     ({"r.jsonl": '{"text": "x"}\n{"text": \n'}, "r.jsonl", {}, "line 2 is not valid JSON"),
     ({"r.jsonl": '["x"]\n'}, "r.jsonl", {}, "not a JSON object"),

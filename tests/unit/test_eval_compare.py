@@ -36,8 +36,8 @@ def train_and_eval(model, tok, root, name):
     path = root / f"{name}.yaml"
     path.write_text(yaml.safe_dump(recipe))
     assert cli(["train", str(path)]) == 0
-    assert cli(["eval", str(root / name / "final"), "--steps", "1,2,4", "--tasks", "loss", "--data", str(root / "text.txt"),
-                "--seq-len", "32", "--max-tokens", "128"]) == 0
+    assert cli(["eval", str(root / name / "final"), "--steps", "1,2,4", "--tasks", "loss",
+                "--data", str(root / "text.txt"), "--seq-len", "32", "--max-tokens", "128"]) == 0
     return root / name
 
 

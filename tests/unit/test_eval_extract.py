@@ -18,13 +18,13 @@ from loopfit.eval.extract import (
     ("She pays 3 * $4 = $12. The answer is $1,234.", "1234", "1234"),
     ("5 - 7 = -2\n#### -2", "-2", "-2"),
     ("So 0.5 * 9 = 4.50. The answer is 4.50.", "4.5", "4.5"),
-    ("The answer is 18. Then 7 more", "18", "7"),                  # strict reads the stated answer, flexible the last number
-    ("He has 3 apples and 12 pears.", None, "12"),                 # no stated answer: strict fails, flexible succeeds
+    ("The answer is 18. Then 7 more", "18", "7"),             # strict reads the stated answer, flexible the last number
+    ("He has 3 apples and 12 pears.", None, "12"),            # no stated answer: strict fails, flexible succeeds
     ("#### 1,000,000", "1000000", "1000000"),
     ("The final answer is: -0.25", "-0.25", "-0.25"),
     ("The answer is 007.", "7", "7"),
     ("no digits here", None, None),
-    ("The answer is 5.\n#### 6", "6", "6"),                        # the last stated answer wins
+    ("The answer is 5.\n#### 6", "6", "6"),                   # the last stated answer wins
     ("costs $3.", None, "3"),
 ])
 def test_gsm8k_strict_and_flexible(text, strict, flexible):

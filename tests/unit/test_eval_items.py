@@ -60,7 +60,8 @@ def test_held_out_loss_text_is_disjoint_from_general():
     in_general = set(general)
     lambada = items.lambada_passages()
     kept = [p for p in lambada if p in in_general]
-    assert not set(held_out) & in_general and len(lambada) - len(held_out) - 40 < len(kept) < len(lambada) - len(held_out)
+    assert (not set(held_out) & in_general
+            and len(lambada) - len(held_out) - 40 < len(kept) < len(lambada) - len(held_out))
 
 
 def test_subset_is_fixed_and_in_order():

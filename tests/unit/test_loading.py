@@ -47,7 +47,8 @@ def test_tokenizers_come_as_saved_and_pad_with_eos_only_when_asked(folders):
     assert as_saved.pad_token is None
     padded = load_tokenizer(folders / "plain", pad=True)
     assert padded.pad_token == "<eos>" and padded.padding_side == as_saved.padding_side
-    assert load_tokenizer(as_saved, pad=True) is as_saved and as_saved.pad_token == "<eos>"  # an object: padded in place
+    # an object: padded in place
+    assert load_tokenizer(as_saved, pad=True) is as_saved and as_saved.pad_token == "<eos>"
     padded.padding_side = "left"
     assert load_tokenizer(padded, pad=True).padding_side == "left"  # the caller's padding side is left alone
 

@@ -43,7 +43,8 @@ def sched(cfg):
 
 def test_recipes_are_found():
     names = {p.stem for p in RECIPES}
-    assert recipes.shipped() == sorted(names) and load_recipe("quickstart") == load_recipe(RECIPES_DIR / "quickstart.yaml")
+    assert (recipes.shipped() == sorted(names)
+            and load_recipe("quickstart") == load_recipe(RECIPES_DIR / "quickstart.yaml"))
     assert {*GPU, *(f"{n}-baseline" for n in GPU)} <= names and any(n.startswith("quickstart") for n in names)
 
 
@@ -69,7 +70,8 @@ def test_gpu_recipes_carry_the_papers_settings(name):
     assert (r.mode, r.mean, r.backprop, r.curriculum, r.curriculum_fraction, r.curriculum_target) == (
         "sample", 32, 8, "1-sqrt", 0.75, "mean")
     assert r.eval_steps == 32 and cfg.data.seq_len == 1024
-    assert (o.name, o.lr, o.adamw_lr, o.weight_decay, o.betas, o.grad_clip) == ("muon", 1e-3, 5e-5, 1e-4, [0.9, 0.95], 1.0)
+    assert ((o.name, o.lr, o.adamw_lr, o.weight_decay, o.betas, o.grad_clip)
+            == ("muon", 1e-3, 5e-5, 1e-4, [0.9, 0.95], 1.0))
     assert o.eps == 1e-10 and r.depth_per == "micro_batch"  # the authors' AdamW eps and per-micro-batch depth
     assert s.name == "wsd" and s.decay_shape == "cosine" and s.floor == 0.001
     assert 0.0025 <= s.warmup <= 0.005 and 0.6 <= s.decay <= 0.9  # warmup 0.25-0.5%, decay the last 60-90%

@@ -124,7 +124,7 @@ def test_speculative_sampling_keeps_the_r_loop_distribution():
     warp = dict(do_sample=True, top_k=3, temperature=1.0)
 
     def exact(r):
-        probs, frontier = {}, {(): 1.0}
+        frontier = {(): 1.0}
         for _ in range(3):
             nxt = {}
             for prefix, p in frontier.items():

@@ -61,7 +61,8 @@ def test_depth_for_step_modes():
     assert depth_for_step(0, 100, cfg) == (31, 1, 32, 1)   # backprop depth ramps from 1 ...
     assert depth_for_step(25, 100, cfg) == (28, 4, 32, 4)
     assert depth_for_step(60, 100, cfg) == (24, 8, 32, 8)  # ... to 8 after 50% of training
-    cfg = load_recipe({"recurrence": {"mean": 32, "backprop": 8, "curriculum": "1-sqrt", "curriculum_fraction": 0.75}}).recurrence
+    cfg = load_recipe({"recurrence": {"mean": 32, "backprop": 8, "curriculum": "1-sqrt",
+                                      "curriculum_fraction": 0.75}}).recurrence
     early = np.mean([sum(depth_for_step(s, 10000, cfg)[:2]) for s in range(0, 500)])
     late = np.mean([sum(depth_for_step(s, 10000, cfg)[:2]) for s in range(8000, 10000)])
     assert early < 3 and abs(late - 33) < 1
@@ -147,13 +148,15 @@ def test_muon_gets_hidden_matrices_and_adapter():
     assert opts[0].param_groups[0]["lr"] == 0.02 and opts[1].param_groups[0]["lr"] == 0.003
     assert opts[1].param_groups[0]["betas"] == (0.9, 0.95)
     one = build_optimizers(model, load_recipe({"optim": {"name": "adamw"}}).optim)
-    assert len(one) == 1 and sum(p.numel() for p in one[0].param_groups[0]["params"]) == sum(p.numel() for p in model.parameters())
+    assert len(one) == 1
+    assert sum(p.numel() for p in one[0].param_groups[0]["params"]) == sum(p.numel() for p in model.parameters())
 
 
 def test_recipe_overrides_types_and_suggestions(tmp_path):
     path = tmp_path / "r.yaml"
     path.write_text("optim:\n  lr: 1e-3\ntrain:\n  steps: 10\ndata:\n  synthetic: pattern\n")
-    cfg = load_recipe(path, ["--train.steps=5", "--optim.betas=[0.8, 0.9]", "--data.seq_len=16", "--train.tensorboard=false"])
+    cfg = load_recipe(path, ["--train.steps=5", "--optim.betas=[0.8, 0.9]", "--data.seq_len=16",
+                             "--train.tensorboard=false"])
     assert cfg.optim.lr == 0.001 and cfg.train.steps == 5 and cfg.optim.betas == [0.8, 0.9]
     assert (cfg.data.synthetic, cfg.data.seq_len) == ("pattern", 16) and cfg.train.tensorboard is False
     with pytest.raises(LoopfitError, match="unknown recipe key 'optim.lrr': did you mean 'optim.lr'"):

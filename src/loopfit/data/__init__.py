@@ -1,4 +1,5 @@
-"""loopfit's data pipeline: sources -> token shards (`prepare`) -> phased blends (`blend`) -> packed batches (`sampler`).
+"""loopfit's data pipeline: sources -> token shards (`prepare`) -> phased blends (`blend`) -> packed batches
+(`sampler`).
 
     from loopfit.data import prepare, load_blend, BlendSampler, check_tokenizer, iter_eval_batches
 """

@@ -63,7 +63,8 @@ def _load_mapping(path_or_dict):
         spec = yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:
         line = getattr(getattr(e, "problem_mark", None), "line", None)
-        raise LoopfitError(f"{path} is not valid YAML{f' (line {line + 1})' if line is not None else ''}: fix the file") from None
+        at_line = f" (line {line + 1})" if line is not None else ""
+        raise LoopfitError(f"{path} is not valid YAML{at_line}: fix the file") from None
     if not isinstance(spec, dict):
         raise LoopfitError(f"{path} must be a mapping with 'phases' (or 'weights'): see loopfit.data.blend")
     return spec, str(path)
@@ -87,7 +88,8 @@ def _weights(raw, where):
 
 def _until(raw, where):
     if not isinstance(raw, dict) or len(raw) != 1 or next(iter(raw)) not in TRIGGERS:
-        raise LoopfitError(f"{where}: 'until' must be one of {{step: N}}, {{fraction: F}}, {{lr_fraction: X}}, got {raw!r}")
+        raise LoopfitError(f"{where}: 'until' must be one of {{step: N}}, {{fraction: F}}, {{lr_fraction: X}}, "
+                           f"got {raw!r}")
     kind, value = next(iter(raw.items()))
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise LoopfitError(f"{where}: until {kind} must be a number, got {value!r}")
@@ -107,7 +109,8 @@ def load_blend(path_or_dict, data_root=None):
     root = Path(data_root) if data_root is not None else Path(".")
     unknown = set(spec) - {"phases", "weights", "datasets"}
     if unknown:
-        raise LoopfitError(f"{src}: unknown key '{sorted(unknown)[0]}': a blend has 'phases' (or 'weights') and 'datasets'")
+        raise LoopfitError(f"{src}: unknown key '{sorted(unknown)[0]}': "
+                           "a blend has 'phases' (or 'weights') and 'datasets'")
     if ("phases" in spec) == ("weights" in spec):
         raise LoopfitError(f"{src}: give either 'phases: [...]' or a single phase's 'weights: {{...}}'")
     raw_phases = spec["phases"] if "phases" in spec else [{"weights": spec["weights"]}]
@@ -152,7 +155,8 @@ def load_blend(path_or_dict, data_root=None):
     manifests = {name: read_manifest(folder) for name, folder in datasets.items()}
     tokenizers = {name: m["tokenizer"]["fingerprint"] for name, m in manifests.items()}
     if len(set(tokenizers.values())) > 1:
-        raise LoopfitError(f"{src}: datasets were tokenised with different tokenizers ({tokenizers}): prepare them all with the model's tokenizer")
+        raise LoopfitError(f"{src}: datasets were tokenised with different tokenizers ({tokenizers}): "
+                           "prepare them all with the model's tokenizer")
     contents = sorted((n, m["tokenizer"]["fingerprint"], m["splits"]["train"]["tokens"]) for n, m in manifests.items())
     blob = json.dumps([[p.name, p.weights, p.until] for p in phases] + contents, sort_keys=True)
     return Blend(tuple(phases), datasets, "sha256:" + hashlib.sha256(blob.encode()).hexdigest()[:16])

@@ -226,7 +226,8 @@ def prepare_one(name, spec, tokenizer, out, *, text_field="text", template=None,
         raise LoopfitError(f"--shard-tokens {shard_tokens} must be positive")
     tok = load_tokenizer(tokenizer)
     if tok.eos_token_id is None:
-        raise LoopfitError(f"tokenizer {getattr(tok, 'name_or_path', '')!r} has no EOS token: use the model's own tokenizer")
+        raise LoopfitError(f"tokenizer {getattr(tok, 'name_or_path', '')!r} has no EOS token: "
+                           "use the model's own tokenizer")
     folder = Path(out) / name
     settings = {
         "source": spec, "input": _source_stamp(spec), "text_field": text_field, "template": template,
@@ -241,9 +242,11 @@ def prepare_one(name, spec, tokenizer, out, *, text_field="text", template=None,
         if old == settings:
             return folder, json.loads((folder / MANIFEST).read_text()), "up to date"
         if not force:
-            raise LoopfitError(f"{folder} already holds a dataset prepared from other inputs or settings: pass --force to replace it")
+            raise LoopfitError(f"{folder} already holds a dataset prepared from other inputs or settings: "
+                               "pass --force to replace it")
     elif folder.exists() and any(folder.iterdir()) and not force:
-        raise LoopfitError(f"{folder} exists and is not a prepared dataset: choose another NAME or --out, or pass --force")
+        raise LoopfitError(f"{folder} exists and is not a prepared dataset: "
+                           "choose another NAME or --out, or pass --force")
 
     vocab_size = len(tok)
     dtype = token_dtype(vocab_size)
@@ -253,7 +256,8 @@ def prepare_one(name, spec, tokenizer, out, *, text_field="text", template=None,
     start = time.time()
     docs = sources.read_documents(spec, text_field, template, encoding_errors)
     with atomic_dir(folder, force=True) as tmp:
-        writers = {"train": _ShardWriter(tmp, "train", dtype, shard_tokens), "val": _ShardWriter(tmp, "val", dtype, shard_tokens)}
+        writers = {"train": _ShardWriter(tmp, "train", dtype, shard_tokens),
+                   "val": _ShardWriter(tmp, "val", dtype, shard_tokens)}
         with _progress(name, progress) as bar:  # closed before an error is printed, so the error is the last line
             for i, ids in enumerate(encoded_documents(docs, tok, workers, limit)):
                 doc = np.concatenate([head, ids, eos])
@@ -263,9 +267,11 @@ def prepare_one(name, spec, tokenizer, out, *, text_field="text", template=None,
                     bar.set_postfix(tokens=f"{writers['train'].tokens + writers['val'].tokens:,}")
         splits = {s: w.summary() for s, w in writers.items()}
         if splits["train"]["documents"] == 0:
-            raise LoopfitError(f"source '{spec}' has no documents (no text found): check the path, --text-field or --template")
+            raise LoopfitError(f"source '{spec}' has no documents (no text found): "
+                               "check the path, --text-field or --template")
         if holdout and splits["val"]["documents"] == 0:
-            raise LoopfitError(f"--holdout {holdout} of {splits['train']['documents']} documents selects none: raise it to at least {1 / splits['train']['documents']:.3g}")
+            raise LoopfitError(f"--holdout {holdout} of {splits['train']['documents']} documents selects none: "
+                               f"raise it to at least {1 / splits['train']['documents']:.3g}")
         manifest = {
             "format": FORMAT,
             "name": name,
@@ -283,7 +289,8 @@ def prepare_one(name, spec, tokenizer, out, *, text_field="text", template=None,
         }
         if spec == "gsm8k-test":
             manifest["excluded"] = {"gsm8k_test_ids": list(sources.test_sets.GSM_SYMBOLIC_SOURCE_IDS),
-                                    "why": "the GSM8K test items reasoning-gym's gsm_symbolic templates were built from"}  # fmt: skip
+                                    "why": "the GSM8K test items reasoning-gym's gsm_symbolic templates were "
+                                           "built from"}  # fmt: skip
         with atomic_file(tmp / MANIFEST, "w") as f:
             json.dump(manifest, f, indent=1)
     return folder, manifest, "written"

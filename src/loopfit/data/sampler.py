@@ -68,9 +68,11 @@ class BlendSampler:
         if seq_len < 2 or global_batch_size < 1:
             raise LoopfitError(f"seq_len {seq_len} and global_batch_size {global_batch_size} must be >= 2 and >= 1")
         if world_size < 1 or not 0 <= rank < world_size or global_batch_size % world_size:
-            raise LoopfitError(f"global_batch_size {global_batch_size} must divide evenly over world_size {world_size} (rank {rank})")
+            raise LoopfitError(f"global_batch_size {global_batch_size} must divide evenly over world_size {world_size} "
+                               f"(rank {rank})")
         if pack not in ("concat", "docs"):
-            raise LoopfitError(f"unknown pack '{pack}': use 'concat' (documents run together) or 'docs' (whole documents)")
+            raise LoopfitError(f"unknown pack '{pack}': "
+                               "use 'concat' (documents run together) or 'docs' (whole documents)")
         needs_total = any(p.until and p.until[0] == "fraction" for p in blend.phases)
         if needs_total and not total_steps:
             raise LoopfitError("the blend has an 'until: {fraction: F}' phase: pass total_steps to the sampler")
@@ -93,6 +95,8 @@ class BlendSampler:
         self._last_step = -1
         self._cache = (0, np.zeros(len(self.datasets), dtype=np.int64))  # (step, draws per dataset before it)
         self._warned = set()
+        # unit order per (dataset, epoch), cached per sampler: a cache on the method would keep samplers alive
+        self._permutation = functools.lru_cache(maxsize=8)(self._unit_order)
         if total_steps:
             for row in self.report():
                 if row["epochs"] > max_epochs:
@@ -102,7 +106,8 @@ class BlendSampler:
         if self.pack == "docs":
             return ds.num_docs
         if ds.num_tokens < self.seq_len:
-            raise LoopfitError(f"dataset '{ds.name}' has {ds.num_tokens} tokens, fewer than seq_len {self.seq_len}: prepare more data or shorten seq_len")
+            raise LoopfitError(f"dataset '{ds.name}' has {ds.num_tokens} tokens, fewer than seq_len {self.seq_len}: "
+                               "prepare more data or shorten seq_len")
         return ds.num_tokens // self.seq_len
 
     # ------------------------------------------------------------ phases
@@ -116,7 +121,8 @@ class BlendSampler:
         if self.lr_fraction_at is not None:
             lr_fraction = self.lr_fraction_at(step)
         if lr_fraction is None:
-            raise LoopfitError(f"phase '{self.blend.phases[p].name}' ends on lr_fraction: pass batch(step, lr_fraction=lr / lr_start)")
+            raise LoopfitError(f"phase '{self.blend.phases[p].name}' ends on lr_fraction: "
+                               "pass batch(step, lr_fraction=lr / lr_start)")
         return lr_fraction <= self.blend.phases[p].until[1]
 
     def phase_at(self, step, lr_fraction=None):
@@ -134,7 +140,8 @@ class BlendSampler:
                 elif self._lr_fired(p, step, lr_fraction):
                     if step > self._last_step + 1 and self._last_step >= 0:
                         warnings.warn(f"lr-triggered phase switch seen at step {step} after step {self._last_step}: "
-                                      "load the sampler's state_dict on resume to keep the exact switch step", stacklevel=3)  # fmt: skip
+                                      "load the sampler's state_dict on resume to keep the exact switch step",
+                                      stacklevel=3)  # fmt: skip
                     end = step
             if end is None or end > step:
                 break
@@ -183,13 +190,12 @@ class BlendSampler:
 
     def _warn(self, name, epochs, verb):
         self._warned.add(self.dataset_names.index(name))
-        warnings.warn(f"dataset '{name}' {verb} repeated {epochs:.2f} times (limit {self.max_epochs}): prepare more data, "
-                      "lower its weight or raise max_epochs", stacklevel=3)  # fmt: skip
+        warnings.warn(f"dataset '{name}' {verb} repeated {epochs:.2f} times (limit {self.max_epochs}): "
+                      "prepare more data, lower its weight or raise max_epochs", stacklevel=3)  # fmt: skip
 
     # ------------------------------------------------------------ reading units
 
-    @functools.lru_cache(maxsize=8)
-    def _permutation(self, d, epoch):
+    def _unit_order(self, d, epoch):
         return np.random.default_rng([self.seed, 3, d, epoch]).permutation(int(self.units[d]))
 
     def _row(self, d, k):
@@ -242,8 +248,8 @@ class BlendSampler:
         mine = self.state_dict()
         for key in ("format", "blend", "seed", "seq_len", "global_batch_size", "pack"):
             if state.get(key) != mine[key]:
-                raise LoopfitError(f"sampler state was saved with {key}={state.get(key)!r}, this run has {mine[key]!r}: "
-                                   "resume with the same blend and data settings")  # fmt: skip
+                raise LoopfitError(f"sampler state was saved with {key}={state.get(key)!r}, this run has "
+                                   f"{mine[key]!r}: resume with the same blend and data settings")  # fmt: skip
         self._starts = [int(s) for s in state["phase_starts"]]
         self._last_step = int(state["last_step"])
         self._cache = (0, np.zeros(len(self.datasets), dtype=np.int64))
@@ -256,7 +262,7 @@ class BlendSampler:
         if not total:
             raise LoopfitError("report() needs total_steps")
         bounds, estimated, start = [], False, 0
-        for p, phase in enumerate(self.blend.phases):
+        for phase in self.blend.phases:
             if phase.until is None:
                 end = total
             elif phase.until[0] == "lr_fraction":
@@ -273,7 +279,7 @@ class BlendSampler:
         for d, (name, ds) in enumerate(zip(self.dataset_names, self.datasets)):
             seqs = sum((e - s) * self.global_batch_size * self.blend.phases[p].weights.get(name, 0.0)
                        for p, (s, e) in enumerate(bounds))  # fmt: skip
+            epochs = seqs / int(self.units[d]) if self.pack == "concat" else seqs * self.seq_len / ds.num_tokens
             rows.append({"dataset": name, "tokens_available": ds.num_tokens, "tokens_drawn": int(seqs * self.seq_len),
-                         "epochs": seqs / int(self.units[d]) if self.pack == "concat" else seqs * self.seq_len / ds.num_tokens,
-                         "estimated": estimated})  # fmt: skip
+                         "epochs": epochs, "estimated": estimated})  # fmt: skip
         return rows

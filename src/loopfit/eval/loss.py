@@ -54,7 +54,8 @@ def pack(tokenizer, texts, seq_len=512, max_tokens=16384):
             break
     rows = len(ids[:max_tokens]) // seq_len
     if rows == 0:
-        raise LoopfitError(f"the loss text has {len(ids)} tokens, fewer than one sequence of {seq_len}: lower --seq-len")
+        raise LoopfitError(f"the loss text has {len(ids)} tokens, fewer than one sequence of {seq_len}: "
+                           "lower --seq-len")
     return torch.tensor(ids[: rows * seq_len]).view(rows, seq_len)
 
 

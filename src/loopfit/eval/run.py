@@ -157,7 +157,8 @@ def table(rows):
 
 
 def add_arguments(parser):
-    parser.add_argument("model", metavar="MODEL", help="loopfit or plain transformers folder, .gguf file, or short name")
+    parser.add_argument("model", metavar="MODEL",
+                        help="loopfit or plain transformers folder, .gguf file, or short name")
     from ..cli import options_of
 
     option = options_of(parser, evaluate)
@@ -194,7 +195,8 @@ def run(args):
         check_exit(args.exit_criterion, recurrent=True)  # the rule's syntax; plain models are refused once loaded
     if args.data and not Path(args.data).is_dir():
         loss.read_texts(args.data)  # missing, non-UTF-8 or malformed text is refused before the model loads
-    out = args.out or (Path(args.model) / "eval" if Path(args.model).is_dir() else Path(f"eval-{Path(args.model).stem}"))
+    out = args.out or (Path(args.model) / "eval" if Path(args.model).is_dir()
+                       else Path(f"eval-{Path(args.model).stem}"))
     check_writable(out)
     check_empty_or_force(out, args.force)
     results = evaluate(args.model, parse_steps(args.steps), parse_tasks(args.tasks), out=out, limit=args.limit,

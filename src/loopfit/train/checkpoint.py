@@ -72,7 +72,7 @@ def verify(path):
 def latest_good(out_dir):
     """(path or None, [messages about skipped corrupt checkpoints]) for the newest intact checkpoint."""
     skipped = []
-    for step, path in list_checkpoints(out_dir):
+    for _, path in list_checkpoints(out_dir):
         reason = verify(path)
         if reason is None:
             return path, skipped

@@ -36,7 +36,8 @@ def setup():
     else:
         device = torch.device("cpu")
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", device_id=device if device.type == "cuda" else None)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                device_id=device if device.type == "cuda" else None)
     rank = dist.get_rank() if dist.is_initialized() else 0
     return Dist(rank=rank, world=world, local_rank=local_rank, device=device)
 
@@ -50,7 +51,8 @@ def blocks(model):
     """The transformer blocks of a loopfit model (prelude, core, coda) or of a plain HF causal LM (model.layers)."""
     inner = getattr(model, "model", model)
     if hasattr(inner, "core"):
-        return [("prelude", b) for b in inner.prelude] + [("core", b) for b in inner.core] + [("coda", b) for b in inner.coda]
+        return ([("prelude", b) for b in inner.prelude] + [("core", b) for b in inner.core]
+                + [("coda", b) for b in inner.coda])
     layers = getattr(inner, "layers", None) or getattr(inner, "h", None)
     if layers is None:
         raise ValueError(f"cannot find the transformer blocks of {type(model).__name__} for FSDP")

@@ -88,7 +88,8 @@ class Metrics:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self.tb = SummaryWriter(str(self.out / "tb"), purge_step=None if resume_step is None else resume_step + 1)
+                self.tb = SummaryWriter(str(self.out / "tb"),
+                                        purge_step=None if resume_step is None else resume_step + 1)
             except ImportError:  # tensorboard not installed: JSONL and CSV still work
                 self.tb = None
 

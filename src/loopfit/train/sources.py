@@ -65,7 +65,8 @@ class TokenWindowSource:
             raise LoopfitError(f"data.tokens holds {len(tokens)} tokens, too few for data.seq_len {seq_len}")
         cut = int(len(tokens) * 0.95)
         self.train, self.heldout = tokens[:cut], tokens[cut:]
-        self.seq_len, self.batch_size, self.rank, self.world, self.seed = int(seq_len), int(batch_size), rank, world, int(seed)
+        self.seq_len, self.batch_size, self.seed = int(seq_len), int(batch_size), int(seed)
+        self.rank, self.world = rank, world
         self.vocab_size = int(vocab_size or int(tokens.max()) + 1)
 
     def _windows(self, tokens, key):

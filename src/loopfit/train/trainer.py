@@ -21,9 +21,9 @@ and recomputation for speed and memory (see loopfit.train.performance).
 
 Writes to train.out_dir: metrics.jsonl / metrics.csv / tb/ (loss, lr, grad norm, n and k (the step's mean over its
 micro-batches), tokens, FLOPs by the paper's count (`flops`: adapter and final norm left out, as the authors count)
-and the full count (`flops_full`), tokens/s, MFU by both counts), checkpoints/step-N/ (every checkpoint.every steps, at the end, and on
-SIGTERM/SIGINT), and final/, a folder from_pretrained loads. A non-finite loss stops the run with a
-checkpoint of the last good state (or, with train.on_nonfinite=skip, drops that step).
+and the full count (`flops_full`), tokens/s, MFU by both counts), checkpoints/step-N/ (every checkpoint.every
+steps, at the end, and on SIGTERM/SIGINT), and final/, a folder from_pretrained loads. A non-finite loss stops
+the run with a checkpoint of the last good state (or, with train.on_nonfinite=skip, drops that step).
 """
 
 import math
@@ -54,8 +54,8 @@ from .sources import build_source
 
 
 def add_arguments(parser):
-    parser.add_argument("recipe", help="YAML recipe file, or the name of a shipped one (quickstart, tinyllama-448, ...); "
-                        "every key can be overridden as --section.key=value")
+    parser.add_argument("recipe", help="YAML recipe file, or the name of a shipped one "
+                        "(quickstart, tinyllama-448, ...); every key can be overridden as --section.key=value")
     parser.add_argument("--resume", nargs="?", const="latest", default=None, metavar="CHECKPOINT",
                         help="continue the run in train.out_dir from its newest intact checkpoint (or CHECKPOINT)")
     parser.epilog = "recipe keys and defaults (override any as --section.key=value):\n" + describe_keys()
