@@ -139,12 +139,12 @@ def interleaved_check(model, tok, args):
 
 
 def gsm8k_sweep(model, tok, args):
-    from loopfit.eval import gsm8k
+    from loopfit.eval import accuracy
 
     runs = {}
     for name, draft in (("plain", None), ("speculative", args.draft_steps)):
         t0 = time.perf_counter()
-        rows, samples = gsm8k.evaluate(model, tok, args.gsm8k_steps, prompt="1shot", limit=args.gsm8k, seed=1234,
+        rows, samples = accuracy.evaluate(model, tok, "gsm8k_1shot", args.gsm8k_steps, limit=args.gsm8k, seed=1234,
                                        max_new_tokens=args.max_new_tokens, batch_size=8, draft_steps=draft)
         runs[name] = (time.perf_counter() - t0, [s["completion"] for s in samples], rows)
     assert runs["plain"][1] == runs["speculative"][1] and runs["plain"][2] == runs["speculative"][2]

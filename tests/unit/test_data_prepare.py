@@ -83,7 +83,7 @@ def test_interrupted_run_leaves_nothing(tmp_path, smollm2_tokenizer):
     bad.write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXTS * 20) + '{"body": "no text"}\n')
     with pytest.raises(LoopfitError, match="has no field 'text'"):
         prepare([str(bad)], smollm2_tokenizer, tmp_path / "data", progress=False, shard_tokens=1000)
-    assert list((tmp_path / "data").iterdir()) == []  # no folder, no temporary left behind
+    assert list(tmp_path.iterdir()) == [bad]  # no output folder, no temporary left behind
 
 
 @pytest.mark.parametrize("sources, kw, match", [
