@@ -269,7 +269,8 @@ def cases(w):
     add("quickstart: --out non-empty", ["quickstart", "--out", str(w / "nonempty")], "--force")
     add("quickstart: --out /proc/x", ["quickstart", "--out", "/proc/x"], "/proc/x")
     add("quickstart: --layers 1,2", ["quickstart", "--layers", "1,2", "--out", new("q3")], "three counts", new("q3"))
-    add("quickstart: --eval-steps 0", ["quickstart", "--eval-steps", "0", "--out", new("q4")], "--steps", new("q4"))
+    add("quickstart: --eval-steps 0", ["quickstart", "--eval-steps", "0", "--out", new("q4")], "--eval-steps",
+        new("q4"))
     add("quickstart: --recipe missing", ["quickstart", "--recipe", str(w / "nope.yaml"), "--out", new("q5")],
         "nope.yaml", new("q5"))
     return C

@@ -116,8 +116,9 @@ def _settings(args):
     steps = args.steps or max(1, round(args.minutes * STEPS_PER_MINUTE))
     return {
         "model": args.model, "layers": layers, "adapter_init": args.adapter_init, "steps": steps,
-        "limit": args.limit, "eval_steps": parse_steps(_text(args.eval_steps)), "eval_tokens": args.eval_tokens,
-        "gsm8k": args.gsm8k, "gsm8k_steps": parse_steps(_text(args.gsm8k_steps)), "max_new_tokens": args.max_new_tokens,
+        "limit": args.limit, "eval_steps": parse_steps(_text(args.eval_steps), "--eval-steps"),
+        "eval_tokens": args.eval_tokens, "gsm8k": args.gsm8k,
+        "gsm8k_steps": parse_steps(_text(args.gsm8k_steps), "--gsm8k-steps"), "max_new_tokens": args.max_new_tokens,
         "recipe_sha256": hashlib.sha256(Path(args.recipe).read_bytes()).hexdigest()[:16],
     }
 

@@ -68,6 +68,16 @@ def test_unknown_model_is_one_line_error(tmp_path):
     assert not (tmp_path / "qs").exists()
 
 
+@pytest.mark.parametrize("flag", ["--eval-steps", "--gsm8k-steps"])
+def test_a_bad_loop_list_names_its_own_flag(tmp_path, capsys, flag):
+    from loopfit.cli import main
+
+    assert main(["quickstart", flag, "0", "--out", str(tmp_path / "qs")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"{flag} must be positive integers" in err[0]
+    assert not (tmp_path / "qs").exists()
+
+
 def test_help_describes_the_stages():
     p = loopfit("quickstart", "--help")
     assert p.returncode == 0
