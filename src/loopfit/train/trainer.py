@@ -215,7 +215,10 @@ def train(recipe=None, overrides=(), resume=None, data=None):
     started = not torch.distributed.is_initialized()
     d = distributed.setup()
     try:
-        return _train(cfg, d, resume, data)
+        result = _train(cfg, d, resume, data)
+        if started:
+            distributed.barrier()  # no rank leaves the group while another still works: gloo aborts early leavers
+        return result
     finally:
         if started:
             distributed.teardown()
