@@ -35,12 +35,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 import yaml
 
 from .. import LoopfitError, __version__
 from ..io import atomic_dir, atomic_file, check_writable
 from ..loading import OFFLINE_MODELS, from_pretrained, is_recurrent, offline_folder
+from ..modeling import causal_lm_loss
 from . import checkpoint, distributed
 from .config import describe_keys, load_recipe
 from .flops import param_counts, peak_flops, train_flops
@@ -183,9 +183,7 @@ def _loss_sum(model, ids, labels, recurrent, kwargs):
     if recurrent:
         return model(input_ids=ids, labels=labels, num_items_in_batch=1.0, return_logits=False, use_cache=False,
                      **kwargs).loss
-    logits = model(input_ids=ids, use_cache=False, **kwargs).logits
-    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100,
-                           reduction="sum")
+    return causal_lm_loss(model(input_ids=ids, use_cache=False, **kwargs).logits, labels, num_items_in_batch=1.0)
 
 
 def _grad_norm(model, clip):
