@@ -12,9 +12,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 
+from ..loading import is_recurrent
 from . import items as test_sets
 from .extract import flexible_answer, math_answer, math_equal, strict_answer
-from .generation import generate_at
+from .generation import generate_at, generate_sweep
 from .prompts import GSM8K_STOP, MATH_STOP, gsm8k_prompt, math_prompt
 
 
@@ -74,10 +75,17 @@ def evaluate(model, tokenizer, task, steps, limit=None, seed=1234, max_new_token
     spec = TASKS[task]
     items = test_sets.subset(items or spec.items(), limit, seed)
     prompts = [spec.prompt(it["question"]) for it in items]
+    max_new_tokens = max_new_tokens or spec.max_new_tokens
+    swept = None
+    if is_recurrent(model) and exit_criterion is None and draft_steps is None \
+            and model.config.cache_policy == "exact":  # every r in one pass (the same completions, far faster)
+        swept = generate_sweep(model, tokenizer, prompts, steps, max_new_tokens, spec.stop, batch_size,
+                               f"{task} r={','.join(map(str, steps))}")
     rows, samples = [], []
     for r in steps:
-        completions, loop_rows = generate_at(model, tokenizer, prompts, r, task, max_new_tokens or spec.max_new_tokens,
-                                             spec.stop, batch_size, exit_criterion, draft_steps, draft_tokens)
+        completions, loop_rows = (swept[int(r)], []) if swept else generate_at(
+            model, tokenizer, prompts, r, task, max_new_tokens, spec.stop, batch_size, exit_criterion, draft_steps,
+            draft_tokens)
         task_rows, task_samples = score(task, r, items, completions)
         rows += loop_rows + task_rows
         samples += task_samples
