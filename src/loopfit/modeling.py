@@ -1001,7 +1001,8 @@ def linear_cross_entropy(hidden, weight, labels, num_items_in_batch=None, softca
     hidden = hidden[:, :-1].flatten(0, 1)
     labels = labels[:, 1:].flatten().to(hidden.device)
     chunk = max(1, min(hidden.shape[0], chunk_elements // weight.shape[0]))
-    total = _LinearCrossEntropy.apply(hidden, weight, labels, chunk, softcap)
+    grads = torch.is_grad_enabled()  # under no_grad (evaluation) only the loss: no gradient work in the forward
+    total = _LinearCrossEntropy.apply(hidden, weight, labels, chunk, softcap, grads)
     count = (labels != -100).sum() if num_items_in_batch is None else num_items_in_batch
     return total / count
 
@@ -1010,8 +1011,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
     """Summed cross-entropy of (optionally soft-capped) logits hidden @ weight.T, chunk by chunk (-100 ignored)."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, labels, chunk, softcap):
-        need_hidden, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    def forward(ctx, hidden, weight, labels, chunk, softcap, grads=True):
+        need_hidden, need_weight = grads and ctx.needs_input_grad[0], grads and ctx.needs_input_grad[1]
         grad_hidden = torch.empty_like(hidden) if need_hidden else None
         grad_weight = torch.zeros_like(weight, dtype=torch.float32) if need_weight else None
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
@@ -1046,7 +1047,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_total):
         grad_hidden, grad_weight = ctx.saved_tensors
         return (None if grad_hidden is None else grad_hidden * grad_total.to(grad_hidden.dtype),
-                None if grad_weight is None else (grad_weight * grad_total).to(ctx.weight_dtype), None, None, None)
+                None if grad_weight is None else (grad_weight * grad_total).to(ctx.weight_dtype),
+                None, None, None, None)
 
 
 LoopfitConfig.register_for_auto_class()

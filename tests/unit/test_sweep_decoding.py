@@ -164,3 +164,21 @@ def test_real_smollm2_eval_sweep_equals_generation_per_r():
     per_r = {r: generate(model, tok, prompts, num_steps=r, max_new_tokens=12, stop=stop) for r in (1, 2, 4)}
     assert swept == per_r
     assert per_r[1] != per_r[4]
+
+
+def test_lean_loss_does_no_gradient_work_under_no_grad():
+    """Evaluation (no_grad) through `linear_cross_entropy` runs one head matmul per chunk, not the three that
+    training's forward runs to form gradients; the loss is the same."""
+    from loopfit.modeling import linear_cross_entropy
+
+    weight = torch.nn.Parameter(torch.randn(300, 16))
+    hidden, labels = torch.randn(2, 9, 16), torch.randint(0, 300, (2, 9))
+
+    def matmuls(grad):
+        with torch.set_grad_enabled(grad), torch.profiler.profile() as prof:
+            loss = linear_cross_entropy(hidden, weight, labels, chunk_elements=300 * 4)  # 4 chunks of 4 rows
+        return loss.detach(), sum(e.count for e in prof.key_averages() if e.key in ("aten::mm", "aten::addmm"))
+
+    (eval_loss, eval_mm), (train_loss, train_mm) = matmuls(False), matmuls(True)
+    assert eval_mm == 4 and train_mm == 8  # the weight's gradient only (hidden needs none): one more per chunk
+    assert torch.allclose(eval_loss, train_loss)
