@@ -58,9 +58,9 @@ TASKS = {
 def score(task, r, items, completions):
     """(rows, samples) of one task at r: one row per metric (the mean over items), one sample per completion."""
     spec = TASKS[task]
-    samples = [{"task": task, "steps": r, "id": it["id"], "reference": it["answer"], "completion": c,
+    samples = [{"task": task, "loops": r, "id": it["id"], "reference": it["answer"], "completion": c,
                 **spec.score(c, it["answer"])} for it, c in zip(items, completions)]
-    rows = [{"task": task, "steps": r, "metric": metric, "value": sum(s[field] for s in samples) / len(samples),
+    rows = [{"task": task, "loops": r, "metric": metric, "value": sum(s[field] for s in samples) / len(samples),
              "n": len(samples)} for metric, field in spec.metrics.items()]
     return rows, samples
 

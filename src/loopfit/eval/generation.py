@@ -88,6 +88,6 @@ def generate_at(model, tokenizer, prompts, r, task, max_new_tokens, stop, batch_
     loops = []
     completions = generate(model, tokenizer, prompts, r, max_new_tokens, stop, batch_size, f"{task} r={r}",
                            exit_criterion, loops, draft_steps, draft_tokens)
-    rows = [{"task": task, "steps": r, "metric": "mean_loops", "value": sum(loops) / len(loops), "n": len(loops),
+    rows = [{"task": task, "loops": r, "metric": "mean_loops", "value": sum(loops) / len(loops), "n": len(loops),
              "exit": exit_criterion}] if loops else []
     return completions, rows

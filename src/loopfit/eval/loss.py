@@ -87,6 +87,6 @@ def evaluate(model, rows, steps, batch_size=4):
     for r in tqdm(steps, desc="loss", leave=False):
         loss = mean_loss(model, rows, r, batch_size)
         n = int(rows.numel())
-        out += [{"task": "loss", "steps": r, "metric": "loss", "value": loss, "n": n},
-                {"task": "loss", "steps": r, "metric": "perplexity", "value": math.exp(loss), "n": n}]
+        out += [{"task": "loss", "loops": r, "metric": "loss", "value": loss, "n": n},
+                {"task": "loss", "loops": r, "metric": "perplexity", "value": math.exp(loss), "n": n}]
     return out
