@@ -55,7 +55,7 @@ def test_run_tasks_gives_rows_per_r(tiny):
     model, tok, _ = tiny
     rows, raw = run_tasks(model, tok, ["gsm8k_loopfit_1shot"], [1, 2], limit=1, max_gen_toks=2)
     assert sorted(raw) == [1, 2]
-    assert {(r["steps"], r["metric"]) for r in rows} >= {(1, "exact_match_strict-match"),
+    assert {(r["loops"], r["metric"]) for r in rows} >= {(1, "exact_match_strict-match"),
                                                          (2, "exact_match_flexible-extract")}
     assert all(r["task"] == "lm:gsm8k_loopfit_1shot" for r in rows)
 
