@@ -467,4 +467,6 @@ def describe_keys():
             shown = "unset" if default is None else repr(default)
             what = f.metadata["doc"] + (f" [{' | '.join(allowed)}]" if allowed else "")
             lines.append(f"  {section}.{f.name} = {shown}\n      {what}")
+    lines.append("\nrenamed (the old name is still read, with a notice, until the next release):")
+    lines += [f"  {old} -> {new}" for old, new in RENAMED_KEYS.items()]
     return "\n".join(lines)
