@@ -80,8 +80,8 @@ def test_metric_rows_keep_metrics_only():
     results = {"gsm8k_loopfit": {"alias": "gsm8k_loopfit", "exact_match,strict-match": 0.5,
                                  "exact_match_stderr,strict-match": 0.1, "sample_len": 2, "acc,none": 0.25}}
     assert metric_rows(results, 4, 2) == [
-        {"task": "lm:gsm8k_loopfit", "steps": 4, "metric": "exact_match_strict-match", "value": 0.5, "n": 2},
-        {"task": "lm:gsm8k_loopfit", "steps": 4, "metric": "acc", "value": 0.25, "n": 2}]
+        {"task": "lm:gsm8k_loopfit", "loops": 4, "metric": "exact_match_strict-match", "value": 0.5, "n": 2},
+        {"task": "lm:gsm8k_loopfit", "loops": 4, "metric": "acc", "value": 0.25, "n": 2}]
 
 
 class ScriptedLM(lm_eval.api.model.LM):

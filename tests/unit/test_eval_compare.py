@@ -94,7 +94,7 @@ def test_report_names_matched_flops_and_draws_both_plots(runs, tmp_path, capsys)
         assert float(cells[3]) <= budget * (1 + 1e-3)
     assert float(table_row(matched, "plain")[0].split("|")[4]) == pytest.approx(budget, rel=1e-3)
     # eval by test r: the recurrent model differs across r, the plain one repeats its single figure
-    evals = report.split("## Eval metrics by test-time recurrence")[1]
+    evals = report.split("## Eval metrics by test-time loops r")[1]
     results = {name: json.loads((runs[name] / "final/eval/results.json").read_text()) for name in totals}
     for name, res in results.items():
         (row,) = [line for line in evals.splitlines() if line.startswith(f"| loss | loss | {name} |")]

@@ -9,7 +9,7 @@ in RUN, RUN/eval and RUN/final/eval). Writes OUT/report.md with:
   - loss at matched FLOPs: each run's last logged loss at or below the largest FLOPs all runs reached,
   - eval metrics at every test r, with each run's training FLOPs named,
 and OUT/flops.png (loss vs training FLOPs, one line per run) and OUT/loops.png (eval metric vs test-time loops r).
-Results files written before loopfit 0.2 (rows with "steps" for r) are read as well.
+Results files written before the loops rename (rows with "steps" for r) are read as well.
 Runs of different tokenizers are compared with a warning: their losses are not on the same scale.
 """
 

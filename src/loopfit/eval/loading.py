@@ -15,7 +15,7 @@ def parse_loops(text, flag="--loops"):
     """'1,2,4,8' -> [1, 2, 4, 8]; rejects an empty list and non-positive or non-integer values, naming `flag`."""
     parts = [p.strip() for p in str(text).split(",") if p.strip()]
     if not parts:
-        raise LoopfitError(f"{flag} is empty: give test-time recurrences like {flag} 1,2,4,8")
+        raise LoopfitError(f"{flag} is empty: give test-time loops r like {flag} 1,2,4,8")
     try:
         loops = [int(p) for p in parts]
     except ValueError:
@@ -26,5 +26,5 @@ def parse_loops(text, flag="--loops"):
 
 
 def normalise_rows(rows):
-    """Results rows as read from a file, with r under "loops" (files written before loopfit 0.2 call it "steps")."""
+    """Results rows as read from a file, with r under "loops" (files written before the rename call it "steps")."""
     return [row if "loops" in row else {("loops" if k == "steps" else k): v for k, v in row.items()} for row in rows]
