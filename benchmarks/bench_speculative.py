@@ -145,7 +145,7 @@ def gsm8k_sweep(model, tok, args):
     for name, draft in (("plain", None), ("speculative", args.draft_loops)):
         t0 = time.perf_counter()
         rows, samples = accuracy.evaluate(model, tok, "gsm8k_1shot", args.gsm8k_loops, limit=args.gsm8k, seed=1234,
-                                       max_new_tokens=args.max_new_tokens, batch_size=8, draft_steps=draft)
+                                       max_new_tokens=args.max_new_tokens, batch_size=8, draft_loops=draft)
         runs[name] = (time.perf_counter() - t0, [s["completion"] for s in samples], rows)
     assert runs["plain"][1] == runs["speculative"][1] and runs["plain"][2] == runs["speculative"][2]
     emit("gsm8k_eval_speculative", model=args.model, items=args.gsm8k,

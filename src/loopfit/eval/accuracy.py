@@ -65,19 +65,19 @@ def score(task, r, items, completions):
     return rows, samples
 
 
-def evaluate(model, tokenizer, task, steps, limit=None, seed=1234, max_new_tokens=None, batch_size=8, items=None,
-             exit_criterion=None, draft_steps=None, draft_tokens=None):
-    """(rows, samples) of a task of TASKS at each r in `steps`: one row per (r, metric), every completion in
+def evaluate(model, tokenizer, task, loops, limit=None, seed=1234, max_new_tokens=None, batch_size=8, items=None,
+             exit_criterion=None, draft_loops=None, draft_tokens=None):
+    """(rows, samples) of a task of TASKS at each r in `loops`: one row per (r, metric), every completion in
     samples. `items` replaces the task's test set; `limit` takes a fixed random subset (`seed`). With
     `exit_criterion` (adaptive exit, r the most loops a token may use) a 'mean_loops' row is added per r.
-    `draft_steps` D decodes each r > D by exact self-speculation (the same completions)."""
+    `draft_loops` D decodes each r > D by exact self-speculation (the same completions)."""
     spec = TASKS[task]
     items = test_sets.subset(items or spec.items(), limit, seed)
     prompts = [spec.prompt(it["question"]) for it in items]
     rows, samples = [], []
-    for r in steps:
+    for r in loops:
         completions, loop_rows = generate_at(model, tokenizer, prompts, r, task, max_new_tokens or spec.max_new_tokens,
-                                             spec.stop, batch_size, exit_criterion, draft_steps, draft_tokens)
+                                             spec.stop, batch_size, exit_criterion, draft_loops, draft_tokens)
         task_rows, task_samples = score(task, r, items, completions)
         rows += loop_rows + task_rows
         samples += task_samples

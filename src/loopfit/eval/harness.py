@@ -73,17 +73,17 @@ def task_manager():
     return TaskManager(include_path=str(TASKS_DIR))
 
 
-def run_tasks(model, tokenizer, tasks, steps, limit=None, batch_size=1, max_gen_toks=None, draft_steps=None,
+def run_tasks(model, tokenizer, tasks, loops, limit=None, batch_size=1, max_gen_toks=None, draft_loops=None,
               draft_tokens=None):
-    """Run lm-eval `tasks` on a loaded model at each r in `steps`; (rows, raw results per r). `draft_steps` D
+    """Run lm-eval `tasks` on a loaded model at each r in `loops`; (rows, raw results per r). `draft_loops` D
     decodes generations at each r > D by self-speculation."""
     import lm_eval
 
     lm = LoopfitLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
-    lm.draft_steps, lm.draft_tokens = draft_steps, draft_tokens
+    lm.draft_steps, lm.draft_tokens = draft_loops, draft_tokens
     rows, raw = [], {}
     gen_kwargs = f"max_gen_toks={max_gen_toks}" if max_gen_toks else None
-    for r in steps:
+    for r in loops:
         lm.num_steps = r
         out = lm_eval.simple_evaluate(model=lm, tasks=list(tasks), limit=limit, task_manager=task_manager(),
                                       gen_kwargs=gen_kwargs, log_samples=False)

@@ -56,7 +56,7 @@ def parse_tasks(text):
 def run_task(task, model, tok, loops, opts):
     """(rows, samples) of one task at every r."""
     gen = {"limit": opts["limit"], "seed": opts["seed"], "batch_size": opts["batch_size"],
-           "exit_criterion": opts.get("exit_criterion"), "draft_steps": opts.get("draft_loops"),
+           "exit_criterion": opts.get("exit_criterion"), "draft_loops": opts.get("draft_loops"),
            "draft_tokens": opts.get("draft_tokens")}
     if opts.get("max_new_tokens"):
         gen["max_new_tokens"] = opts["max_new_tokens"]
@@ -72,7 +72,7 @@ def run_task(task, model, tok, loops, opts):
     from .harness import run_tasks
 
     rows, _ = run_tasks(model, tok, [task[3:]], loops, limit=opts["limit"], max_gen_toks=opts.get("max_new_tokens"),
-                        draft_steps=opts.get("draft_loops"), draft_tokens=opts.get("draft_tokens"))
+                        draft_loops=opts.get("draft_loops"), draft_tokens=opts.get("draft_tokens"))
     return rows, []
 
 
