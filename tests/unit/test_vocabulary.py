@@ -217,3 +217,14 @@ def test_compare_and_plots_read_old_results_files(tmp_path, capsys):
     assert (tmp_path / "report" / "loops.png").stat().st_size > 0
     rows = json.loads(old.read_text())["rows"]
     assert plot_sweep(rows, tmp_path / "sweep.png").stat().st_size > 0
+
+
+def test_lm_eval_model_args_take_loops_as_another_name_of_num_steps(folders):
+    from loopfit.eval.harness import LoopfitLM
+
+    lm = LoopfitLM.create_from_arg_string(f"pretrained={folders / 'loop'},loops=6,draft_loops=2", {})
+    assert (lm.num_steps, lm.draft_steps) == (6, 2)
+    lm = LoopfitLM.create_from_arg_string(f"pretrained={folders / 'loop'},num_steps=5,loops=5", {})
+    assert (lm.num_steps, lm.draft_steps) == (5, None)
+    with pytest.raises(ValueError, match="num_steps=6 and loops=4 disagree"):
+        LoopfitLM.create_from_arg_string(f"pretrained={folders / 'loop'},num_steps=6,loops=4", {})
