@@ -72,7 +72,7 @@ def gsm8k(model, tok, args):
     def sweep():
         _, samples = accuracy.evaluate(model, tok, "gsm8k_1shot", args.loops, limit=args.items, seed=1234,
                                        max_new_tokens=args.new, batch_size=8)
-        return {r: [s["completion"] for s in samples if s["steps"] == r] for r in args.loops}
+        return {r: [s["completion"] for s in samples if s["loops"] == r] for r in args.loops}
 
     seconds, outs = {}, {}
     for name, run in (("before", per_r), ("per_r", per_r), ("sweep", sweep)):

@@ -2,7 +2,7 @@
 
   loopfit quickstart                         # SmolLM2-135M, ~15 minutes on an idle 2-core CPU (--minutes 8)
   loopfit quickstart --minutes 20            # train longer (steps scale with the minutes)
-  loopfit quickstart --steps 1 --limit 200 --gsm8k 2 --max-new-tokens 8 --eval-steps 1,2 --gsm8k-steps 1,2 \
+  loopfit quickstart --steps 1 --limit 200 --gsm8k 2 --max-new-tokens 8 --eval-loops 1,2 --gsm8k-loops 1,2 \
       --eval-tokens 256 --out /tmp/qs        # the smallest setting (the test's): a few minutes
   loopfit quickstart --model qwen2.5-0.5b --device cuda --steps 500 --out quickstart-qwen
 
@@ -19,14 +19,16 @@ Stages (each prints one summary line; a finished stage is reused when re-run wit
               base model with the same recipe for as many steps as give it the same training FLOPs (paper's
               count: 6 * non-embedding params * tokens for plain; loops counted for recurrent; equal within half
               a plain step's FLOPs).
-  4. eval     held-out math loss at each --eval-steps r, and a fixed --gsm8k subset of GSM8K (1-shot prompt,
+  4. eval     held-out math loss at each --eval-loops r, and a fixed --gsm8k subset of GSM8K (1-shot prompt,
               greedy, --max-new-tokens), for both models (the plain one ignores r); the recurrent model's
-              GSM8K decodes each r > --draft-steps by exact self-speculation (the same completions, faster).
+              GSM8K decodes each r > --draft-loops by exact self-speculation (the same completions, faster).
   5. report   OUT/REPORT.md: the table at equal FLOPs, plots (OUT/compare/*.png, the recurrent r sweep) and
               what these numbers do and do not show.
 
 Outputs go to --out (default quickstart/). Re-running skips finished stages; an interrupted training run
 continues from its checkpoint; other settings over an existing --out need --force (which starts afresh).
+--steps counts optimizer steps; r counts loops. --eval-steps, --gsm8k-steps and --draft-steps are the deprecated
+names of --eval-loops, --gsm8k-loops and --draft-loops (removed in the next release).
 """
 
 import hashlib
@@ -53,6 +55,8 @@ DEFAULT_MINUTES = 8.0
 # loses (0.53x measured, benchmarks/BENCHMARKS.md); it pays where a pass is memory-bound (a GPU, or batch 1).
 DRAFT_STEPS = 2
 HOLDOUT = 0.02
+# old flag names, accepted for one release
+RENAMED_FLAGS = {"--eval-steps": "--eval-loops", "--gsm8k-steps": "--gsm8k-loops", "--draft-steps": "--draft-loops"}
 
 
 def add_arguments(parser):
@@ -63,18 +67,18 @@ def add_arguments(parser):
     option("--out", help="output folder (default %(default)s/)")
     option("--minutes", type=float, help=f"training minutes for both models on a 2-core CPU; sets the recurrent steps "
            f"at {STEPS_PER_MINUTE}/minute (default %(default)g)")
-    option("--steps", type=int, help="recurrent training steps (overrides --minutes)")
+    option("--steps", type=int, help="recurrent model's optimizer steps (overrides --minutes)")
     option("--layers", metavar="P,K,C", help="prelude, core, coda layer counts (default: the paper's shape scaled to "
            "the model, (5,10,5) for SmolLM2)")
     option("--adapter-init", choices=("random", "passthrough", "state", "mean"),
            help="adapter init (default %(default)s: starts at the base model minus the dropped layers)")
     option("--limit", type=int, help="documents of each corpus to prepare (default %(default)s)")
-    option("--eval-steps", help="test-time recurrences r (default %(default)s)")
+    option("--eval-loops", metavar="R,...", help="test-time loops r for the loss (default %(default)s)")
     option("--eval-tokens", type=int, help="held-out math tokens for the loss (default %(default)s)")
     option("--gsm8k", type=int, help="GSM8K test items (a fixed subset; 0 skips; default %(default)s)")
-    option("--gsm8k-steps", help="r for GSM8K (default %(default)s)")
+    option("--gsm8k-loops", metavar="R,...", help="test-time loops r for GSM8K (default %(default)s)")
     option("--max-new-tokens", type=int, help="GSM8K generation budget (default %(default)s)")
-    option("--draft-steps", type=int, metavar="D",
+    option("--draft-loops", type=int, metavar="D",
            help="GSM8K of the recurrent model decodes each r > D by exact self-speculation, drafting at D loops: the "
            f"same completions (default {DRAFT_STEPS} on a GPU, where it is faster; 0, plain decoding, on a CPU, where "
            "batched verification costs as much as it saves)")
@@ -88,7 +92,7 @@ def add_arguments(parser):
 
 def _settings(args):
     """Validated settings that decide the results (a change of any needs a fresh --out)."""
-    from .eval.loading import parse_steps
+    from .eval.loading import parse_loops
     from .loading import OFFLINE_MODELS
 
     if args.model not in OFFLINE_MODELS:
@@ -100,8 +104,8 @@ def _settings(args):
     for name in ("limit", "eval_tokens", "max_new_tokens"):
         if getattr(args, name) < 1:
             raise LoopfitError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if (getattr(args, "draft_steps", None) or 0) < 0:
-        raise LoopfitError(f"--draft-steps must be >= 0 (0 decodes plainly), got {args.draft_steps}")
+    if (getattr(args, "draft_loops", None) or 0) < 0:
+        raise LoopfitError(f"--draft-loops must be >= 0 (0 decodes plainly), got {args.draft_loops}")
     if args.gsm8k < 0:
         raise LoopfitError(f"--gsm8k must be >= 0 (0 skips GSM8K), got {args.gsm8k}")
     args.recipe = str(recipes.resolve(args.recipe))
@@ -116,9 +120,9 @@ def _settings(args):
     steps = args.steps or max(1, round(args.minutes * STEPS_PER_MINUTE))
     return {
         "model": args.model, "layers": layers, "adapter_init": args.adapter_init, "steps": steps,
-        "limit": args.limit, "eval_steps": parse_steps(_text(args.eval_steps), "--eval-steps"),
+        "limit": args.limit, "eval_steps": parse_loops(_text(args.eval_loops), "--eval-loops"),
         "eval_tokens": args.eval_tokens, "gsm8k": args.gsm8k,
-        "gsm8k_steps": parse_steps(_text(args.gsm8k_steps), "--gsm8k-steps"), "max_new_tokens": args.max_new_tokens,
+        "gsm8k_steps": parse_loops(_text(args.gsm8k_loops), "--gsm8k-loops"), "max_new_tokens": args.max_new_tokens,
         "recipe_sha256": hashlib.sha256(Path(args.recipe).read_bytes()).hexdigest()[:16],
     }
 
@@ -264,7 +268,7 @@ def stage_eval(s, out, device, draft_steps=None):
 
     def run(folder, steps, tasks, dest, draft_steps=None):
         pair = load(folder, device=device)
-        return evaluate(pair, steps=steps, tasks=tasks, out=dest, draft_steps=draft_steps, **common)
+        return evaluate(pair, loops=steps, tasks=tasks, out=dest, draft_loops=draft_steps, **common)
 
     found = {}
     for name in ("recurrent", "plain"):
@@ -301,7 +305,7 @@ def _by_metric(rows):
     out = {}
     for row in rows:
         if row["metric"] != "perplexity":
-            out.setdefault(row["metric"], {})[row["steps"]] = row["value"]
+            out.setdefault(row["metric"], {})[row["loops"]] = row["value"]
     return out
 
 
@@ -409,7 +413,7 @@ def report_text(s, state, device, seconds, recipe):
            f"{s['max_new_tokens']} new tokens) at r = {', '.join(map(str, s['gsm8k_steps']))}." if gsm else "."), "",
         "## At equal training FLOPs", "", head, sep, *rows, *before, "",
         "![loss vs training FLOPs](compare/flops.png)", "",
-        "![metric vs test-time r](compare/steps.png)", "",
+        "![metric vs test-time loops r](compare/loops.png)", "",
         "![recurrent model: metric vs test-time r](runs/recurrent/eval/sweep.png)", "",
         "More detail (loss at matched FLOPs, every metric at every r): [compare/report.md](compare/report.md).", "",
         "## What this shows, and what it does not", "",
@@ -453,8 +457,8 @@ def stage_report(s, out, state, device, seconds, recipe):
 
 
 def quickstart(model="smollm2-135m", out="quickstart", minutes=DEFAULT_MINUTES, steps=None, layers=None,
-               adapter_init="passthrough", limit=2000, eval_steps=(1, 2, 4, 8, 16), eval_tokens=2048, gsm8k=8,
-               gsm8k_steps=(1, 2, 4, 8), max_new_tokens=64, draft_steps=None, device="auto", recipe="quickstart",
+               adapter_init="passthrough", limit=2000, eval_loops=(1, 2, 4, 8, 16), eval_tokens=2048, gsm8k=8,
+               gsm8k_loops=(1, 2, 4, 8), max_new_tokens=64, draft_loops=None, device="auto", recipe="quickstart",
                force=False):
     """Run (or finish) the quickstart; returns the state dict (settings and each stage's summary). The arguments
     are `loopfit quickstart`'s options (see its --help); lists of r may be given as '1,2,4' or (1, 2, 4)."""
@@ -483,7 +487,7 @@ def quickstart(model="smollm2-135m", out="quickstart", minutes=DEFAULT_MINUTES, 
         elif stage == "train":
             summary = stage_train(s, out, args.recipe)
         elif stage == "eval":
-            draft = getattr(args, "draft_steps", None)
+            draft = getattr(args, "draft_loops", None)
             summary = stage_eval(s, out, device, (DRAFT_STEPS if device == "cuda" else 0) if draft is None else draft)
         else:
             seconds[stage] = 0.0

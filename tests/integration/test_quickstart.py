@@ -8,8 +8,8 @@ import sys
 
 import pytest
 
-SMALLEST = ["--steps", "1", "--limit", "200", "--gsm8k", "2", "--max-new-tokens", "8", "--eval-steps", "1,2",
-            "--gsm8k-steps", "1,2", "--eval-tokens", "256", "--device", "cpu", "--draft-steps", "1"]
+SMALLEST = ["--steps", "1", "--limit", "200", "--gsm8k", "2", "--max-new-tokens", "8", "--eval-loops", "1,2",
+            "--gsm8k-loops", "1,2", "--eval-tokens", "256", "--device", "cpu", "--draft-loops", "1"]
 
 
 def loopfit(*args, cwd=None):
@@ -49,7 +49,7 @@ def test_quickstart_smallest_end_to_end(tmp_path):
     # GSM8K of the recurrent model decoded r = 2 by self-speculation (drafting at 1 loop); the plain model plainly
     settings = {name: json.loads((out / "runs" / name / "eval" / "gsm8k" / "results.json").read_text())["settings"]
                 for name in ("recurrent", "plain")}
-    assert settings["recurrent"]["draft_steps"] == 1 and settings["plain"]["draft_steps"] is None
+    assert settings["recurrent"]["draft_loops"] == 1 and settings["plain"]["draft_loops"] is None
 
     # a re-run reuses every stage; other settings over the same folder are refused with the fix
     again = loopfit("quickstart", *SMALLEST, "--out", str(out))
@@ -68,7 +68,7 @@ def test_unknown_model_is_one_line_error(tmp_path):
     assert not (tmp_path / "qs").exists()
 
 
-@pytest.mark.parametrize("flag", ["--eval-steps", "--gsm8k-steps"])
+@pytest.mark.parametrize("flag", ["--eval-loops", "--gsm8k-loops"])
 def test_a_bad_loop_list_names_its_own_flag(tmp_path, capsys, flag):
     from loopfit.cli import main
 

@@ -119,7 +119,7 @@ def test_eval_loss_sweep_equals_loss_per_r():
     """`loopfit eval`'s held-out loss reads every r from one run of the deepest: equal to each r run alone."""
     model = model_of("qwen2")
     rows = torch.randint(0, VOCAB, (3, 16), generator=torch.Generator().manual_seed(3))
-    got = {row["steps"]: row["value"] for row in loss_evaluate(model, rows, [1, 4, 2], batch_size=2)
+    got = {row["loops"]: row["value"] for row in loss_evaluate(model, rows, [1, 4, 2], batch_size=2)
            if row["metric"] == "loss"}
     for r in (1, 2, 4):
         want = sum(model(rows[i : i + 2], labels=rows[i : i + 2], num_steps=r).loss.item() * rows[i : i + 2].numel()

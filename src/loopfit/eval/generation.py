@@ -91,13 +91,13 @@ def shared_prefix(sequences):
 
 
 @torch.no_grad()
-def generate_sweep(model, tokenizer, prompts, steps, max_new_tokens=256, stop=(), batch_size=8, desc="generate"):
-    """{r: greedy completions of `prompts`} for every r in `steps` at once, for a recurrent model: the completions
+def generate_sweep(model, tokenizer, prompts, loops, max_new_tokens=256, stop=(), batch_size=8, desc="generate"):
+    """{r: greedy completions of `prompts`} for every r in `loops` at once, for a recurrent model: the completions
     `generate` gives at each r, for much less. Loops 0..t of a token are the same whatever r, so each prompt runs
     the deepest r once and the coda reads every r (`sweep`); the prompt prefix all prompts share (a task's
     few-shot exemplars) runs once for the whole batch; then every (r, prompt) pair decodes in one batch, deepest
     rows first (`row_steps`), so each weight read of a decoding step serves every r."""
-    depths = sorted({int(r) for r in steps}, reverse=True)
+    depths = sorted({int(r) for r in loops}, reverse=True)
     ids = tokenizer(list(prompts))["input_ids"]
     common = shared_prefix(ids)
     pad = tokenizer.pad_token_id
@@ -136,6 +136,6 @@ def generate_at(model, tokenizer, prompts, r, task, max_new_tokens, stop, batch_
     loops = []
     completions = generate(model, tokenizer, prompts, r, max_new_tokens, stop, batch_size, f"{task} r={r}",
                            exit_criterion, loops, draft_steps, draft_tokens)
-    rows = [{"task": task, "steps": r, "metric": "mean_loops", "value": sum(loops) / len(loops), "n": len(loops),
+    rows = [{"task": task, "loops": r, "metric": "mean_loops", "value": sum(loops) / len(loops), "n": len(loops),
              "exit": exit_criterion}] if loops else []
     return completions, rows

@@ -69,12 +69,12 @@ def prepared_rows(folder, tokenizer, seq_len=512, max_tokens=16384):
 
 
 @torch.no_grad()
-def mean_losses(model, rows, steps, batch_size=4, desc=None):
-    """Token-weighted mean next-token loss over the rows at each r of `steps`. A recurrent model runs every batch
+def mean_losses(model, rows, loops, batch_size=4, desc=None):
+    """Token-weighted mean next-token loss over the rows at each r of `loops`. A recurrent model runs every batch
     once at the deepest r and reads the loss at each r on the way (`sweep`): loops 0..t are the same whatever r.
     A plain model ignores r: one pass."""
     device = next(model.parameters()).device
-    sweep = sorted({int(r) for r in steps}, reverse=True) if is_recurrent(model) else None
+    sweep = sorted({int(r) for r in loops}, reverse=True) if is_recurrent(model) else None
     totals, count = 0.0, 0
     for i in tqdm(range(0, len(rows), batch_size), desc=desc, leave=False, disable=desc is None):
         ids = rows[i : i + batch_size].to(device)
@@ -82,13 +82,13 @@ def mean_losses(model, rows, steps, batch_size=4, desc=None):
         loss = model(input_ids=ids, labels=ids, **({"sweep": sweep, "return_logits": False} if sweep else {})).loss
         totals, count = totals + loss.double().cpu() * n, count + n
     by_depth = dict(zip(sweep, (totals / count).tolist())) if sweep else {}
-    return [by_depth[int(r)] for r in steps] if sweep else [float(totals / count)] * len(steps)
+    return [by_depth[int(r)] for r in loops] if sweep else [float(totals / count)] * len(loops)
 
 
-def evaluate(model, rows, steps, batch_size=4):
+def evaluate(model, rows, loops, batch_size=4):
     """One 'loss' and one 'perplexity' row per r."""
     out, n = [], int(rows.numel())
-    for r, loss in zip(steps, mean_losses(model, rows, steps, batch_size, desc="loss")):
-        out += [{"task": "loss", "steps": r, "metric": "loss", "value": loss, "n": n},
-                {"task": "loss", "steps": r, "metric": "perplexity", "value": math.exp(loss), "n": n}]
+    for r, loss in zip(loops, mean_losses(model, rows, loops, batch_size, desc="loss")):
+        out += [{"task": "loss", "loops": r, "metric": "loss", "value": loss, "n": n},
+                {"task": "loss", "loops": r, "metric": "perplexity", "value": math.exp(loss), "n": n}]
     return out
