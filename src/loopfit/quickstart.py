@@ -20,8 +20,8 @@ Stages (each prints one summary line; a finished stage is reused when re-run wit
               count: 6 * non-embedding params * tokens for plain; loops counted for recurrent; equal within half
               a plain step's FLOPs).
   4. eval     held-out math loss at each --eval-loops r, and a fixed --gsm8k subset of GSM8K (1-shot prompt,
-              greedy, --max-new-tokens), for both models (the plain one ignores r); the recurrent model's
-              GSM8K decodes each r > --draft-loops by exact self-speculation (the same completions, faster).
+              greedy, --max-new-tokens), for both models (the plain one ignores r); the recurrent model runs
+              each sweep at the price of its deepest r (loopfit eval's sweep decoding).
   5. report   OUT/REPORT.md: the table at equal FLOPs, plots (OUT/compare/*.png, the recurrent r sweep) and
               what these numbers do and do not show.
 
@@ -50,10 +50,6 @@ RECIPE = recipes.resolve("quickstart")  # shipped inside the package
 # so ~30 s a pair (benchmarks/BENCHMARKS.md, fresh-clone `make quickstart`).
 STEPS_PER_MINUTE = 2
 DEFAULT_MINUTES = 8.0
-# GSM8K decoding on a GPU drafts at this many loops (exact self-speculation: the same completions). Not on a CPU:
-# there a batch of 8 is compute-bound, so verifying k drafted tokens costs k single-token passes and speculation
-# loses (0.53x measured, benchmarks/BENCHMARKS.md); it pays where a pass is memory-bound (a GPU, or batch 1).
-DRAFT_STEPS = 2
 HOLDOUT = 0.02
 # old flag names, accepted for one release
 RENAMED_FLAGS = {"--eval-steps": "--eval-loops", "--gsm8k-steps": "--gsm8k-loops", "--draft-steps": "--draft-loops"}
@@ -79,9 +75,9 @@ def add_arguments(parser):
     option("--gsm8k-loops", metavar="R,...", help="test-time loops r for GSM8K (default %(default)s)")
     option("--max-new-tokens", type=int, help="GSM8K generation budget (default %(default)s)")
     option("--draft-loops", type=int, metavar="D",
-           help="GSM8K of the recurrent model decodes each r > D by exact self-speculation, drafting at D loops: the "
-           f"same completions (default {DRAFT_STEPS} on a GPU, where it is faster; 0, plain decoding, on a CPU, where "
-           "batched verification costs as much as it saves)")
+           help="GSM8K of the recurrent model decodes each r > D on its own by exact self-speculation, drafting at D "
+           "loops: the same completions (default 0: every r decodes in one batch, which costs about the deepest r "
+           "alone and beats speculation on the quickstart's batches)")
     option("--device", choices=("auto", "cpu", "cuda"), help="auto: a GPU when there is one (default %(default)s)")
     option("--recipe", help="training recipe file or shipped name (default %(default)s)")
     parser.add_argument("--force", action="store_true", help="delete --out and start afresh")
@@ -488,7 +484,7 @@ def quickstart(model="smollm2-135m", out="quickstart", minutes=DEFAULT_MINUTES, 
             summary = stage_train(s, out, args.recipe)
         elif stage == "eval":
             draft = getattr(args, "draft_loops", None)
-            summary = stage_eval(s, out, device, (DRAFT_STEPS if device == "cuda" else 0) if draft is None else draft)
+            summary = stage_eval(s, out, device, draft or 0)
         else:
             seconds[stage] = 0.0
             summary = stage_report(s, out, state, device, seconds, args.recipe)
