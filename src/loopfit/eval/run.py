@@ -16,9 +16,12 @@ tasks (comma-separated):
 A plain transformers model (the baseline) runs once and its figures are repeated at every r.
 --exit kl:5e-4 lets each generated token stop looping early (r is then the most loops a token may use) and adds
 a `mean_loops` row per generation task and r.
---draft-loops D decodes GSM8K / MATH / lm: generations by exact self-speculation at every r > D (the same
-completions as plain decoding; r <= D decodes plainly): draft D loops, verify r. Try D = 2 on a GPU; on a
-CPU the batches are compute-bound and speculation is slower: leave it off there.
+A recurrent model's sweep costs about its deepest r alone: each prompt runs once at the deepest r with the output
+read at every r, the shared few-shot prefix once, and every (r, prompt) pair decodes in one batch (the same
+completions as one run per r).
+--draft-loops D decodes GSM8K / MATH / lm: generations of each r > D on its own by exact self-speculation (the same
+completions; r <= D decodes plainly): draft D loops, verify r. It pays for one deep r at batch 1 (try D = 2),
+not for a sweep.
 Writes OUT/results.json (one row per task, metric and r), OUT/samples.jsonl (every completion) and
 OUT/sweep.png (metric vs r); OUT defaults to MODEL/eval. Generation is greedy, batched, with the KV cache;
 --limit takes the same fixed random subset (--seed) for every r and every model.
