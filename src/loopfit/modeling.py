@@ -359,6 +359,14 @@ class LoopfitCache:
         self.last_embed = None if self.last_embed is None else self.last_embed.repeat(len(sweep), 1, 1)
         return self
 
+    def keep_rows(self, keep):
+        """Drop the rows where `keep` (bool [batch]) is False, e.g. sequences that ended. Rows keep their order; a
+        slot that holds only the first m rows (`row_steps`: loop t holds the rows with r > t) keeps keep[:m]."""
+        self.slots = {key: (k[keep[:k.shape[0]]], v[keep[:v.shape[0]]]) for key, (k, v) in self.slots.items()}
+        self.buffers = {}
+        self.last_state = self.last_embed = None
+        return self
+
     def repeat_rows(self, repeats):
         """Each row `repeats` times over (rows i*repeats .. (i+1)*repeats - 1 copy row i): a prompt prefix that
         many prompts share is cached once, then given to all of them. Returns the cache."""

@@ -182,3 +182,21 @@ def test_lean_loss_does_no_gradient_work_under_no_grad():
     (eval_loss, eval_mm), (train_loss, train_mm) = matmuls(False), matmuls(True)
     assert eval_mm == 4 and train_mm == 8  # the weight's gradient only (hidden needs none): one more per chunk
     assert torch.allclose(eval_loss, train_loss)
+
+
+def test_eval_generation_sweep_drops_rows_that_ended(smollm2_tokenizer):
+    """Rows that hit a stop string leave the sweep's batch and cache at different steps (some after 2 tokens, some
+    never): the completions stay those of one `generate` per r."""
+    tok = smollm2_tokenizer
+    tok.pad_token = tok.pad_token or tok.eos_token
+    torch.manual_seed(0)
+    model = tiny_models.recurrent(len(tok), adapter_init="mean", state_init="zeros", eos_token_id=tok.eos_token_id)
+    model.eval()
+    prompts = [gsm8k_prompt(q, "1shot") for q in ("What is 2 + 2?", "Tom has 3 cats and buys 12 more. How many?",
+                                                   "A")]
+    stop = ["apex", "crum"]  # words this tiny model produces early in some rows, late or never in others
+    swept = generate_sweep(model, tok, prompts, [4, 2, 1], max_new_tokens=10, stop=stop, batch_size=3)
+    per_r = {r: generate(model, tok, prompts, num_steps=r, max_new_tokens=10, stop=stop, batch_size=3)
+             for r in (1, 2, 4)}
+    assert swept == per_r
+    assert len({len(c) for completions in per_r.values() for c in completions}) >= 3

@@ -96,11 +96,14 @@ def generate_sweep(model, tokenizer, prompts, loops, max_new_tokens=256, stop=()
     `generate` gives at each r, for much less. Loops 0..t of a token are the same whatever r, so each prompt runs
     the deepest r once and the coda reads every r (`sweep`); the prompt prefix all prompts share (a task's
     few-shot exemplars) runs once for the whole batch; then every (r, prompt) pair decodes in one batch, deepest
-    rows first (`row_steps`), so each weight read of a decoding step serves every r."""
+    rows first (`row_steps`), so each weight read of a decoding step serves every r, and a row leaves the batch
+    as soon as it ends (EOS or a stop string), so finished rows cost nothing."""
     depths = sorted({int(r) for r in loops}, reverse=True)
     ids = tokenizer(list(prompts))["input_ids"]
     common = shared_prefix(ids)
     pad = tokenizer.pad_token_id
+    eos = model.generation_config.eos_token_id
+    eos = set([eos] if isinstance(eos, int) else eos or [])
     device = next(model.parameters()).device
     order = sorted(range(len(prompts)), key=lambda i: -len(ids[i]))
     out = {r: [None] * len(prompts) for r in depths}
@@ -114,19 +117,31 @@ def generate_sweep(model, tokenizer, prompts, loops, max_new_tokens=256, stop=()
         if common:
             model(input_ids[:1, :common], past_key_values=cache, use_cache=True, sweep=depths, logits_to_keep=1)
             cache.repeat_rows(len(batch))
-        if n - 1 > common:  # the prompts' own tokens but the last, which generate() feeds
+        if n - 1 > common:  # the prompts' own tokens but the last, which the first decoding step feeds
             model(input_ids[:, common:-1], attention_mask=mask[:, :-1], past_key_values=cache, use_cache=True,
                   sweep=depths, logits_to_keep=1)
         cache.unfold_sweep(depths)
         rows = [(r, i) for r in depths for i in batch]  # r-major, deepest first: cache.unfold_sweep's layout
-        generated = model.generate(
-            input_ids=input_ids.repeat(len(depths), 1), attention_mask=mask.repeat(len(depths), 1),
-            past_key_values=cache, row_steps=[r for r, _ in rows], max_new_tokens=max_new_tokens, do_sample=False,
-            pad_token_id=pad,
-            stopping_criteria=StoppingCriteriaList([StopOnStrings(tokenizer, stop, n)]) if stop else None,
-        )
-        for (r, i), row in zip(rows, generated[:, n:]):
-            out[r][i] = cut_at_stop(tokenizer.decode(row, skip_special_tokens=True), stop)
+        alive, new = list(range(len(rows))), [[] for _ in rows]
+        token, mask = input_ids[:, -1:].repeat(len(depths), 1), mask.repeat(len(depths), 1)
+        for _ in range(max_new_tokens):
+            logits = model(token, attention_mask=mask, past_key_values=cache, use_cache=True,
+                           row_steps=[rows[a][0] for a in alive]).logits[:, -1]
+            token = logits.argmax(-1, keepdim=True)
+            ended = []
+            for a, t in zip(alive, token[:, 0].tolist()):
+                new[a].append(t)
+                tail = tokenizer.decode(new[a][-24:], skip_special_tokens=False)  # as StopOnStrings looks
+                ended.append(t in eos or any(s in tail for s in stop))
+            keep = ~torch.tensor(ended, device=device)
+            if not keep.any():
+                break
+            if not keep.all():  # ended rows leave the batch and the cache
+                cache.keep_rows(keep)
+                alive, token, mask = [a for a, k in zip(alive, keep.tolist()) if k], token[keep], mask[keep]
+            mask = torch.cat([mask, mask.new_ones(len(alive), 1)], 1)
+        for (r, i), tokens in zip(rows, new):
+            out[r][i] = cut_at_stop(tokenizer.decode(tokens, skip_special_tokens=True), stop)
     return out
 
 
