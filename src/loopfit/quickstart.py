@@ -23,7 +23,7 @@ Stages (each prints one summary line; a finished stage is reused when re-run wit
               trained with the same recipe for the same steps (so the same FLOPs). It shows what reusing the
               pretrained layers buys (--no-control skips it).
   4. eval     held-out math loss at each --eval-steps r, and a fixed --gsm8k subset of GSM8K (1-shot prompt,
-              greedy, --max-new-tokens), for every model (the plain one ignores r); the recurrent model's
+              greedy, --max-new-tokens), for every model (the plain one ignores r); the recurrent models'
               GSM8K decodes each r > --draft-steps by exact self-speculation (the same completions, faster).
   5. report   OUT/REPORT.md: the table at equal FLOPs, plots (OUT/compare/*.png, the recurrent r sweep) and
               what these numbers do and do not show.
@@ -46,9 +46,10 @@ from .io import check_writable
 
 STAGES = ("convert", "prepare", "train", "eval", "report")
 RECIPE = recipes.resolve("quickstart")  # shipped inside the package
-# Recurrent-model steps per training minute on an idle 2-core CPU, the plain model's equal-FLOPs steps included:
-# measured ~13 s a recurrent 1024-token step and ~17 s a plain one (Muon's Newton-Schulz is about half of each),
-# so ~30 s a pair (benchmarks/BENCHMARKS.md, fresh-clone `make quickstart`).
+# Recurrent-model steps per training minute on an idle 2-core CPU, the plain model's equal-FLOPs steps and the
+# control's equal steps included: measured ~13 s a recurrent 1024-token step and ~17 s a plain one with Muon's
+# Newton-Schulz one matrix at a time (about half of each); batched, it is a fifth, so about 0.74x that: ~32 s a
+# recurrent + plain + control triple (benchmarks/BENCHMARKS.md). --no-control trains about 30% faster.
 STEPS_PER_MINUTE = 2
 DEFAULT_MINUTES = 8.0
 # GSM8K decoding on a GPU drafts at this many loops (exact self-speculation: the same completions). Not on a CPU:
@@ -67,8 +68,8 @@ def add_arguments(parser):
     option = options_of(parser, quickstart)
     option("--model", help="offline model short name: smollm2-135m, qwen2.5-0.5b, gemma3-270m (default %(default)s)")
     option("--out", help="output folder (default %(default)s/)")
-    option("--minutes", type=float, help=f"training minutes for both models on a 2-core CPU; sets the recurrent steps "
-           f"at {STEPS_PER_MINUTE}/minute (default %(default)g)")
+    option("--minutes", type=float, help=f"training minutes for the three runs on a 2-core CPU; sets the recurrent "
+           f"steps at {STEPS_PER_MINUTE}/minute (default %(default)g)")
     option("--steps", type=int, help="recurrent training steps (overrides --minutes)")
     option("--layers", metavar="P,K,C", help="prelude, core, coda layer counts (default: the paper's shape scaled to "
            "the model, (5,10,5) for SmolLM2)")
@@ -88,7 +89,7 @@ def add_arguments(parser):
     option("--recipe", help="training recipe file or shipped name (default %(default)s)")
     parser.add_argument("--no-control", dest="control", action="store_false",
                         help="skip the control run (the recurrent shape from random weights, same recipe and FLOPs), "
-                        "which shows what reusing the pretrained layers buys; saves about a third of the training time")
+                        "which shows what reusing the pretrained layers buys; saves about 30%% of the training time")
     parser.add_argument("--force", action="store_true", help="delete --out and start afresh")
 
 

@@ -104,7 +104,8 @@ def test_a_bad_loop_list_names_its_own_flag(tmp_path, capsys, flag):
 def test_help_describes_the_stages():
     p = loopfit("quickstart", "--help")
     assert p.returncode == 0
-    for word in ("--minutes", "--steps", "--model", "--device", "passthrough", "equal", "REPORT.md"):
+    for word in ("--minutes", "--steps", "--model", "--device", "passthrough", "equal", "REPORT.md", "--no-control",
+                 "random weights"):
         assert word in p.stdout
     # the training the help describes ("1-sqrt curriculum of the mean depth to 4, truncated backprop through the
     # last 2 loops, Muon + AdamW, heal-then-mix blend") is what the shipped recipe it trains with does
