@@ -421,13 +421,14 @@ def report_text(s, state, device, seconds, recipe):
         cl = {int(r): v for r, v in m[CONTROL]["loss"].items()}
         c_best = min(cl, key=cl.get)
         lead = cl[c_best] - rl[best]
+        same = (f"the same recurrent shape and config from random weights, trained with the same recipe for the same "
+                f"{tr[CONTROL]['step']} steps ({tr[CONTROL]['flops']:.3e} FLOPs), reaches {cl[c_best]:.4f} at best "
+                f"(r = {c_best}; {m[f'{CONTROL}-untrained']['loss']['1']:.4f} before training)")
         control_text = (
-            f"Reusing the pretrained layers {'buys' if lead > 0 else 'bought nothing'} here: the same recurrent shape "
-            f"and config from random weights, trained with the same recipe for the same {tr[CONTROL]['step']} steps "
-            f"({tr[CONTROL]['flops']:.3e} FLOPs), reaches a best held-out loss of {cl[c_best]:.4f} (r = {c_best}; "
-            f"{m[f'{CONTROL}-untrained']['loss']['1']:.4f} before training), "
-            + (f"{lead:.4f} above the converted model's {rl[best]:.4f}. " if lead > 0 else
-               f"{-lead:.4f} below the converted model's {rl[best]:.4f}. ")
+            (f"Reusing the pretrained layers is worth {lead:.4f} of held-out loss here: {same}, against the converted "
+             f"model's {rl[best]:.4f}. " if lead > 0 else
+             f"Reusing the pretrained layers bought nothing here: {same}, {-lead:.4f} below the converted model's "
+             f"{rl[best]:.4f}. ")
             + "This is the retrofitting paper's control; at this budget it measures how much of the base model's "
             "knowledge the converted model keeps, not how far a randomly initialised model gets with the paper's "
             "billions of tokens.")
