@@ -30,7 +30,7 @@ def cache_mb(cache):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--loops", type=int, default=8)
     ap.add_argument("--batch", type=int, default=4, help="(a): prompts per generate call")
     ap.add_argument("--gen", type=int, default=32, help="(a): new tokens per prompt")
     ap.add_argument("--items", type=int, default=16, help="(b): GSM8K test items (fixed subset, seed 1234)")
@@ -45,10 +45,10 @@ def main():
     problems = items.subset(items.gsm8k_test(), args.items, seed=1234)
 
     # (a) exact vs ring cache, same weights: the policy is read from the config when generate makes its cache
-    paper = build_loopfit(base, plan_layers(30, (4, 8, 4)), recurrence=args.steps)
+    paper = build_loopfit(base, plan_layers(30, (4, 8, 4)), recurrence=args.loops)
     batch = tok([gsm8k_prompt(p["question"], "1shot") for p in problems[: args.batch]], return_tensors="pt",
                 padding=True, padding_side="left")
-    kw = dict(num_steps=args.steps, max_new_tokens=args.gen, min_new_tokens=args.gen, do_sample=False,
+    kw = dict(num_steps=args.loops, max_new_tokens=args.gen, min_new_tokens=args.gen, do_sample=False,
               pad_token_id=tok.pad_token_id)
     outs, sizes = {}, {}
 
@@ -70,12 +70,12 @@ def main():
 
     # (b) KL exit on GSM8K
     model = build_loopfit(base, LayerPlan(list(range(24)), [24, 25], [26, 27, 28, 29], 30), adapter_init="mean",
-                          state_init="embed", recurrence=args.steps)
+                          state_init="embed", recurrence=args.loops)
     del base, paper
     runs = {}
     for name, rule in (("full", None), ("exit", args.exit)):
         t0 = time.perf_counter()
-        rows, samples = accuracy.evaluate(model, tok, "gsm8k_1shot", [args.steps], limit=args.items, seed=1234,
+        rows, samples = accuracy.evaluate(model, tok, "gsm8k_1shot", [args.loops], limit=args.items, seed=1234,
                                           max_new_tokens=args.new, batch_size=8, exit_criterion=rule)
         runs[name] = {"seconds": time.perf_counter() - t0, "rows": {r["metric"]: r["value"] for r in rows},
                       "completions": [s["completion"] for s in samples]}
@@ -83,7 +83,7 @@ def main():
     same_answer = sum(flexible_answer(a) == flexible_answer(b) for a, b in zip(full["completions"], ex["completions"]))
     same_text = sum(a == b for a, b in zip(full["completions"], ex["completions"]))
 
-    emit("eval", model="smollm2-135m", steps=args.steps,
+    emit("eval", model="smollm2-135m", loops=args.loops,
          cache_model="(4,8,4) random adapter", cache_batch=args.batch, cache_prompt_tokens=batch.input_ids.shape[1],
          cache_new_tokens=args.gen,
          exact_cache_tokens_per_s=round(new_tokens / t[f"exact_{args.gen}"], 2),
@@ -96,7 +96,7 @@ def main():
          exit_model="every layer kept: prelude 0-23, core 24-25, coda 26-29, mean adapter, embed state",
          exit_rule=args.exit, gsm8k_items=args.items, gsm8k_prompt="1shot", max_new_tokens=args.new,
          mean_loops_with_exit=round(ex["rows"]["mean_loops"], 3),
-         loops_saved=round(1 - ex["rows"]["mean_loops"] / args.steps, 3),
+         loops_saved=round(1 - ex["rows"]["mean_loops"] / args.loops, 3),
          accuracy_strict_full=full["rows"]["accuracy_strict"], accuracy_strict_exit=ex["rows"]["accuracy_strict"],
          accuracy_flexible_full=full["rows"]["accuracy_flexible"],
          accuracy_flexible_exit=ex["rows"]["accuracy_flexible"],

@@ -7,7 +7,7 @@ the largest r is reported), so drafts are really checked. Prompts: GSM8K test qu
 `--new` tokens each (EOS suppressed so every configuration decodes the same number). Speculative output is
 asserted identical to cached decoding; the exit's token agreement with it is reported.
 
-Usage: OMP_NUM_THREADS=1 python benchmarks/bench_speculative.py [--steps 8,32] [--batch 1,8] [--new 128]
+Usage: OMP_NUM_THREADS=1 python benchmarks/bench_speculative.py [--loops 8,32] [--batch 1,8] [--new 128]
        [--drafts 1,2,4] [--tokens 4,8] [--exit latent:0.03] [--part spec,exit,gsm8k]
 """
 
@@ -28,7 +28,7 @@ def ints(text):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--steps", type=ints, default=[8, 32])
+    ap.add_argument("--loops", type=ints, default=[8, 32])
     ap.add_argument("--batch", type=ints, default=[1, 8])
     ap.add_argument("--new", type=int, default=128)
     ap.add_argument("--drafts", type=ints, default=[1, 2, 4])
@@ -39,12 +39,13 @@ def main():
     ap.add_argument("--layers", default="all", help="all: every layer, core 24-25 (default); or P,K,C such as "
                     "4,8,4: the paper's slice, whose core is most of a token's cost")
     ap.add_argument("--gsm8k", type=int, default=0, help="instead: GSM8K 1-shot eval of this many items at r = "
-                    "--gsm8k-steps, plain vs --draft-steps (the quickstart's eval stage)")
-    ap.add_argument("--gsm8k-steps", type=ints, default=[1, 2, 4, 8])
-    ap.add_argument("--draft-steps", type=int, default=2)
+                    "--gsm8k-loops, plain vs --draft-loops (the quickstart's eval stage)")
+    ap.add_argument("--gsm8k-loops", type=ints, default=[1, 2, 4, 8])
+    ap.add_argument("--draft-loops", type=int, default=2)
     ap.add_argument("--max-new-tokens", type=int, default=64)
+    ap.add_argument("--prompts", type=int, default=1, help="--interleaved: this many prompts, each decoded alone")
     ap.add_argument("--interleaved", type=int, default=0, help="instead: this many alternating repeats of cached "
-                    "vs speculative (--draft-steps, first --tokens) vs exit at the first --steps and --batch")
+                    "vs speculative (--draft-loops, first --tokens) vs exit at the first --loops and --batch")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     base, tok = load_base("smollm2-135m")
@@ -70,7 +71,7 @@ def main():
         model.generate(**warm, num_steps=2, max_new_tokens=4, pad_token_id=tok.pad_token_id)
         model.generate(**warm, num_steps=2, draft_steps=1, max_new_tokens=4, pad_token_id=tok.pad_token_id)
         base.generate(**warm, max_new_tokens=4, pad_token_id=tok.pad_token_id)
-    for r in args.steps:
+    for r in args.loops:
         for b in args.batch:
             batch = tok(questions[:b], return_tensors="pt", padding=True, padding_side="left")
             n = batch.input_ids.shape[1]
@@ -101,7 +102,7 @@ def main():
                         shallow = model.generate(**batch, num_steps=d, **kw)
                         differ[d] = round((shallow[:, n:] != ref[:, n:]).float().mean().item(), 3)
             best = max(spec, key=lambda key: spec[key]["speedup"]) if spec else None
-            emit("speculative_decoding", model=args.model, steps=r, batch=b,
+            emit("speculative_decoding", model=args.model, loops=r, batch=b,
                  prompt_tokens=n, new_tokens=args.new,
                  cached_tokens_per_s=round(b * args.new / t_ref, 2),
                  base_model_tokens_per_s=round(b * args.new / t_base, 2),
@@ -112,44 +113,47 @@ def main():
 
 
 def interleaved_check(model, tok, args):
-    """Median of alternating repeats: robust to load that changes during a run (the shared machine)."""
+    """Median of alternating repeats: robust to load that changes during a run (the shared machine). With
+    --prompts N, each of N prompts decodes on its own in batches of --batch (agreement over more tokens)."""
     from _common import interleaved
 
-    r, b, d, k = args.steps[0], args.batch[0], args.draft_steps, args.tokens[0]
-    questions = [p["question"] for p in items.subset(items.gsm8k_test(), b, seed=1234)]
-    batch = tok(questions, return_tensors="pt", padding=True, padding_side="left")
+    r, b, d, k = args.loops[0], args.batch[0], args.draft_loops, args.tokens[0]
+    questions = [p["question"] for p in items.subset(items.gsm8k_test(), max(b, args.prompts), seed=1234)]
+    batches = [tok(questions[i:i + b], return_tensors="pt", padding=True, padding_side="left")
+               for i in range(0, len(questions), b)]
     kw = dict(num_steps=r, max_new_tokens=args.new, min_new_tokens=args.new, do_sample=False,
               pad_token_id=tok.pad_token_id)
     outs = {}
+
+    def run(name, **extra):
+        return lambda: outs.__setitem__(name, [model.generate(**batch, **kw, **extra) for batch in batches])
+
     with torch.no_grad():
-        t = interleaved({
-            "cached": lambda: outs.__setitem__("cached", model.generate(**batch, **kw)),
-            "speculative": lambda: outs.__setitem__("spec",
-                                                    model.generate(**batch, draft_steps=d, draft_tokens=k, **kw)),
-            "exit": lambda: outs.__setitem__("exit", model.generate(**batch, exit_criterion=args.exit_rule, **kw)),
-        }, repeats=args.interleaved, warmup=0)
-    assert torch.equal(outs["cached"], outs["spec"])
-    n = batch.input_ids.shape[1]
-    emit("speculative_decoding_interleaved", model=args.model, steps=r, batch=b, new_tokens=args.new, draft_steps=d,
-         draft_tokens=k, repeats=args.interleaved, cached_s=round(t["cached"], 1),
+        t = interleaved({"cached": run("cached"), "speculative": run("spec", draft_steps=d, draft_tokens=k),
+                         "exit": run("exit", exit_criterion=args.exit_rule)}, repeats=args.interleaved, warmup=0)
+    assert all(torch.equal(a, b) for a, b in zip(outs["cached"], outs["spec"]))
+    agree = [(e[:, batch.input_ids.shape[1]:] == c[:, batch.input_ids.shape[1]:]).float()
+             for e, c, batch in zip(outs["exit"], outs["cached"], batches)]
+    emit("speculative_decoding_interleaved", model=args.model, loops=r, batch=b, prompts=len(questions),
+         new_tokens=args.new, draft_loops=d, draft_tokens=k, repeats=args.interleaved, cached_s=round(t["cached"], 1),
          speculative_s=round(t["speculative"], 1),
          speedup=round(t["cached"] / t["speculative"], 2), identical_output=True, exit_rule=args.exit_rule,
          exit_time_ratio=round(t["exit"] / t["cached"], 3),
-         exit_token_agreement=round((outs["exit"][:, n:] == outs["cached"][:, n:]).float().mean().item(), 3))
+         exit_token_agreement=round(torch.cat([a.flatten() for a in agree]).mean().item(), 3))
 
 
 def gsm8k_sweep(model, tok, args):
     from loopfit.eval import accuracy
 
     runs = {}
-    for name, draft in (("plain", None), ("speculative", args.draft_steps)):
+    for name, draft in (("plain", None), ("speculative", args.draft_loops)):
         t0 = time.perf_counter()
-        rows, samples = accuracy.evaluate(model, tok, "gsm8k_1shot", args.gsm8k_steps, limit=args.gsm8k, seed=1234,
-                                       max_new_tokens=args.max_new_tokens, batch_size=8, draft_steps=draft)
+        rows, samples = accuracy.evaluate(model, tok, "gsm8k_1shot", args.gsm8k_loops, limit=args.gsm8k, seed=1234,
+                                       max_new_tokens=args.max_new_tokens, batch_size=8, draft_loops=draft)
         runs[name] = (time.perf_counter() - t0, [s["completion"] for s in samples], rows)
     assert runs["plain"][1] == runs["speculative"][1] and runs["plain"][2] == runs["speculative"][2]
     emit("gsm8k_eval_speculative", model=args.model, items=args.gsm8k,
-         steps=args.gsm8k_steps, max_new_tokens=args.max_new_tokens, draft_steps=args.draft_steps,
+         loops=args.gsm8k_loops, max_new_tokens=args.max_new_tokens, draft_loops=args.draft_loops,
          plain_seconds=round(runs["plain"][0], 1), speculative_seconds=round(runs["speculative"][0], 1),
          speedup=round(runs["plain"][0] / runs["speculative"][0], 2), identical_completions=True)
 

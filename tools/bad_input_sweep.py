@@ -198,6 +198,8 @@ def cases(w):
     add("train: invalid YAML", ["train", str(w / "not-yaml.yaml")], "not valid YAML")
     add("train: unknown key", ["train", rec, "--train.stepz=3", T("t1")], "did you mean", new("t1"))
     add("train: --train.steps=0", ["train", rec, "--train.steps=0", T("t2")], "train.steps", new("t2"))
+    add("train: old and new eval-loops keys disagree",
+        ["train", rec, "--recurrence.eval_steps=1", "--recurrence.eval_loops=2", T("t2b")], "eval_loops", new("t2b"))
     add("train: --train.steps=abc", ["train", rec, "--train.steps=abc", T("t3")], "expects int", new("t3"))
     add("train: out_dir /proc/x", ["train", rec, "--train.out_dir=/proc/x"], "/proc/x")
     add("train: out_dir under a file", ["train", rec, f"--train.out_dir={w / 'a-file/sub'}"], "a-file")
@@ -212,8 +214,10 @@ def cases(w):
         "newer", new("t9"))
     # eval
     add("eval: missing model", ["eval", str(w / "nope"), "--out", new("e1")], "does not exist", new("e1"))
-    add("eval: --steps 0", ["eval", loop, "--steps", "0", "--out", new("e2")], "--steps", new("e2"))
-    add("eval: --steps a", ["eval", loop, "--steps", "a", "--out", new("e3")], "--steps", new("e3"))
+    add("eval: --loops 0", ["eval", loop, "--loops", "0", "--out", new("e2")], "--loops", new("e2"))
+    add("eval: --loops a", ["eval", loop, "--loops", "a", "--out", new("e3")], "--loops", new("e3"))
+    add("eval: old --steps disagrees with --loops", ["eval", loop, "--steps", "1", "--loops", "2", "--out", new("e3b")],
+        "disagree", new("e3b"))
     add("eval: unknown task", ["eval", loop, "--tasks", "nope", "--out", new("e4")], "unknown task", new("e4"))
     add("eval: --out /proc/x", ["eval", loop, "--data", str(w / "docs.txt"), "--seq-len", "16", "--out", "/proc/x"],
         "/proc/x")
@@ -250,7 +254,7 @@ def cases(w):
         "--max-new-tokens")
     add("generate: empty prompt (loopfit)", ["generate", loop, "--prompt", "", *G], "prompt")
     add("generate: empty prompt (plain)", ["generate", plain, "--prompt", "", *G], "prompt")
-    add("generate: --steps 0", ["generate", loop, "--prompt", "hi", "--steps", "0", *G], "--steps")
+    add("generate: --loops 0", ["generate", loop, "--prompt", "hi", "--loops", "0", *G], "--loops")
     add("generate: --exit kl:abc", ["generate", loop, "--prompt", "hi", "--exit", "kl:abc", *G], "exit")
     add("generate: --exit foo:1", ["generate", loop, "--prompt", "hi", "--exit", "foo:1", *G], "exit")
     add("generate: --exit on plain", ["generate", plain, "--prompt", "hi", "--exit", "kl:1e-3", *G], "plain")
@@ -269,7 +273,7 @@ def cases(w):
     add("quickstart: --out non-empty", ["quickstart", "--out", str(w / "nonempty")], "--force")
     add("quickstart: --out /proc/x", ["quickstart", "--out", "/proc/x"], "/proc/x")
     add("quickstart: --layers 1,2", ["quickstart", "--layers", "1,2", "--out", new("q3")], "three counts", new("q3"))
-    add("quickstart: --eval-steps 0", ["quickstart", "--eval-steps", "0", "--out", new("q4")], "--eval-steps",
+    add("quickstart: --eval-loops 0", ["quickstart", "--eval-loops", "0", "--out", new("q4")], "--eval-loops",
         new("q4"))
     add("quickstart: --recipe missing", ["quickstart", "--recipe", str(w / "nope.yaml"), "--out", new("q5")],
         "nope.yaml", new("q5"))

@@ -1,4 +1,5 @@
-"""`loopfit VERB ...`: each verb lives in its own module, which defines `add_arguments(parser)` and `run(args)`.
+"""`loopfit VERB ...`: each verb lives in its own module, which defines `add_arguments(parser)` and `run(args)`, and
+optionally `RENAMED_FLAGS` ({old spelling: new spelling}, still accepted for one release).
 
 Only the module of the verb being run is imported, so `loopfit --help` is instant.
 """
@@ -24,8 +25,11 @@ EPILOG = """typical path:
   loopfit convert smollm2-135m --layers 4,8,4 --out runs/smol-484
   loopfit prepare general math --tokenizer runs/smol-484 --out data/
   loopfit train quickstart --model.init_from=runs/smol-484
-  loopfit eval runs/smol-484 --steps 1,2,4,8 --tasks loss,gsm8k
-run `loopfit VERB --help` for each verb's options."""
+  loopfit eval runs/smol-484 --loops 1,2,4,8 --tasks loss,gsm8k
+run `loopfit VERB --help` for each verb's options.
+
+vocabulary: r = loops of the core (--loops), d = loops of a speculative draft (--draft-loops),
+step = one optimizer step (train.steps, quickstart --steps)."""
 
 
 def options_of(parser, func):
@@ -44,6 +48,30 @@ def options_of(parser, func):
         return parser.add_argument(*flags, default=default, **kwargs)
 
     return add
+
+
+def renamed_flags(verb, argv, renamed):
+    """`argv` with each deprecated flag spelling (`renamed`: old -> new) replaced by its new one, saying so once on
+    stderr. The old spellings are not in the parser, so --help shows only the new ones. An old and a new spelling
+    given together must agree: a LoopfitError otherwise."""
+    argv, values = list(argv), {}
+    for i, token in enumerate(argv):
+        if token == "--":
+            break
+        flag, eq, value = token.partition("=")
+        new = renamed.get(flag, flag)
+        if new in renamed.values():
+            argv[i] = new + eq + value
+            values.setdefault(new, {})[flag] = value if eq else (argv[i + 1] if i + 1 < len(argv) else None)
+    for new, given in values.items():
+        for old in given.keys() - {new}:
+            if new in given and given[old] != given[new]:
+                from . import LoopfitError
+
+                raise LoopfitError(f"{old} {given[old]} and {new} {given[new]} disagree ({old} is the deprecated "
+                                   f"name of {new}): give only {new}")
+            print(f"loopfit {verb}: {old} is deprecated, use {new} (removed in the next release)", file=sys.stderr)
+    return argv
 
 
 def build_parser(verb):
@@ -81,8 +109,8 @@ def main(argv=None):
         print(f"loopfit {argv[0]}: error: {TRANSFORMERS_PROBLEM}", file=sys.stderr)
         return 2
     parser, module = build_parser(argv[0])
-    args = parser.parse_args(argv[1:])
     try:
+        args = parser.parse_args(renamed_flags(argv[0], argv[1:], getattr(module, "RENAMED_FLAGS", {})))
         result = module.run(args)
     except LoopfitError as e:
         print(f"loopfit {argv[0]}: error: {e}", file=sys.stderr)

@@ -1,23 +1,25 @@
 """Generate text with a chosen number of loops, optionally stopping each token's loops early.
 
 examples:
-  loopfit generate runs/smol-484 --prompt "Natalia sold 48 clips in April and half as many in May." --steps 8
-  loopfit generate runs/smol-484 --prompt "2 + 3 * 4 =" --steps 32 --exit kl:5e-4     # adaptive depth
-  loopfit generate runs/smol-484 --prompt-file prompts.txt --steps 8 --warm-start      # one prompt per line
+  loopfit generate runs/smol-484 --prompt "Natalia sold 48 clips in April and half as many in May." --loops 8
+  loopfit generate runs/smol-484 --prompt "2 + 3 * 4 =" --loops 32 --exit kl:5e-4     # adaptive depth
+  loopfit generate runs/smol-484 --prompt-file prompts.txt --loops 8 --warm-start      # one prompt per line
   loopfit generate smollm2-135m --prompt "Hello"                                        # a plain model: no loops
-  loopfit generate runs/smol-484 --prompt "2 + 3 * 4 =" --steps 32 --draft-steps 2     # same tokens, faster
+  loopfit generate runs/smol-484 --prompt "2 + 3 * 4 =" --loops 32 --draft-loops 2     # same tokens, faster
 
 --exit stops a token's loops once its next-token distribution settles: kl:T (KL between successive loops
 below T; 5e-4 to 1e-3 works for Huginn), entropy:T, latent:T (relative state change, e.g. 0.03), argmax:N
 (unchanged for N loops). The mean number of loops used is reported. --warm-start starts each new token's
 state from the previous token's final state (continuous chain of thought) instead of noise.
 
---draft-steps D decodes by exact self-speculation: each round drafts --draft-tokens K tokens at D loops (the
-first D of the --steps r loops), then verifies all K in one pass that runs only loops D..r-1, keeping the tokens
+--draft-loops D decodes by exact self-speculation: each round drafts --draft-tokens K tokens at D loops (the
+first D of the --loops r loops), then verifies all K in one pass that runs only loops D..r-1, keeping the tokens
 r loops agree with. Greedy output is the r-loop output token for token; sampling keeps its distribution. Small D
 drafts cheaply and a draft's loops are never wasted (verification continues from them); how many tokens a round
 keeps depends on how much the model's tokens change past D loops. D = 2, K = 4 are a good start (see
 benchmarks/BENCHMARKS.md); a batch advances by its shortest kept prefix, so it gains most at batch 1.
+
+--steps and --draft-steps are the deprecated names of --loops and --draft-loops (removed in the next release).
 """
 
 import sys
@@ -28,27 +30,29 @@ import torch
 from . import LoopfitError
 from .modeling import DRAFT_TOKENS
 
+RENAMED_FLAGS = {"--steps": "--loops", "--draft-steps": "--draft-loops"}  # old names, accepted for one release
 
-def check_speculation(model, steps, draft_steps, draft_tokens=DRAFT_TOKENS, exit_criterion=None, warm_start=False):
-    """Refuse --draft-steps settings that cannot run, before any work, with the CLI's names. `steps` is one r or a
+
+def check_speculation(model, loops, draft_loops, draft_tokens=DRAFT_TOKENS, exit_criterion=None, warm_start=False):
+    """Refuse --draft-loops settings that cannot run, before any work, with the CLI's names. `loops` is one r or a
     list of r (an eval sweep: an r <= D decodes plainly there, so only the largest r must exceed D)."""
-    if draft_steps is None:
+    if draft_loops is None:
         return
     from .loading import is_recurrent
 
     if not is_recurrent(model):
-        raise LoopfitError("--draft-steps needs a loopfit (recurrent) model; this one is plain: drop --draft-steps")
-    if draft_steps < 1 or draft_tokens < 1:
-        raise LoopfitError(f"--draft-steps and --draft-tokens must be >= 1 (got {draft_steps} and {draft_tokens})")
-    top = max(steps) if isinstance(steps, (list, tuple)) else (steps or model.config.mean_recurrence)
-    if draft_steps >= top:
-        raise LoopfitError(f"--draft-steps {draft_steps} must be below --steps {top}: the draft runs the first D of "
+        raise LoopfitError("--draft-loops needs a loopfit (recurrent) model; this one is plain: drop --draft-loops")
+    if draft_loops < 1 or draft_tokens < 1:
+        raise LoopfitError(f"--draft-loops and --draft-tokens must be >= 1 (got {draft_loops} and {draft_tokens})")
+    top = max(loops) if isinstance(loops, (list, tuple)) else (loops or model.config.mean_recurrence)
+    if draft_loops >= top:
+        raise LoopfitError(f"--draft-loops {draft_loops} must be below --loops {top}: the draft runs the first D of "
                            "the r loops")
     if model.config.cache_policy != "exact":
-        raise LoopfitError(f"--draft-steps needs the exact cache, but this model's cache_policy is "
+        raise LoopfitError(f"--draft-loops needs the exact cache, but this model's cache_policy is "
                            f"'{model.config.cache_policy}': set \"cache_policy\": \"exact\" in its config.json")
     if exit_criterion or warm_start:
-        raise LoopfitError(f"--draft-steps does not combine with {'--exit' if exit_criterion else '--warm-start'}: "
+        raise LoopfitError(f"--draft-loops does not combine with {'--exit' if exit_criterion else '--warm-start'}: "
                            "choose one")
 
 
@@ -60,13 +64,13 @@ def add_arguments(parser):
     from .cli import options_of
 
     option = options_of(parser, generate)
-    option("--steps", type=int, help="loops per token (default: the model's mean_recurrence); with --exit, the most "
-           "loops a token may use")
+    option("--loops", type=int, metavar="R", help="loops r per token (default: the model's mean_recurrence); with "
+           "--exit, the most loops a token may use")
     parser.add_argument("--exit", dest="exit_criterion", metavar="RULE", help="adaptive exit rule, e.g. kl:5e-4")
     parser.add_argument("--warm-start", action="store_true", help="continuous chain of thought: carry the state")
-    parser.add_argument("--draft-steps", type=int, metavar="D", help="self-speculative decoding: draft at D loops, "
-                        "verify at --steps (same greedy tokens, faster; D < r; try 2)")
-    option("--draft-tokens", type=int, metavar="K", help="tokens drafted per round with --draft-steps "
+    parser.add_argument("--draft-loops", type=int, metavar="D", help="self-speculative decoding: draft at D loops, "
+                        "verify at --loops (same greedy tokens, faster; D < r; try 2)")
+    option("--draft-tokens", type=int, metavar="K", help="tokens drafted per round with --draft-loops "
            "(default %(default)s)")
     option("--max-new-tokens", type=int, help="tokens to generate (default %(default)s)")
     option("--temperature", type=float, help="0 = greedy (default %(default)s)")
@@ -75,14 +79,14 @@ def add_arguments(parser):
     parser.add_argument("--chat", action="store_true", help="wrap each prompt in the tokenizer's chat template")
 
 
-def check_arguments(prompts, steps=None, exit_criterion=None, max_new_tokens=64, temperature=0.0, top_p=1.0):
+def check_arguments(prompts, loops=None, exit_criterion=None, max_new_tokens=64, temperature=0.0, top_p=1.0):
     """Refuse bad generation settings with one line, before any model is loaded."""
     from .modeling import exit_rule
 
     if not prompts or any(not str(p).strip() for p in prompts):
         raise LoopfitError("a prompt is empty: give some text to continue, e.g. --prompt \"Once upon a time\"")
-    if steps is not None and steps < 1:
-        raise LoopfitError(f"--steps must be >= 1 (got {steps})")
+    if loops is not None and loops < 1:
+        raise LoopfitError(f"--loops must be >= 1 (got {loops})")
     if max_new_tokens < 1:
         raise LoopfitError(f"--max-new-tokens must be >= 1 (got {max_new_tokens})")
     if temperature < 0:
@@ -96,14 +100,14 @@ def check_arguments(prompts, steps=None, exit_criterion=None, max_new_tokens=64,
             raise LoopfitError(str(e)) from None
 
 
-def generate(model, tokenizer, prompts, steps=None, exit_criterion=None, warm_start=False, max_new_tokens=64,
-             temperature=0.0, top_p=1.0, chat=False, draft_steps=None, draft_tokens=DRAFT_TOKENS):
-    """Generate continuations for a batch of prompts (left padded). Returns (texts, mean loops or None).
-    `draft_steps` decodes by exact self-speculation (`draft_tokens` a round)."""
+def generate(model, tokenizer, prompts, loops=None, exit_criterion=None, warm_start=False, max_new_tokens=64,
+             temperature=0.0, top_p=1.0, chat=False, draft_loops=None, draft_tokens=DRAFT_TOKENS):
+    """Generate continuations for a batch of prompts (left padded) at `loops` r per token. Returns (texts, mean
+    loops or None). `draft_loops` decodes by exact self-speculation (`draft_tokens` a round)."""
     from .loading import is_recurrent
 
-    check_arguments(prompts, steps, exit_criterion, max_new_tokens, temperature, top_p)
-    check_speculation(model, steps, draft_steps, draft_tokens, exit_criterion, warm_start)
+    check_arguments(prompts, loops, exit_criterion, max_new_tokens, temperature, top_p)
+    check_speculation(model, loops, draft_loops, draft_tokens, exit_criterion, warm_start)
 
     if chat:
         prompts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
@@ -115,12 +119,10 @@ def generate(model, tokenizer, prompts, steps=None, exit_criterion=None, warm_st
                   **({"temperature": temperature, "top_p": top_p} if temperature > 0 else {}))
     cache = None
     if is_recurrent(model):
-        if steps is not None and steps < 1:
-            raise LoopfitError(f"--steps must be >= 1 (got {steps})")
         cache = model.new_cache()
-        kwargs.update(num_steps=steps, exit_criterion=exit_criterion, warm_start=warm_start, past_key_values=cache)
-        if draft_steps is not None:
-            kwargs.update(draft_steps=draft_steps, draft_tokens=draft_tokens)
+        kwargs.update(num_steps=loops, exit_criterion=exit_criterion, warm_start=warm_start, past_key_values=cache)
+        if draft_loops is not None:
+            kwargs.update(draft_steps=draft_loops, draft_tokens=draft_tokens)
             del kwargs["exit_criterion"], kwargs["warm_start"]
     elif exit_criterion or warm_start:
         raise LoopfitError("--exit and --warm-start need a loopfit (recurrent) model; this one is plain")
@@ -150,21 +152,21 @@ def run(args):
                                "e.g. `iconv -f latin1 -t utf-8`") from None
         if not prompts:
             raise LoopfitError(f"--prompt-file {args.prompt_file} has no prompts: write one per line")
-    check_arguments(prompts, args.steps, args.exit_criterion, args.max_new_tokens, args.temperature, args.top_p)
+    check_arguments(prompts, args.loops, args.exit_criterion, args.max_new_tokens, args.temperature, args.top_p)
     torch.manual_seed(args.seed)
     model, tokenizer = load(args.model)
     t0 = time.time()
-    texts, loops = generate(model, tokenizer, prompts, args.steps, args.exit_criterion, args.warm_start,
-                            args.max_new_tokens, args.temperature, args.top_p, args.chat, args.draft_steps,
-                            args.draft_tokens)
+    texts, used = generate(model, tokenizer, prompts, args.loops, args.exit_criterion, args.warm_start,
+                           args.max_new_tokens, args.temperature, args.top_p, args.chat, args.draft_loops,
+                           args.draft_tokens)
     for prompt, text in zip(prompts, texts):
         print(f"{prompt}{text}\n")
-    steps = args.steps or getattr(model.config, "mean_recurrence", None)
+    loops = args.loops or getattr(model.config, "mean_recurrence", None)
     summary = f"{len(prompts)} prompt(s), {time.time() - t0:.1f}s"
-    if loops is not None:
-        summary += f", mean loops per token {loops:.2f} of at most {steps} ({args.exit_criterion})"
-    elif steps:
-        summary += f", {steps} loops per token"
-    if args.draft_steps is not None:
-        summary += f", drafted at {args.draft_steps} loops, {args.draft_tokens} tokens a round"
+    if used is not None:
+        summary += f", mean loops per token {used:.2f} of at most {loops} ({args.exit_criterion})"
+    elif loops:
+        summary += f", {loops} loops per token"
+    if args.draft_loops is not None:
+        summary += f", drafted at {args.draft_loops} loops, {args.draft_tokens} tokens a round"
     print(summary, file=sys.stderr)

@@ -292,6 +292,7 @@ class LoopfitCache:
             raise ValueError(f"cache policy must be one of {CACHE_POLICIES}")
         self.policy, self.ring_size = policy, ring_size
         self.slots = {}  # (segment, loop, layer) -> (keys, values), each [batch, kv_heads, seq, head_dim]
+        self.buffers = {}  # the same keys -> preallocated (keys, values) that slots are leading views of
         self.seen = 0  # tokens cached before the current forward
         self.start = 0
         self.last_state = None  # final recurrent state of the last token (continuous chain of thought)
@@ -327,23 +328,50 @@ class LoopfitCache:
         raise RuntimeError(f"KV cache has no entries for {key} or any earlier loop; reset the cache")
 
     def update(self, key, k, v):
-        """Write this forward's keys/values at positions [start, start + q) and return all up to there."""
-        start, old = self.start, self.slots.get(key)
+        """Write this forward's keys/values at positions [start, start + q) and return all up to there. Slots are
+        views of buffers with room to grow, so a decoded token writes in place instead of copying the whole cache."""
+        start, end = self.start, self.start + k.shape[2]
+        old, buf = self.slots.get(key), self.buffers.get(key)
         have = 0 if old is None else old[0].shape[2]
+        if buf is None or old is None or buf[0].data_ptr() != old[0].data_ptr() or buf[0].shape[2] < end \
+                or buf[0].shape[0] != k.shape[0]:
+            room = end + max(128, end // 4)  # geometric growth: copies amortise to O(1) per token
+            buf = (k.new_empty(*k.shape[:2], room, k.shape[3]), v.new_empty(*v.shape[:2], room, v.shape[3]))
+            keep = min(have, start)
+            if keep:
+                buf[0][:, :, :keep], buf[1][:, :, :keep] = old[0][:, :, :keep], old[1][:, :, :keep]
+            self.buffers[key] = buf
         if have < start:  # earlier tokens never ran this loop: take their latest earlier loop
             fk, fv = self._earlier(key, start)
-            old = (fk[:, :, :start], fv[:, :, :start]) if old is None else (
-                torch.cat([old[0], fk[:, :, have:start]], 2), torch.cat([old[1], fv[:, :, have:start]], 2))
-        if old is None or start == 0:
-            new = (k, v)
-        else:  # positions past `start` were written earlier in this forward (ring policy): overwrite them
-            new = (torch.cat([old[0][:, :, :start], k], 2), torch.cat([old[1][:, :, :start], v], 2))
-        self.slots[key] = new
-        return new
+            buf[0][:, :, have:start], buf[1][:, :, have:start] = fk[:, :, have:start], fv[:, :, have:start]
+        # positions past `start` written earlier in this forward (ring policy) are overwritten
+        buf[0][:, :, start:end], buf[1][:, :, start:end] = k, v
+        self.slots[key] = (buf[0][:, :, :end], buf[1][:, :, :end])
+        return self.slots[key]
+
+    def unfold_sweep(self, sweep):
+        """After a `sweep` forward: the `row_steps` layout for rows (r, i), r-major in sweep order, so decoding can
+        go on at every r at once. Prelude slots repeat per r, core slot t per r > t; the coda's already match."""
+        groups = {"prelude": len(sweep)}
+        self.slots = {(seg, t, j): tuple(x.repeat(groups.get(seg, sum(r > t for r in sweep)), 1, 1, 1) for x in kv)
+                      if seg != "coda" else kv for (seg, t, j), kv in self.slots.items()}
+        self.buffers = {}
+        self.last_embed = None if self.last_embed is None else self.last_embed.repeat(len(sweep), 1, 1)
+        return self
+
+    def repeat_rows(self, repeats):
+        """Each row `repeats` times over (rows i*repeats .. (i+1)*repeats - 1 copy row i): a prompt prefix that
+        many prompts share is cached once, then given to all of them. Returns the cache."""
+        self.slots = {key: (k.repeat_interleave(repeats, 0), v.repeat_interleave(repeats, 0))
+                      for key, (k, v) in self.slots.items()}
+        self.buffers = {}
+        self.last_state = self.last_embed = None
+        return self
 
     def reorder_cache(self, beam_idx):
         self.slots = {key: (k.index_select(0, beam_idx), v.index_select(0, beam_idx))
                       for key, (k, v) in self.slots.items()}
+        self.buffers = {}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -404,6 +432,34 @@ def resolve_steps(num_steps, default):
     if n < 0 or k < 0 or n + k < 1:
         raise ValueError(f"num_steps must be r >= 1 or (n, k) with n, k >= 0 and n + k >= 1 (got {num_steps})")
     return n, k
+
+
+def _ints(values):
+    return [int(r) for r in (values.tolist() if isinstance(values, torch.Tensor) else values)]
+
+
+def check_row_steps(row_steps, batch, unsupported):
+    """row_steps -> a list of r per row, non-increasing (so the rows that run loop t are the first few)."""
+    depth = _ints(row_steps)
+    if len(depth) != batch or min(depth) < 1 or any(a < b for a, b in zip(depth, depth[1:])):
+        raise ValueError(f"row_steps must give one r >= 1 per row, deepest rows first (got {depth} for {batch} rows)")
+    if unsupported:
+        raise ValueError("row_steps is for inference alone: not with training, sweep, exit_criterion, warm_start, "
+                         "drafts or output_hidden_states")
+    return depth
+
+
+def check_sweep(sweep, unsupported, cache_policy):
+    """sweep -> a list of distinct r, deepest first."""
+    depth = _ints(sweep)
+    if not depth or min(depth) < 1 or any(a <= b for a, b in zip(depth, depth[1:])):
+        raise ValueError(f"sweep must list distinct r >= 1, deepest first (got {depth})")
+    if unsupported:
+        raise ValueError("sweep is for inference alone: not with training, row_steps, exit_criterion, warm_start, "
+                         "drafts or output_hidden_states")
+    if cache_policy != "exact":
+        raise ValueError(f"sweep needs cache_policy 'exact', not {cache_policy!r}: a ring slot holds one r's loop")
+    return depth
 
 
 class LoopfitModel(LoopfitPreTrainedModel):
@@ -482,9 +538,10 @@ class LoopfitModel(LoopfitPreTrainedModel):
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
                 inputs_embeds=None, num_steps=None, output_hidden_states=False, use_cache=False,
-                exit_rule=None, head=None, warm_start=False, resume=None):
+                exit_rule=None, head=None, warm_start=False, resume=None, row_steps=None, sweep=None):
         """`resume=(e, s, t)` skips the prelude and starts the core at loop t from state s, with e the prelude's
-        output (speculative verification: loops t.. of tokens whose first t loops a draft already ran)."""
+        output (speculative verification: loops t.. of tokens whose first t loops a draft already ran).
+        `row_steps` gives each row its own r, `sweep` reads the output at several r (see `LoopfitForCausalLM`)."""
         if resume is None:
             x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
             if self.config.embed_scale != 1.0:
@@ -505,12 +562,15 @@ class LoopfitModel(LoopfitPreTrainedModel):
         if cache is not None:
             cache.begin(q_len)
 
-        def run(segment, layers, x, loop=0):
+        def run(segment, layers, x, loop=0, rows=None):  # rows: only the first `rows` rows take part
+            rope_, mask_ = (rope, mask) if rows is None else (
+                {t: (cos[:rows], sin[:rows]) for t, (cos, sin) in rope.items()},
+                {w: None if m is None else m[:rows] for w, m in mask.items()})
             for j, layer in enumerate(layers):
                 if hidden is not None:
                     hidden.append(x)
                 key = cache.key(segment, loop, j) if cache is not None else None
-                x = layer(x, rope, mask, cache, key)
+                x = layer(x, rope_, mask_, cache, key)
             return x
 
         decoding = cache is not None and q_len == 1 and past > 0
@@ -523,7 +583,23 @@ class LoopfitModel(LoopfitPreTrainedModel):
             else:
                 s = self.initial_state(e, position_ids)
         n, k = resolve_steps(num_steps, self.config.mean_recurrence)
-        if exit_rule is not None and decoding:
+        inference_only = self.training or exit_rule is not None or resume is not None or warm_start \
+            or hidden is not None or (row_steps is not None and sweep is not None)
+        if sweep is not None:  # loops 0..t are the same whatever r: run the deepest r once, keep s_r for each r
+            depth, states = check_sweep(sweep, inference_only, cache.policy if cache is not None else "exact"), {}
+            for t in range(depth[0]):
+                s = run("core", self.core, self.adapter(torch.cat([s, e], dim=-1)), loop=t)
+                states[t + 1] = s
+            s, g = torch.cat([states[r] for r in depth]), len(depth)  # the coda reads every r: rows r-major
+            rope = {t: tuple(x if x.shape[0] == 1 else x.repeat(g, 1, 1, 1) for x in cs) for t, cs in rope.items()}
+            mask = {w: m if m is None or m.shape[0] == 1 else m.repeat(g, 1, 1, 1) for w, m in mask.items()}
+        elif row_steps is not None:  # row i runs row_steps[i] loops; deepest rows first, so loop t runs rows [:m]
+            depth = check_row_steps(row_steps, b, inference_only)
+            for t in range(depth[0]):
+                m = sum(r > t for r in depth)
+                new = run("core", self.core, self.adapter(torch.cat([s[:m], e[:m]], dim=-1)), loop=t, rows=m)
+                s = new if m == b else torch.cat([new, s[m:]])
+        elif exit_rule is not None and decoding:
             s = self.loop_with_exit(s, e, n + k, run, exit_rule, head, rope, mask, cache)
         else:
             for t in range(first_loop, n + k):
@@ -670,9 +746,16 @@ class LoopfitForCausalLM(LoopfitPreTrainedModel, GenerationMixin):
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
                 inputs_embeds=None, labels=None, num_steps=None, use_cache=None, output_hidden_states=None,
                 logits_to_keep=0, num_items_in_batch=None, return_dict=None, exit_criterion=None,
-                warm_start=False, cache=None, return_logits=True, **kwargs):
+                warm_start=False, cache=None, return_logits=True, row_steps=None, sweep=None, **kwargs):
         """`exit_criterion` ('kl:5e-4', see `exit_rule`) stops each row's loops early while decoding with the
         cache, up to `num_steps` loops; `warm_start` starts each new token's state from the previous token's.
+        `row_steps` (inference) gives each row its own r instead of `num_steps`, deepest rows first, e.g.
+        [8, 8, 4, 4, 1, 1]: one batch, and one cache, decodes a sweep over r, and every weight read serves all of it.
+        `sweep` (inference) reads the output at each r it lists, deepest first, from one run of the deepest: loops
+        0..t of a token are the same whatever r, so [16, 8, 4, 2, 1] costs 16 loops, not 31. Row i at sweep[j] is
+        output row j * batch + i; `loss` then holds one loss per r. With a cache, the prelude and core slots keep
+        one row per input row and the coda's one per output row (`LoopfitCache.unfold_sweep` turns that into the
+        `row_steps` layout, to decode every r on).
         The cache may be given as `cache` or `past_key_values` (transformers' names before and after 5.24).
         `return_logits=False` with `labels` computes the loss chunk by chunk without the full logits (training
         with large vocabularies, see `linear_cross_entropy`); `logits` is then None."""
@@ -683,8 +766,15 @@ class LoopfitForCausalLM(LoopfitPreTrainedModel, GenerationMixin):
         rule = exit_rule(exit_criterion) if exit_criterion else None
         x, cache, hidden = self.model(
             input_ids, attention_mask, position_ids, past_key_values, inputs_embeds, num_steps,
-            bool(output_hidden_states), use_cache, rule, self.lm_head, warm_start,
+            bool(output_hidden_states), use_cache, rule, self.lm_head, warm_start, row_steps=row_steps, sweep=sweep,
         )
+        if labels is not None and sweep is not None:  # one loss per r, without the full logits
+            rows = labels.shape[0]
+            loss = torch.stack([linear_cross_entropy(x[j * rows:(j + 1) * rows], self.lm_head.weight, labels,
+                                                     num_items_in_batch, self.config.final_logit_softcapping)
+                                for j in range(x.shape[0] // rows)])
+            logits = self.head_logits(x) if return_logits else None
+            return CausalLMOutputWithPast(loss=loss, logits=logits, **{OUTPUT_CACHE_FIELD: cache})
         if labels is not None and not return_logits:
             loss = linear_cross_entropy(x, self.lm_head.weight, labels, num_items_in_batch,
                                         self.config.final_logit_softcapping)
@@ -864,13 +954,13 @@ class LoopfitForCausalLM(LoopfitPreTrainedModel, GenerationMixin):
 
     def prepare_inputs_for_generation(self, input_ids, attention_mask=None, inputs_embeds=None, position_ids=None,
                                       use_cache=True, num_steps=None, logits_to_keep=None, exit_criterion=None,
-                                      warm_start=False, loopfit_cache=None, **kwargs):
+                                      warm_start=False, loopfit_cache=None, row_steps=None, **kwargs):
         # Feed only the tokens the cache has not seen; positions come from the attention mask (left padding).
         past_key_values = find_cache({"loopfit_cache": loopfit_cache, **kwargs}) if use_cache else None
         seen = past_key_values.seen if past_key_values is not None else 0
         inputs = {"input_ids": input_ids[:, seen:], "attention_mask": attention_mask,
                   "past_key_values": past_key_values, "use_cache": use_cache, "num_steps": num_steps,
-                  "exit_criterion": exit_criterion, "warm_start": warm_start}
+                  "exit_criterion": exit_criterion, "warm_start": warm_start, "row_steps": row_steps}
         if inputs_embeds is not None and seen == 0:
             inputs = {**inputs, "input_ids": None, "inputs_embeds": inputs_embeds}
         if position_ids is not None:
@@ -911,7 +1001,8 @@ def linear_cross_entropy(hidden, weight, labels, num_items_in_batch=None, softca
     hidden = hidden[:, :-1].flatten(0, 1)
     labels = labels[:, 1:].flatten().to(hidden.device)
     chunk = max(1, min(hidden.shape[0], chunk_elements // weight.shape[0]))
-    total = _LinearCrossEntropy.apply(hidden, weight, labels, chunk, softcap)
+    grads = torch.is_grad_enabled()  # under no_grad (evaluation) only the loss: no gradient work in the forward
+    total = _LinearCrossEntropy.apply(hidden, weight, labels, chunk, softcap, grads)
     count = (labels != -100).sum() if num_items_in_batch is None else num_items_in_batch
     return total / count
 
@@ -920,8 +1011,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
     """Summed cross-entropy of (optionally soft-capped) logits hidden @ weight.T, chunk by chunk (-100 ignored)."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, labels, chunk, softcap):
-        need_hidden, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    def forward(ctx, hidden, weight, labels, chunk, softcap, grads=True):
+        need_hidden, need_weight = grads and ctx.needs_input_grad[0], grads and ctx.needs_input_grad[1]
         grad_hidden = torch.empty_like(hidden) if need_hidden else None
         grad_weight = torch.zeros_like(weight, dtype=torch.float32) if need_weight else None
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
@@ -956,7 +1047,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_total):
         grad_hidden, grad_weight = ctx.saved_tensors
         return (None if grad_hidden is None else grad_hidden * grad_total.to(grad_hidden.dtype),
-                None if grad_weight is None else (grad_weight * grad_total).to(ctx.weight_dtype), None, None, None)
+                None if grad_weight is None else (grad_weight * grad_total).to(ctx.weight_dtype),
+                None, None, None, None)
 
 
 LoopfitConfig.register_for_auto_class()

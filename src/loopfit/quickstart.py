@@ -2,7 +2,7 @@
 
   loopfit quickstart                         # SmolLM2-135M, ~15 minutes on an idle 2-core CPU (--minutes 8)
   loopfit quickstart --minutes 20            # train longer (steps scale with the minutes)
-  loopfit quickstart --steps 1 --limit 200 --gsm8k 2 --max-new-tokens 8 --eval-steps 1,2 --gsm8k-steps 1,2 \
+  loopfit quickstart --steps 1 --limit 200 --gsm8k 2 --max-new-tokens 8 --eval-loops 1,2 --gsm8k-loops 1,2 \
       --eval-tokens 256 --out /tmp/qs        # the smallest setting (the test's): a few minutes
   loopfit quickstart --model qwen2.5-0.5b --device cuda --steps 500 --out quickstart-qwen
 
@@ -22,14 +22,16 @@ Stages (each prints one summary line; a finished stage is reused when re-run wit
               a plain step's FLOPs); then the control: the same recurrent shape and config from random weights,
               trained with the same recipe for the same steps (so the same FLOPs). It shows what reusing the
               pretrained layers buys (--no-control skips it).
-  4. eval     held-out math loss at each --eval-steps r, and a fixed --gsm8k subset of GSM8K (1-shot prompt,
-              greedy, --max-new-tokens), for every model (the plain one ignores r); the recurrent models'
-              GSM8K decodes each r > --draft-steps by exact self-speculation (the same completions, faster).
+  4. eval     held-out math loss at each --eval-loops r, and a fixed --gsm8k subset of GSM8K (1-shot prompt,
+              greedy, --max-new-tokens), for every model (the plain one ignores r); the recurrent models run
+              each sweep at the price of its deepest r (loopfit eval's sweep decoding).
   5. report   OUT/REPORT.md: the table at equal FLOPs, plots (OUT/compare/*.png, the recurrent r sweep) and
               what these numbers do and do not show.
 
 Outputs go to --out (default quickstart/). Re-running skips finished stages; an interrupted training run
 continues from its checkpoint; other settings over an existing --out need --force (which starts afresh).
+--steps counts optimizer steps; r counts loops. --eval-steps, --gsm8k-steps and --draft-steps are the deprecated
+names of --eval-loops, --gsm8k-loops and --draft-loops (removed in the next release).
 """
 
 import hashlib
@@ -52,14 +54,12 @@ RECIPE = recipes.resolve("quickstart")  # shipped inside the package
 # recurrent + plain + control triple (benchmarks/BENCHMARKS.md). --no-control trains about 30% faster.
 STEPS_PER_MINUTE = 2
 DEFAULT_MINUTES = 8.0
-# GSM8K decoding on a GPU drafts at this many loops (exact self-speculation: the same completions). Not on a CPU:
-# there a batch of 8 is compute-bound, so verifying k drafted tokens costs k single-token passes and speculation
-# loses (0.53x measured, benchmarks/BENCHMARKS.md); it pays where a pass is memory-bound (a GPU, or batch 1).
-DRAFT_STEPS = 2
 HOLDOUT = 0.02
 # The control run: the converted model's shape and config with random weights (OUT/model-random-init), trained as
 # OUT/runs/random-init with the recurrent model's recipe and steps.
 CONTROL = "random-init"
+# old flag names, accepted for one release
+RENAMED_FLAGS = {"--eval-steps": "--eval-loops", "--gsm8k-steps": "--gsm8k-loops", "--draft-steps": "--draft-loops"}
 
 
 def add_arguments(parser):
@@ -70,21 +70,21 @@ def add_arguments(parser):
     option("--out", help="output folder (default %(default)s/)")
     option("--minutes", type=float, help=f"training minutes for the three runs on a 2-core CPU; sets the recurrent "
            f"steps at {STEPS_PER_MINUTE}/minute (default %(default)g)")
-    option("--steps", type=int, help="recurrent training steps (overrides --minutes)")
+    option("--steps", type=int, help="recurrent model's optimizer steps (overrides --minutes)")
     option("--layers", metavar="P,K,C", help="prelude, core, coda layer counts (default: the paper's shape scaled to "
            "the model, (5,10,5) for SmolLM2)")
     option("--adapter-init", choices=("random", "passthrough", "state", "mean"),
            help="adapter init (default %(default)s: starts at the base model minus the dropped layers)")
     option("--limit", type=int, help="documents of each corpus to prepare (default %(default)s)")
-    option("--eval-steps", help="test-time recurrences r (default %(default)s)")
+    option("--eval-loops", metavar="R,...", help="test-time loops r for the loss (default %(default)s)")
     option("--eval-tokens", type=int, help="held-out math tokens for the loss (default %(default)s)")
     option("--gsm8k", type=int, help="GSM8K test items (a fixed subset; 0 skips; default %(default)s)")
-    option("--gsm8k-steps", help="r for GSM8K (default %(default)s)")
+    option("--gsm8k-loops", metavar="R,...", help="test-time loops r for GSM8K (default %(default)s)")
     option("--max-new-tokens", type=int, help="GSM8K generation budget (default %(default)s)")
-    option("--draft-steps", type=int, metavar="D",
-           help="GSM8K of the recurrent model decodes each r > D by exact self-speculation, drafting at D loops: the "
-           f"same completions (default {DRAFT_STEPS} on a GPU, where it is faster; 0, plain decoding, on a CPU, where "
-           "batched verification costs as much as it saves)")
+    option("--draft-loops", type=int, metavar="D",
+           help="GSM8K of the recurrent model decodes each r > D on its own by exact self-speculation, drafting at D "
+           "loops: the same completions (default 0: every r decodes in one batch, which costs about the deepest r "
+           "alone and beats speculation on the quickstart's batches)")
     option("--device", choices=("auto", "cpu", "cuda"), help="auto: a GPU when there is one (default %(default)s)")
     option("--recipe", help="training recipe file or shipped name (default %(default)s)")
     parser.add_argument("--no-control", dest="control", action="store_false",
@@ -98,7 +98,7 @@ def add_arguments(parser):
 
 def _settings(args):
     """Validated settings that decide the results (a change of any needs a fresh --out)."""
-    from .eval.loading import parse_steps
+    from .eval.loading import parse_loops
     from .loading import OFFLINE_MODELS
 
     if args.model not in OFFLINE_MODELS:
@@ -110,8 +110,8 @@ def _settings(args):
     for name in ("limit", "eval_tokens", "max_new_tokens"):
         if getattr(args, name) < 1:
             raise LoopfitError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if (getattr(args, "draft_steps", None) or 0) < 0:
-        raise LoopfitError(f"--draft-steps must be >= 0 (0 decodes plainly), got {args.draft_steps}")
+    if (getattr(args, "draft_loops", None) or 0) < 0:
+        raise LoopfitError(f"--draft-loops must be >= 0 (0 decodes plainly), got {args.draft_loops}")
     if args.gsm8k < 0:
         raise LoopfitError(f"--gsm8k must be >= 0 (0 skips GSM8K), got {args.gsm8k}")
     args.recipe = str(recipes.resolve(args.recipe))
@@ -126,9 +126,9 @@ def _settings(args):
     steps = args.steps or max(1, round(args.minutes * STEPS_PER_MINUTE))
     return {
         "model": args.model, "layers": layers, "adapter_init": args.adapter_init, "steps": steps,
-        "limit": args.limit, "eval_steps": parse_steps(_text(args.eval_steps), "--eval-steps"),
+        "limit": args.limit, "eval_steps": parse_loops(_text(args.eval_loops), "--eval-loops"),
         "eval_tokens": args.eval_tokens, "gsm8k": args.gsm8k,
-        "gsm8k_steps": parse_steps(_text(args.gsm8k_steps), "--gsm8k-steps"), "max_new_tokens": args.max_new_tokens,
+        "gsm8k_steps": parse_loops(_text(args.gsm8k_loops), "--gsm8k-loops"), "max_new_tokens": args.max_new_tokens,
         "recipe_sha256": hashlib.sha256(Path(args.recipe).read_bytes()).hexdigest()[:16],
         "control": bool(args.control),
     }
@@ -289,7 +289,7 @@ def stage_eval(s, out, device, draft_steps=None):
 
     def run(folder, steps, tasks, dest, draft_steps=None):
         pair = load(folder, device=device)
-        return evaluate(pair, steps=steps, tasks=tasks, out=dest, draft_steps=draft_steps, **common)
+        return evaluate(pair, loops=steps, tasks=tasks, out=dest, draft_loops=draft_steps, **common)
 
     found = {}
     for name in ("recurrent", "plain") + ((CONTROL,) if s["control"] else ()):
@@ -331,7 +331,7 @@ def _by_metric(rows):
     out = {}
     for row in rows:
         if row["metric"] != "perplexity":
-            out.setdefault(row["metric"], {})[row["steps"]] = row["value"]
+            out.setdefault(row["metric"], {})[row["loops"]] = row["value"]
     return out
 
 
@@ -469,7 +469,7 @@ def report_text(s, state, device, seconds, recipe):
            f"{s['max_new_tokens']} new tokens) at r = {', '.join(map(str, s['gsm8k_steps']))}." if gsm else "."), "",
         "## At equal training FLOPs", "", head, sep, *rows, *before, "",
         "![loss vs training FLOPs](compare/flops.png)", "",
-        "![metric vs test-time r](compare/steps.png)", "",
+        "![metric vs test-time loops r](compare/loops.png)", "",
         "![recurrent model: metric vs test-time r](runs/recurrent/eval/sweep.png)", "",
         "More detail (loss at matched FLOPs, every metric at every r): [compare/report.md](compare/report.md).", "",
         "## What this shows, and what it does not", "",
@@ -515,8 +515,8 @@ def stage_report(s, out, state, device, seconds, recipe):
 
 
 def quickstart(model="smollm2-135m", out="quickstart", minutes=DEFAULT_MINUTES, steps=None, layers=None,
-               adapter_init="passthrough", limit=2000, eval_steps=(1, 2, 4, 8, 16), eval_tokens=2048, gsm8k=8,
-               gsm8k_steps=(1, 2, 4, 8), max_new_tokens=64, draft_steps=None, device="auto", recipe="quickstart",
+               adapter_init="passthrough", limit=2000, eval_loops=(1, 2, 4, 8, 16), eval_tokens=2048, gsm8k=8,
+               gsm8k_loops=(1, 2, 4, 8), max_new_tokens=64, draft_loops=None, device="auto", recipe="quickstart",
                control=True, force=False):
     """Run (or finish) the quickstart; returns the state dict (settings and each stage's summary). The arguments
     are `loopfit quickstart`'s options (see its --help); lists of r may be given as '1,2,4' or (1, 2, 4)."""
@@ -545,8 +545,8 @@ def quickstart(model="smollm2-135m", out="quickstart", minutes=DEFAULT_MINUTES, 
         elif stage == "train":
             summary = stage_train(s, out, args.recipe)
         elif stage == "eval":
-            draft = getattr(args, "draft_steps", None)
-            summary = stage_eval(s, out, device, (DRAFT_STEPS if device == "cuda" else 0) if draft is None else draft)
+            draft = getattr(args, "draft_loops", None)
+            summary = stage_eval(s, out, device, draft or 0)
         else:
             seconds[stage] = 0.0
             summary = stage_report(s, out, state, device, seconds, args.recipe)

@@ -127,7 +127,7 @@ def test_non_utf8_text_is_one_line(fx, tmp_path):
     ("loop-cut", ["--prompt", "hi", "--temperature", "-1"], ["--temperature must be >= 0"]),
     ("loop-cut", ["--prompt", "hi", "--temperature", "0.7", "--top-p", "0"], ["--top-p must be in (0, 1]"]),
     ("loop-cut", ["--prompt", "hi", "--exit", "kl:abc"], ["must look like kl:5e-4"]),
-    ("loop-cut", ["--prompt", "hi", "--steps", "0"], ["--steps must be >= 1"]),
+    ("loop-cut", ["--prompt", "hi", "--loops", "0"], ["--loops must be >= 1"]),
 ])
 def test_generate_arguments_are_checked_before_the_model_loads(fx, model, args, words):
     one_line(loopfit("generate", fx / model, *args), *words)

@@ -55,7 +55,7 @@ def test_run_tasks_gives_rows_per_r(tiny):
     model, tok, _ = tiny
     rows, raw = run_tasks(model, tok, ["gsm8k_loopfit_1shot"], [1, 2], limit=1, max_gen_toks=2)
     assert sorted(raw) == [1, 2]
-    assert {(r["steps"], r["metric"]) for r in rows} >= {(1, "exact_match_strict-match"),
+    assert {(r["loops"], r["metric"]) for r in rows} >= {(1, "exact_match_strict-match"),
                                                          (2, "exact_match_flexible-extract")}
     assert all(r["task"] == "lm:gsm8k_loopfit_1shot" for r in rows)
 
@@ -80,8 +80,8 @@ def test_metric_rows_keep_metrics_only():
     results = {"gsm8k_loopfit": {"alias": "gsm8k_loopfit", "exact_match,strict-match": 0.5,
                                  "exact_match_stderr,strict-match": 0.1, "sample_len": 2, "acc,none": 0.25}}
     assert metric_rows(results, 4, 2) == [
-        {"task": "lm:gsm8k_loopfit", "steps": 4, "metric": "exact_match_strict-match", "value": 0.5, "n": 2},
-        {"task": "lm:gsm8k_loopfit", "steps": 4, "metric": "acc", "value": 0.25, "n": 2}]
+        {"task": "lm:gsm8k_loopfit", "loops": 4, "metric": "exact_match_strict-match", "value": 0.5, "n": 2},
+        {"task": "lm:gsm8k_loopfit", "loops": 4, "metric": "acc", "value": 0.25, "n": 2}]
 
 
 class ScriptedLM(lm_eval.api.model.LM):

@@ -9,8 +9,8 @@ import sys
 import pytest
 import torch
 
-SMALLEST = ["--steps", "1", "--limit", "200", "--gsm8k", "2", "--max-new-tokens", "8", "--eval-steps", "1,2",
-            "--gsm8k-steps", "1,2", "--eval-tokens", "256", "--device", "cpu", "--draft-steps", "1"]
+SMALLEST = ["--steps", "1", "--limit", "200", "--gsm8k", "2", "--max-new-tokens", "8", "--eval-loops", "1,2",
+            "--gsm8k-loops", "1,2", "--eval-tokens", "256", "--device", "cpu", "--draft-loops", "1"]
 
 
 def loopfit(*args, cwd=None):
@@ -59,8 +59,8 @@ def test_quickstart_smallest_end_to_end(tmp_path):
     # GSM8K of the recurrent model decoded r = 2 by self-speculation (drafting at 1 loop); the plain model plainly
     settings = {name: json.loads((out / "runs" / name / "eval" / "gsm8k" / "results.json").read_text())["settings"]
                 for name in ("recurrent", "plain", "random-init")}
-    assert settings["recurrent"]["draft_steps"] == 1 and settings["plain"]["draft_steps"] is None
-    assert settings["random-init"]["draft_steps"] == 1
+    assert settings["recurrent"]["draft_loops"] == 1 and settings["plain"]["draft_loops"] is None
+    assert settings["random-init"]["draft_loops"] == 1
 
     # the control model is the converted one's shape and config with other weights (before training)
     from safetensors.torch import load_file
@@ -91,7 +91,7 @@ def test_unknown_model_is_one_line_error(tmp_path):
     assert not (tmp_path / "qs").exists()
 
 
-@pytest.mark.parametrize("flag", ["--eval-steps", "--gsm8k-steps"])
+@pytest.mark.parametrize("flag", ["--eval-loops", "--gsm8k-loops"])
 def test_a_bad_loop_list_names_its_own_flag(tmp_path, capsys, flag):
     from loopfit.cli import main
 

@@ -39,4 +39,4 @@ def test_cli_defaults_are_the_functions_defaults(verb):
 def test_quickstart_help_shows_the_signature_defaults():
     help_text = " ".join(build_parser("quickstart")[0].format_help().split())
     assert "(default 1,2,4,8,16)" in help_text and "(default smollm2-135m)" in help_text
-    assert inspect.signature(quickstart).parameters["eval_steps"].default == (1, 2, 4, 8, 16)
+    assert inspect.signature(quickstart).parameters["eval_loops"].default == (1, 2, 4, 8, 16)

@@ -36,7 +36,7 @@ def train_and_eval(model, tok, root, name):
     path = root / f"{name}.yaml"
     path.write_text(yaml.safe_dump(recipe))
     assert cli(["train", str(path)]) == 0
-    assert cli(["eval", str(root / name / "final"), "--steps", "1,2,4", "--tasks", "loss",
+    assert cli(["eval", str(root / name / "final"), "--loops", "1,2,4", "--tasks", "loss",
                 "--data", str(root / "text.txt"), "--seq-len", "32", "--max-tokens", "128"]) == 0
     return root / name
 
@@ -94,18 +94,18 @@ def test_report_names_matched_flops_and_draws_both_plots(runs, tmp_path, capsys)
         assert float(cells[3]) <= budget * (1 + 1e-3)
     assert float(table_row(matched, "plain")[0].split("|")[4]) == pytest.approx(budget, rel=1e-3)
     # eval by test r: the recurrent model differs across r, the plain one repeats its single figure
-    evals = report.split("## Eval metrics by test-time recurrence")[1]
+    evals = report.split("## Eval metrics by test-time loops r")[1]
     results = {name: json.loads((runs[name] / "final/eval/results.json").read_text()) for name in totals}
     for name, res in results.items():
         (row,) = [line for line in evals.splitlines() if line.startswith(f"| loss | loss | {name} |")]
         values = [v.strip() for v in row.strip("|").split("|")[-3:]]
-        expected = [f"{r['value']:.4g}" for r in sorted(res["rows"], key=lambda r: r["steps"]) if r["metric"] == "loss"]
+        expected = [f"{r['value']:.4g}" for r in sorted(res["rows"], key=lambda r: r["loops"]) if r["metric"] == "loss"]
         assert values == expected
         assert f"{totals[name]:.3e}" in row  # each run's training FLOPs named beside its eval figures
     assert len(set(values)) == 1  # plain (the last one read): r ignored
-    for png in ("flops.png", "steps.png"):
+    for png in ("flops.png", "loops.png"):
         assert (out / png).read_bytes()[:4] == b"\x89PNG" and (out / png).stat().st_size > 5000
-    assert "![loss vs training FLOPs](flops.png)" in report and "![metric vs test r](steps.png)" in report
+    assert "![loss vs training FLOPs](flops.png)" in report and "![metric vs loops r](loops.png)" in report
 
 
 def char_tokenizer(folder):
@@ -125,7 +125,7 @@ def test_runs_with_different_tokenizers_warn(runs, tmp_path, capsys):
     tok = char_tokenizer(other)
     torch.manual_seed(0)
     tiny_models.llama(len(tok), num_hidden_layers=1, eos_token_id=tok.eos_token_id).save_pretrained(other)
-    assert cli(["eval", str(other), "--steps", "1,2", "--data", str(runs["root"] / "text.txt"), "--seq-len", "32",
+    assert cli(["eval", str(other), "--loops", "1,2", "--data", str(runs["root"] / "text.txt"), "--seq-len", "32",
                 "--max-tokens", "128"]) == 0
     capsys.readouterr()
     out = tmp_path / "report"
@@ -134,7 +134,7 @@ def test_runs_with_different_tokenizers_warn(runs, tmp_path, capsys):
     assert len(err) == 1 and "runs use different tokenizers, so their losses are not comparable" in err[0]
     report = (out / "report.md").read_text()
     assert "> **Warning:** runs use different tokenizers" in report
-    assert "char-model" in report and (out / "steps.png").exists()
+    assert "char-model" in report and (out / "loops.png").exists()
 
 
 def test_bad_runs_are_refused_in_one_line(runs, tmp_path, capsys):

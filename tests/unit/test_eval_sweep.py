@@ -13,7 +13,7 @@ from loopfit import LoopfitError, LoopfitForCausalLM
 from loopfit.cli import main as cli
 from loopfit.eval import run as eval_run
 from loopfit.eval.generation import generate
-from loopfit.eval.loading import parse_steps
+from loopfit.eval.loading import parse_loops
 from loopfit.eval.prompts import gsm8k_prompt
 from loopfit.loading import load
 
@@ -43,30 +43,30 @@ def tiny_plain(smollm2_tokenizer, tmp_path_factory):
 
 
 def by(rows, task, metric):
-    return {r["steps"]: r["value"] for r in rows if r["task"] == task and r["metric"] == metric}
+    return {r["loops"]: r["value"] for r in rows if r["task"] == task and r["metric"] == metric}
 
 
 def test_cli_sweep_writes_results_plot_and_samples(tiny_loopfit, tmp_path, capsys):
     out = tmp_path / "eval"
-    code = cli(["eval", str(tiny_loopfit), "--steps", "1,4,2", "--tasks", "loss,gsm8k_1shot", "--limit", "2",
+    code = cli(["eval", str(tiny_loopfit), "--loops", "1,4,2", "--tasks", "loss,gsm8k_1shot", "--limit", "2",
                 "--max-new-tokens", "4", "--seq-len", "64", "--max-tokens", "256", "--out", str(out)])
     assert code == 0
     results = json.loads((out / "results.json").read_text())
-    assert results["recurrent"] and results["steps"] == [1, 2, 4] and results["train_mean_recurrence"] == 4
+    assert results["recurrent"] and results["loops"] == [1, 2, 4] and results["train_mean_recurrence"] == 4
     loss = by(results["rows"], "loss", "loss")
     assert sorted(loss) == [1, 2, 4]
     assert len({round(v, 6) for v in loss.values()}) == 3  # each r really ran a different number of loops
     acc = by(results["rows"], "gsm8k_1shot", "accuracy_flexible")
     assert sorted(acc) == [1, 2, 4] and all(0 <= v <= 1 for v in acc.values())
     samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
-    assert len(samples) == 2 * 3 and {s["steps"] for s in samples} == {1, 2, 4}
+    assert len(samples) == 2 * 3 and {s["loops"] for s in samples} == {1, 2, 4}
     assert (out / "sweep.png").read_bytes()[:4] == b"\x89PNG"
     table = capsys.readouterr().out
     assert "| loss | loss |" in table and "r=4" in table
 
 
 def test_plain_model_runs_once_and_repeats_across_r(tiny_plain, tmp_path):
-    results = eval_run.evaluate(str(tiny_plain), steps=[1, 8], tasks=["loss"], seq_len=64, max_tokens=256,
+    results = eval_run.evaluate(str(tiny_plain), loops=[1, 8], tasks=["loss"], seq_len=64, max_tokens=256,
                                 out=tmp_path / "e")
     assert results["recurrent"] is False and results["train_mean_recurrence"] is None
     loss = by(results["rows"], "loss", "loss")
@@ -86,15 +86,15 @@ def test_batched_left_padded_generation_equals_one_by_one(tiny_loopfit):
 
 
 def test_bad_input_is_refused_with_one_line(tiny_loopfit, tmp_path, capsys):
-    for steps in ("", "0,2", "-1", "1,x"):
-        with pytest.raises(LoopfitError, match="--steps"):
-            parse_steps(steps)
+    for loops in ("", "0,2", "-1", "1,x"):
+        with pytest.raises(LoopfitError, match="--loops"):
+            parse_loops(loops)
     assert cli(["eval", str(tiny_loopfit), "--tasks", "gsm9k"]) == 2
     assert "unknown task 'gsm9k'" in capsys.readouterr().err
     no_tok = tmp_path / "no-tokenizer"
     LoopfitForCausalLM.from_pretrained(tiny_loopfit).save_pretrained(no_tok)
     capsys.readouterr()
-    assert cli(["eval", str(no_tok), "--steps", "1"]) == 2
+    assert cli(["eval", str(no_tok), "--loops", "1"]) == 2
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("loopfit eval:")]
     assert len(err) == 1 and "no tokenizer in" in err[0] and "save_pretrained" in err[0]
 
@@ -108,7 +108,7 @@ def test_exit_rule_counts_loops_of_real_tokens(tiny_loopfit, tiny_plain, tmp_pat
     """--exit adds a mean_loops row: with a threshold every step passes, each decoded token stops after 2 loops
     (the earliest a rule can compare two loops); tokens are counted only up to each row's end."""
     out = tmp_path / "exit"
-    assert cli(["eval", str(tiny_loopfit), "--steps", "4", "--tasks", "gsm8k_1shot", "--limit", "3",
+    assert cli(["eval", str(tiny_loopfit), "--loops", "4", "--tasks", "gsm8k_1shot", "--limit", "3",
                 "--max-new-tokens", "5", "--exit", "kl:1e9", "--out", str(out)]) == 0
     rows = json.loads((out / "results.json").read_text())["rows"]
     (loops,) = [r for r in rows if r["metric"] == "mean_loops"]
@@ -123,10 +123,10 @@ def test_exit_rule_counts_loops_of_real_tokens(tiny_loopfit, tiny_plain, tmp_pat
 def test_math_task_scores_with_math_verify(tiny_loopfit, tmp_path):
     """`math500` end to end: Minerva prompt, the boxed answer extracted, math-verify's verdict per sample."""
     out = tmp_path / "math"
-    assert cli(["eval", str(tiny_loopfit), "--steps", "1,2", "--tasks", "math500", "--limit", "2",
+    assert cli(["eval", str(tiny_loopfit), "--loops", "1,2", "--tasks", "math500", "--limit", "2",
                 "--max-new-tokens", "3", "--out", str(out)]) == 0
     rows = json.loads((out / "results.json").read_text())["rows"]
-    assert {(r["steps"], r["metric"]) for r in rows} == {(1, "accuracy_math_verify"), (2, "accuracy_math_verify")}
+    assert {(r["loops"], r["metric"]) for r in rows} == {(1, "accuracy_math_verify"), (2, "accuracy_math_verify")}
     samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
     assert len(samples) == 4 and all(s["reference"] and s["correct"] in (0.0, 1.0) for s in samples)
     assert all(s["completion"] and "Problem:" not in s["completion"] for s in samples)

@@ -24,7 +24,7 @@ def folders(tmp_path_factory, smollm2_tokenizer):
 
 
 def test_generate_reports_mean_loops_under_adaptive_exit(folders, capsys):
-    rc = main(["generate", str(folders / "loop"), "--prompt", "Hello there", "--prompt", "Two", "--steps", "5",
+    rc = main(["generate", str(folders / "loop"), "--prompt", "Hello there", "--prompt", "Two", "--loops", "5",
                "--exit", "kl:1e9", "--max-new-tokens", "4"])
     out, err = capsys.readouterr()
     assert rc == 0 and out.startswith("Hello there") and "Two" in out
@@ -42,7 +42,7 @@ def test_generate_plain_model_and_prompt_file(folders, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("args, message", [(["--exit", "nonsense:1"], "unknown exit rule"),
-                                           (["--steps", "0"], "--steps must be >= 1")])
+                                           (["--loops", "0"], "--loops must be >= 1")])
 def test_generate_bad_input(folders, capsys, args, message):
     assert main(["generate", str(folders / "loop"), "--prompt", "x", *args]) == 2
     assert message in capsys.readouterr().err

@@ -69,7 +69,7 @@ def test_gpu_recipes_carry_the_papers_settings(name):
     r, o, s = cfg.recurrence, cfg.optim, cfg.schedule
     assert (r.mode, r.mean, r.backprop, r.curriculum, r.curriculum_fraction, r.curriculum_target) == (
         "sample", 32, 8, "1-sqrt", 0.75, "mean")
-    assert r.eval_steps == 32 and cfg.data.seq_len == 1024
+    assert r.eval_loops == 32 and cfg.data.seq_len == 1024
     assert ((o.name, o.lr, o.adamw_lr, o.weight_decay, o.betas, o.grad_clip)
             == ("muon", 1e-3, 5e-5, 1e-4, [0.9, 0.95], 1.0))
     assert o.eps == 1e-10 and r.depth_per == "micro_batch"  # the authors' AdamW eps and per-micro-batch depth

@@ -220,57 +220,57 @@ def core_lengths(model):
     return lengths, model.model.core[0].register_forward_hook(lambda m, args, out: lengths.append(out.shape[1]))
 
 
-def test_cli_generate_with_draft_steps_prints_the_plain_output(folders, capsys):
+def test_cli_generate_with_draft_loops_prints_the_plain_output(folders, capsys):
     from loopfit.cli import main
 
-    base = ["generate", str(folders / "loop"), "--prompt", "Hello there", "--prompt", "Two", "--steps", "6",
+    base = ["generate", str(folders / "loop"), "--prompt", "Hello there", "--prompt", "Two", "--loops", "6",
             "--max-new-tokens", "12"]
     assert main(base) == 0
     plain = capsys.readouterr().out
-    assert main(base + ["--draft-steps", "2", "--draft-tokens", "3"]) == 0
+    assert main(base + ["--draft-loops", "2", "--draft-tokens", "3"]) == 0
     out, err = capsys.readouterr()
     assert out == plain and "drafted at 2 loops, 3 tokens a round" in err
 
 
 @pytest.mark.parametrize("folder, args, message", [
-    ("loop", ["--draft-steps", "6"], "--draft-steps 6 must be below --steps 6"),
-    ("loop", ["--draft-steps", "2", "--draft-tokens", "0"], "must be >= 1"),
-    ("loop", ["--draft-steps", "2", "--exit", "kl:1e-3"], "does not combine with --exit"),
-    ("plain", ["--draft-steps", "2"], "needs a loopfit (recurrent) model"),
-    ("ring", ["--draft-steps", "2"], "needs the exact cache"),
+    ("loop", ["--draft-loops", "6"], "--draft-loops 6 must be below --loops 6"),
+    ("loop", ["--draft-loops", "2", "--draft-tokens", "0"], "must be >= 1"),
+    ("loop", ["--draft-loops", "2", "--exit", "kl:1e-3"], "does not combine with --exit"),
+    ("plain", ["--draft-loops", "2"], "needs a loopfit (recurrent) model"),
+    ("ring", ["--draft-loops", "2"], "needs the exact cache"),
 ])
 def test_cli_generate_refuses_bad_draft_settings(folders, capsys, folder, args, message):
     from loopfit.cli import main
 
-    assert main(["generate", str(folders / folder), "--prompt", "x", "--steps", "6", *args]) == 2
+    assert main(["generate", str(folders / folder), "--prompt", "x", "--loops", "6", *args]) == 2
     err = capsys.readouterr().err
     errors = [line for line in err.splitlines() if "error" in line]  # (the rest is the loading progress bar)
     assert "Traceback" not in err and len(errors) == 1 and message in errors[0], err
 
 
-def test_eval_draft_steps_gives_the_same_completions_and_speculates_only_above_d(folders, tmp_path):
+def test_eval_draft_loops_gives_the_same_completions_and_speculates_only_above_d(folders, tmp_path):
     from loopfit.eval.run import evaluate
     from loopfit.loading import load
 
     model, tok = load(folders / "loop")
-    kw = dict(steps=[1, 2, 6], tasks=["gsm8k_1shot"], limit=2, max_new_tokens=10, batch_size=2, plot=False)
+    kw = dict(loops=[1, 2, 6], tasks=["gsm8k_1shot"], limit=2, max_new_tokens=10, batch_size=2, plot=False)
     plain = evaluate((model, tok), **kw)
     lengths, handle = core_lengths(model)
     try:
-        fast = evaluate((model, tok), draft_steps=2, draft_tokens=4, out=tmp_path, **kw)
+        fast = evaluate((model, tok), draft_loops=2, draft_tokens=4, out=tmp_path, **kw)
     finally:
         handle.remove()
     assert fast["rows"] == plain["rows"]
     samples = [json.loads(line) for line in (tmp_path / "samples.jsonl").read_text().splitlines()]
-    assert {s["steps"] for s in samples} == {1, 2, 6}
+    assert {s["loops"] for s in samples} == {1, 2, 6}
     assert any(1 < n <= 4 for n in lengths)  # verification passes of drafted tokens ran (only r = 6 > d)
 
 
-def test_cli_eval_refuses_draft_steps_on_a_plain_model_and_at_or_above_every_r(folders, tmp_path, capsys):
+def test_cli_eval_refuses_draft_loops_on_a_plain_model_and_at_or_above_every_r(folders, tmp_path, capsys):
     from loopfit.cli import main
 
-    for folder, extra, message in (("plain", ["--draft-steps", "1"], "needs a loopfit (recurrent) model"),
-                                   ("loop", ["--draft-steps", "4", "--steps", "2,4"], "must be below --steps 4")):
+    for folder, extra, message in (("plain", ["--draft-loops", "1"], "needs a loopfit (recurrent) model"),
+                                   ("loop", ["--draft-loops", "4", "--loops", "2,4"], "must be below --loops 4")):
         assert main(["eval", str(folders / folder), "--tasks", "gsm8k_1shot", "--limit", "1",
                      "--out", str(tmp_path / folder), *extra]) == 2
         assert message in capsys.readouterr().err
@@ -296,8 +296,8 @@ def test_lm_eval_model_args_draft_steps(folders):
         LoopfitLM.create_from_arg_string(f"pretrained={folders / 'plain'},draft_steps=2", {})
 
 
-def test_quickstart_refuses_a_negative_draft_steps(tmp_path, capsys):
+def test_quickstart_refuses_a_negative_draft_loops(tmp_path, capsys):
     from loopfit.cli import main
 
-    assert main(["quickstart", "--draft-steps", "-1", "--out", str(tmp_path / "qs")]) == 2
-    assert "--draft-steps must be >= 0" in capsys.readouterr().err and not (tmp_path / "qs").exists()
+    assert main(["quickstart", "--draft-loops", "-1", "--out", str(tmp_path / "qs")]) == 2
+    assert "--draft-loops must be >= 0" in capsys.readouterr().err and not (tmp_path / "qs").exists()

@@ -12,9 +12,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 
+from ..loading import is_recurrent
 from . import items as test_sets
 from .extract import flexible_answer, math_answer, math_equal, strict_answer
-from .generation import generate_at
+from .generation import generate_at, generate_sweep
 from .prompts import GSM8K_STOP, MATH_STOP, gsm8k_prompt, math_prompt
 
 
@@ -58,26 +59,33 @@ TASKS = {
 def score(task, r, items, completions):
     """(rows, samples) of one task at r: one row per metric (the mean over items), one sample per completion."""
     spec = TASKS[task]
-    samples = [{"task": task, "steps": r, "id": it["id"], "reference": it["answer"], "completion": c,
+    samples = [{"task": task, "loops": r, "id": it["id"], "reference": it["answer"], "completion": c,
                 **spec.score(c, it["answer"])} for it, c in zip(items, completions)]
-    rows = [{"task": task, "steps": r, "metric": metric, "value": sum(s[field] for s in samples) / len(samples),
+    rows = [{"task": task, "loops": r, "metric": metric, "value": sum(s[field] for s in samples) / len(samples),
              "n": len(samples)} for metric, field in spec.metrics.items()]
     return rows, samples
 
 
-def evaluate(model, tokenizer, task, steps, limit=None, seed=1234, max_new_tokens=None, batch_size=8, items=None,
-             exit_criterion=None, draft_steps=None, draft_tokens=None):
-    """(rows, samples) of a task of TASKS at each r in `steps`: one row per (r, metric), every completion in
+def evaluate(model, tokenizer, task, loops, limit=None, seed=1234, max_new_tokens=None, batch_size=8, items=None,
+             exit_criterion=None, draft_loops=None, draft_tokens=None):
+    """(rows, samples) of a task of TASKS at each r in `loops`: one row per (r, metric), every completion in
     samples. `items` replaces the task's test set; `limit` takes a fixed random subset (`seed`). With
     `exit_criterion` (adaptive exit, r the most loops a token may use) a 'mean_loops' row is added per r.
-    `draft_steps` D decodes each r > D by exact self-speculation (the same completions)."""
+    `draft_loops` D decodes each r > D by exact self-speculation (the same completions)."""
     spec = TASKS[task]
     items = test_sets.subset(items or spec.items(), limit, seed)
     prompts = [spec.prompt(it["question"]) for it in items]
+    max_new_tokens = max_new_tokens or spec.max_new_tokens
+    swept = None
+    if is_recurrent(model) and exit_criterion is None and draft_loops is None \
+            and model.config.cache_policy == "exact":  # every r in one pass (the same completions, far faster)
+        swept = generate_sweep(model, tokenizer, prompts, loops, max_new_tokens, spec.stop, batch_size,
+                               f"{task} r={','.join(map(str, loops))}")
     rows, samples = [], []
-    for r in steps:
-        completions, loop_rows = generate_at(model, tokenizer, prompts, r, task, max_new_tokens or spec.max_new_tokens,
-                                             spec.stop, batch_size, exit_criterion, draft_steps, draft_tokens)
+    for r in loops:
+        completions, loop_rows = (swept[int(r)], []) if swept else generate_at(
+            model, tokenizer, prompts, r, task, max_new_tokens, spec.stop, batch_size, exit_criterion, draft_loops,
+            draft_tokens)
         task_rows, task_samples = score(task, r, items, completions)
         rows += loop_rows + task_rows
         samples += task_samples

@@ -8,7 +8,8 @@ in RUN, RUN/eval and RUN/final/eval). Writes OUT/report.md with:
   - the runs (recurrent or plain, tokens, training FLOPs, tokenizer),
   - loss at matched FLOPs: each run's last logged loss at or below the largest FLOPs all runs reached,
   - eval metrics at every test r, with each run's training FLOPs named,
-and OUT/flops.png (loss vs training FLOPs, one line per run) and OUT/steps.png (eval metric vs test r).
+and OUT/flops.png (loss vs training FLOPs, one line per run) and OUT/loops.png (eval metric vs test-time loops r).
+Results files written before the loops rename (rows with "steps" for r) are read as well.
 Runs of different tokenizers are compared with a warning: their losses are not on the same scale.
 """
 
@@ -20,6 +21,7 @@ from pathlib import Path
 from .. import LoopfitError
 from ..io import atomic_file, check_empty_or_force, check_writable
 from ..loading import is_recurrent
+from .loading import normalise_rows
 from .plots import panel_of, save
 
 RESULTS_PLACES = ("results.json", "eval/results.json", "final/eval/results.json")
@@ -44,10 +46,11 @@ def read_results(run):
     for place in ((run,) if run.is_file() else [run / p for p in RESULTS_PLACES]):
         if place.is_file():
             try:
-                return json.loads(place.read_text())
+                results = json.loads(place.read_text())
             except (ValueError, UnicodeDecodeError):
                 raise LoopfitError(f"{place} is not valid JSON (truncated?): run `loopfit eval` again to rewrite "
                                    "it") from None
+            return dict(results, rows=normalise_rows(results.get("rows", [])))
     return None
 
 
@@ -146,7 +149,7 @@ def plot_flops(runs, path):
     save(fig, path)
 
 
-def plot_steps(runs, path):
+def plot_loops(runs, path):
     import matplotlib.pyplot as plt
 
     rows = [dict(row, run=r["name"]) for r in runs if r["results"] for row in r["results"]["rows"]
@@ -154,12 +157,12 @@ def plot_steps(runs, path):
     recurrent = {r["name"]: r["recurrent"] for r in runs}
     panels = sorted({panel_of(r["metric"]) for r in rows}, key=lambda p: (p != "accuracy", p))
     fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4), squeeze=False)
-    ticks = sorted({r["steps"] for r in rows})
+    ticks = sorted({r["loops"] for r in rows})
     for ax, panel in zip(axes[0], panels):
         lines = {}
         for r in rows:
             if panel_of(r["metric"]) == panel:
-                lines.setdefault((r["run"], r["task"], r["metric"]), []).append((r["steps"], r["value"]))
+                lines.setdefault((r["run"], r["task"], r["metric"]), []).append((r["loops"], r["value"]))
         for (run, task, metric), pts in lines.items():
             xs, ys = zip(*sorted(pts))
             what = metric.removeprefix("accuracy_")
@@ -170,7 +173,7 @@ def plot_steps(runs, path):
                 ax.plot(xs, ys, linestyle="--", label=f"{label} (no loops)")
         ax.set_xscale("log", base=2)
         ax.set_xticks(ticks, [str(t) for t in ticks])
-        ax.set_xlabel("test-time recurrence r")
+        ax.set_xlabel("loops r (test time)")
         ax.set_ylabel(panel)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
@@ -206,16 +209,16 @@ def matched_table(runs, budget):
 def eval_table(runs):
     rows = [(r, row) for r in runs if r["results"] for row in r["results"]["rows"]]
     if not rows:
-        return "No eval results: run `loopfit eval RUN/final --steps ...` to add accuracy by test r."
-    steps = sorted({row["steps"] for _, row in rows})
+        return "No eval results: run `loopfit eval RUN/final --loops ...` to add accuracy by loops r."
+    loops = sorted({row["loops"] for _, row in rows})
     cells = {}
     for r, row in rows:
-        cells.setdefault((row["task"], row["metric"], r["name"]), {})[row["steps"]] = row["value"]
+        cells.setdefault((row["task"], row["metric"], r["name"]), {})[row["loops"]] = row["value"]
     flops = {r["name"]: r["flops"] for r in runs}
-    lines = ["| task | metric | run | training FLOPs | " + " | ".join(f"r={s}" for s in steps) + " |",
-             "|---|---|---|---:|" + "---:|" * len(steps)]
+    lines = ["| task | metric | run | training FLOPs | " + " | ".join(f"r={n}" for n in loops) + " |",
+             "|---|---|---|---:|" + "---:|" * len(loops)]
     for (task, metric, name), by_r in sorted(cells.items()):
-        vals = " | ".join(fmt(by_r.get(s)) for s in steps)
+        vals = " | ".join(fmt(by_r.get(n)) for n in loops)
         lines.append(f"| {task} | {metric} | {name} | {fmt(flops[name], '.3e')} | {vals} |")
     return "\n".join(lines)
 
@@ -229,9 +232,9 @@ def report(runs, warning=None):
     if budget:
         parts += ["## Loss at matched training FLOPs", "", matched_table(runs, budget), "",
                   "![loss vs training FLOPs](flops.png)", ""]
-    parts += ["## Eval metrics by test-time recurrence", "", eval_table(runs), ""]
+    parts += ["## Eval metrics by test-time loops r", "", eval_table(runs), ""]
     if any(r["results"] for r in runs):
-        parts += ["![metric vs test r](steps.png)", ""]
+        parts += ["![metric vs loops r](loops.png)", ""]
         totals = {r["flops"] for r in runs if r["results"]}
         if len(totals) > 1 and None not in totals and max(totals) > 1.05 * min(totals):
             parts += ["Eval results come from each run's final model; their training FLOPs differ by more than 5%, "
@@ -240,7 +243,7 @@ def report(runs, warning=None):
 
 
 def compare(paths, out):
-    """Read the runs, write OUT/report.md, flops.png and steps.png; returns the report text."""
+    """Read the runs, write OUT/report.md, flops.png and loops.png; returns the report text."""
     if len(paths) < 1:
         raise LoopfitError("compare needs at least one run: loopfit compare RUN_A RUN_B --out REPORT")
     runs = [read_run(p) for p in paths]
@@ -255,7 +258,7 @@ def compare(paths, out):
     if matched_budget(runs):
         plot_flops(runs, out / "flops.png")
     if any(r["results"] for r in runs):
-        plot_steps(runs, out / "steps.png")
+        plot_loops(runs, out / "loops.png")
     text = report(runs, warning)
     with atomic_file(out / "report.md", "w") as f:
         f.write(text)
@@ -264,7 +267,7 @@ def compare(paths, out):
 
 def add_arguments(parser):
     parser.add_argument("runs", nargs="+", metavar="RUN", help="`loopfit train` out_dirs and/or eval results.json")
-    parser.add_argument("--out", required=True, help="report folder (report.md, flops.png, steps.png); must be "
+    parser.add_argument("--out", required=True, help="report folder (report.md, flops.png, loops.png); must be "
                         "empty or new unless --force")
     parser.add_argument("--force", action="store_true", help="write into a non-empty --out (replacing the report)")
 

@@ -82,12 +82,60 @@ def generate(model, tokenizer, prompts, num_steps=None, max_new_tokens=256, stop
     return out
 
 
+def shared_prefix(sequences):
+    """Length of the longest token prefix every sequence shares, leaving each at least one token of its own."""
+    first, n = sequences[0], min(len(x) for x in sequences) - 1
+    for x in sequences[1:]:
+        n = next((i for i in range(n) if x[i] != first[i]), n)
+    return max(n, 0)
+
+
+@torch.no_grad()
+def generate_sweep(model, tokenizer, prompts, loops, max_new_tokens=256, stop=(), batch_size=8, desc="generate"):
+    """{r: greedy completions of `prompts`} for every r in `loops` at once, for a recurrent model: the completions
+    `generate` gives at each r, for much less. Loops 0..t of a token are the same whatever r, so each prompt runs
+    the deepest r once and the coda reads every r (`sweep`); the prompt prefix all prompts share (a task's
+    few-shot exemplars) runs once for the whole batch; then every (r, prompt) pair decodes in one batch, deepest
+    rows first (`row_steps`), so each weight read of a decoding step serves every r."""
+    depths = sorted({int(r) for r in loops}, reverse=True)
+    ids = tokenizer(list(prompts))["input_ids"]
+    common = shared_prefix(ids)
+    pad = tokenizer.pad_token_id
+    device = next(model.parameters()).device
+    order = sorted(range(len(prompts)), key=lambda i: -len(ids[i]))
+    out = {r: [None] * len(prompts) for r in depths}
+    for batch in tqdm(batches(order, batch_size), desc=desc, leave=False):
+        n = max(len(ids[i]) for i in batch)  # [shared prefix | left padding | the prompt's own tokens]
+        input_ids = torch.tensor([ids[i][:common] + [pad] * (n - len(ids[i])) + ids[i][common:] for i in batch],
+                                 device=device)
+        mask = torch.tensor([[1] * common + [0] * (n - len(ids[i])) + [1] * (len(ids[i]) - common) for i in batch],
+                            device=device)
+        cache = model.new_cache()
+        if common:
+            model(input_ids[:1, :common], past_key_values=cache, use_cache=True, sweep=depths, logits_to_keep=1)
+            cache.repeat_rows(len(batch))
+        if n - 1 > common:  # the prompts' own tokens but the last, which generate() feeds
+            model(input_ids[:, common:-1], attention_mask=mask[:, :-1], past_key_values=cache, use_cache=True,
+                  sweep=depths, logits_to_keep=1)
+        cache.unfold_sweep(depths)
+        rows = [(r, i) for r in depths for i in batch]  # r-major, deepest first: cache.unfold_sweep's layout
+        generated = model.generate(
+            input_ids=input_ids.repeat(len(depths), 1), attention_mask=mask.repeat(len(depths), 1),
+            past_key_values=cache, row_steps=[r for r, _ in rows], max_new_tokens=max_new_tokens, do_sample=False,
+            pad_token_id=pad,
+            stopping_criteria=StoppingCriteriaList([StopOnStrings(tokenizer, stop, n)]) if stop else None,
+        )
+        for (r, i), row in zip(rows, generated[:, n:]):
+            out[r][i] = cut_at_stop(tokenizer.decode(row, skip_special_tokens=True), stop)
+    return out
+
+
 def generate_at(model, tokenizer, prompts, r, task, max_new_tokens, stop, batch_size, exit_criterion=None,
                 draft_steps=None, draft_tokens=None):
     """(completions, rows) at r loops; under an adaptive exit, rows holds the task's 'mean_loops' row for r."""
     loops = []
     completions = generate(model, tokenizer, prompts, r, max_new_tokens, stop, batch_size, f"{task} r={r}",
                            exit_criterion, loops, draft_steps, draft_tokens)
-    rows = [{"task": task, "steps": r, "metric": "mean_loops", "value": sum(loops) / len(loops), "n": len(loops),
+    rows = [{"task": task, "loops": r, "metric": "mean_loops", "value": sum(loops) / len(loops), "n": len(loops),
              "exit": exit_criterion}] if loops else []
     return completions, rows

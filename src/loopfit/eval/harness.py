@@ -8,7 +8,8 @@ folder (`gsm8k_loopfit`, `gsm8k_loopfit_1shot`: offline GSM8K test) added to `--
 model also runs plain transformers folders (num_steps is then ignored), so the baseline goes through the
 same code. `draft_steps=D` (and `draft_tokens=K`) in `--model_args` decodes generations by exact
 self-speculation, drafting at D loops (the same output as plain decoding at num_steps, faster; a plain model
-refuses it). From Python, `run_tasks(...)` evaluates an already-loaded model at several r.
+refuses it). `loops=` and `draft_loops=` are accepted as other names of `num_steps=` and `draft_steps=` (the
+model API keeps Huginn's names). From Python, `run_tasks(...)` evaluates an already-loaded model at several r.
 """
 
 import sys
@@ -28,11 +29,12 @@ TASKS_DIR = Path(__file__).parent / "tasks"
 class LoopfitLM(HFLM):
     """HFLM that runs a recurrent model with `num_steps` loops (default: the model's mean_recurrence)."""
 
-    def __init__(self, pretrained, num_steps=None, draft_steps=None, draft_tokens=None, **kwargs):
+    def __init__(self, pretrained, num_steps=None, draft_steps=None, draft_tokens=None, loops=None, draft_loops=None,
+                 **kwargs):
         kwargs.setdefault("device", "cpu")
         super().__init__(pretrained=pretrained, **kwargs)
-        self.num_steps = int(num_steps) if num_steps not in (None, "") else None
-        self.draft_steps = int(draft_steps) if draft_steps not in (None, "") else None
+        self.num_steps = _one_of("num_steps", num_steps, "loops", loops)
+        self.draft_steps = _one_of("draft_steps", draft_steps, "draft_loops", draft_loops)
         self.draft_tokens = int(draft_tokens) if draft_tokens not in (None, "") else None
         if self.draft_steps is not None:
             from ..generate import check_speculation
@@ -57,23 +59,31 @@ class LoopfitLM(HFLM):
         return super()._model_generate(context, max_length, stop, **generation_kwargs)
 
 
+def _one_of(name, value, alias, alias_value):
+    """The int a model_arg gives under its name or its alias (None if neither); both, disagreeing, is an error."""
+    given = {int(v) for v in (value, alias_value) if v not in (None, "")}
+    if len(given) > 1:
+        raise ValueError(f"model_args {name}={value} and {alias}={alias_value} disagree: give one")
+    return given.pop() if given else None
+
+
 def task_manager():
     from lm_eval.tasks import TaskManager
 
     return TaskManager(include_path=str(TASKS_DIR))
 
 
-def run_tasks(model, tokenizer, tasks, steps, limit=None, batch_size=1, max_gen_toks=None, draft_steps=None,
+def run_tasks(model, tokenizer, tasks, loops, limit=None, batch_size=1, max_gen_toks=None, draft_loops=None,
               draft_tokens=None):
-    """Run lm-eval `tasks` on a loaded model at each r in `steps`; (rows, raw results per r). `draft_steps` D
+    """Run lm-eval `tasks` on a loaded model at each r in `loops`; (rows, raw results per r). `draft_loops` D
     decodes generations at each r > D by self-speculation."""
     import lm_eval
 
     lm = LoopfitLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
-    lm.draft_steps, lm.draft_tokens = draft_steps, draft_tokens
+    lm.draft_steps, lm.draft_tokens = draft_loops, draft_tokens
     rows, raw = [], {}
     gen_kwargs = f"max_gen_toks={max_gen_toks}" if max_gen_toks else None
-    for r in steps:
+    for r in loops:
         lm.num_steps = r
         out = lm_eval.simple_evaluate(model=lm, tasks=list(tasks), limit=limit, task_manager=task_manager(),
                                       gen_kwargs=gen_kwargs, log_samples=False)
@@ -82,7 +92,7 @@ def run_tasks(model, tokenizer, tasks, steps, limit=None, batch_size=1, max_gen_
     return rows, raw
 
 
-def metric_rows(results, steps, n=None):
+def metric_rows(results, r, n=None):
     """lm-eval results {task: {'exact_match,strict-match': x, ...}} -> loopfit rows (stderr and the sample count
     dropped)."""
     rows = []
@@ -92,7 +102,7 @@ def metric_rows(results, steps, n=None):
             if name.endswith("_stderr") or not isinstance(value, (int, float)) or name in ("alias", "sample_len"):
                 continue
             metric = f"{name}_{filt}" if filt and filt != "none" else name
-            rows.append({"task": f"lm:{task}", "steps": steps, "metric": metric, "value": float(value), "n": n})
+            rows.append({"task": f"lm:{task}", "loops": r, "metric": metric, "value": float(value), "n": n})
     return rows
 
 

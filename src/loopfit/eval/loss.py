@@ -14,8 +14,8 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import LoopfitError
+from ..loading import is_recurrent
 from .items import held_out_passages
-from .loading import steps_kwargs
 
 
 def read_texts(source=None, flag="--data"):
@@ -69,24 +69,26 @@ def prepared_rows(folder, tokenizer, seq_len=512, max_tokens=16384):
 
 
 @torch.no_grad()
-def mean_loss(model, rows, num_steps=None, batch_size=4):
-    """Token-weighted mean next-token loss over the rows."""
+def mean_losses(model, rows, loops, batch_size=4, desc=None):
+    """Token-weighted mean next-token loss over the rows at each r of `loops`. A recurrent model runs every batch
+    once at the deepest r and reads the loss at each r on the way (`sweep`): loops 0..t are the same whatever r.
+    A plain model ignores r: one pass."""
     device = next(model.parameters()).device
-    total, count = 0.0, 0
-    for i in range(0, len(rows), batch_size):
+    sweep = sorted({int(r) for r in loops}, reverse=True) if is_recurrent(model) else None
+    totals, count = 0.0, 0
+    for i in tqdm(range(0, len(rows), batch_size), desc=desc, leave=False, disable=desc is None):
         ids = rows[i : i + batch_size].to(device)
-        out = model(input_ids=ids, labels=ids, **steps_kwargs(model, num_steps))
         n = ids.numel() - ids.shape[0]  # every position but the first of each row is predicted
-        total, count = total + out.loss.item() * n, count + n
-    return total / count
+        loss = model(input_ids=ids, labels=ids, **({"sweep": sweep, "return_logits": False} if sweep else {})).loss
+        totals, count = totals + loss.double().cpu() * n, count + n
+    by_depth = dict(zip(sweep, (totals / count).tolist())) if sweep else {}
+    return [by_depth[int(r)] for r in loops] if sweep else [float(totals / count)] * len(loops)
 
 
-def evaluate(model, rows, steps, batch_size=4):
+def evaluate(model, rows, loops, batch_size=4):
     """One 'loss' and one 'perplexity' row per r."""
-    out = []
-    for r in tqdm(steps, desc="loss", leave=False):
-        loss = mean_loss(model, rows, r, batch_size)
-        n = int(rows.numel())
-        out += [{"task": "loss", "steps": r, "metric": "loss", "value": loss, "n": n},
-                {"task": "loss", "steps": r, "metric": "perplexity", "value": math.exp(loss), "n": n}]
+    out, n = [], int(rows.numel())
+    for r, loss in zip(loops, mean_losses(model, rows, loops, batch_size, desc="loss")):
+        out += [{"task": "loss", "loops": r, "metric": "loss", "value": loss, "n": n},
+                {"task": "loss", "loops": r, "metric": "perplexity", "value": math.exp(loss), "n": n}]
     return out

@@ -1,4 +1,4 @@
-"""PNG plots of results rows ({'task', 'steps', 'metric', 'value'}): one panel per kind of metric."""
+"""PNG plots of results rows ({'task', 'loops', 'metric', 'value'}): one panel per kind of metric."""
 
 import matplotlib
 
@@ -6,6 +6,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from ..io import atomic_file  # noqa: E402
+from .loading import normalise_rows  # noqa: E402
 
 
 def panel_of(metric):
@@ -16,10 +17,10 @@ def panel_of(metric):
 
 
 def lines(rows, key=("task", "metric")):
-    """{(task, metric): [(steps, value), ...] sorted by steps}."""
+    """{(task, metric): [(loops r, value), ...] sorted by r}."""
     out = {}
     for row in rows:
-        out.setdefault(tuple(row[k] for k in key), []).append((row["steps"], row["value"]))
+        out.setdefault(tuple(row[k] for k in key), []).append((row["loops"], row["value"]))
     return {k: sorted(v) for k, v in out.items()}
 
 
@@ -29,11 +30,11 @@ def save(fig, path):
     plt.close(fig)
 
 
-def plot_sweep(rows, path, title="", train_steps=None):
-    """Metric vs test-time recurrence r, one line per task and metric, log2 r axis."""
-    rows = [r for r in rows if r["metric"] != "perplexity"]  # exp(loss): the loss panel already shows it
+def plot_sweep(rows, path, title="", train_mean=None):
+    """Metric vs test-time loops r, one line per task and metric, log2 r axis; `train_mean`: the training mean r."""
+    rows = [r for r in normalise_rows(rows) if r["metric"] != "perplexity"]  # exp(loss): shown by the loss panel
     panels = sorted({panel_of(r["metric"]) for r in rows}, key=lambda p: (p != "accuracy", p))
-    ticks = sorted({r["steps"] for r in rows})
+    ticks = sorted({r["loops"] for r in rows})
     fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4), squeeze=False)
     for ax, panel in zip(axes[0], panels):
         for (task, metric), points in lines([r for r in rows if panel_of(r["metric"]) == panel]).items():
@@ -41,12 +42,12 @@ def plot_sweep(rows, path, title="", train_steps=None):
             ax.plot(xs, ys, marker="o", label=f"{task} {metric.removeprefix('accuracy_')}".strip())
         ax.set_xscale("log", base=2)
         ax.set_xticks(ticks, [str(t) for t in ticks])
-        ax.set_xlabel("test-time recurrence r")
+        ax.set_xlabel("loops r (test time)")
         ax.set_ylabel(panel)
         if panel == "accuracy":
             ax.set_ylim(-0.02, max(0.1, max(r["value"] for r in rows if panel_of(r["metric"]) == panel) * 1.15))
-        if train_steps:
-            ax.axvline(train_steps, color="grey", linestyle=":", label=f"train mean r = {train_steps}")
+        if train_mean:
+            ax.axvline(train_mean, color="grey", linestyle=":", label=f"train mean r = {train_mean}")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.suptitle(title)

@@ -1,6 +1,6 @@
 """Measure what test-time recurrence buys: loss and accuracy for each number of loops r.
 
-  loopfit eval runs/smol-448 --steps 1,2,4,8,16,32 --tasks loss,gsm8k --limit 100
+  loopfit eval runs/smol-448 --loops 1,2,4,8,16,32 --tasks loss,gsm8k --limit 100
 
 tasks (comma-separated):
   loss          held-out loss and perplexity (--data FILE.txt/.jsonl or a prepared folder; default held-out
@@ -16,12 +16,16 @@ tasks (comma-separated):
 A plain transformers model (the baseline) runs once and its figures are repeated at every r.
 --exit kl:5e-4 lets each generated token stop looping early (r is then the most loops a token may use) and adds
 a `mean_loops` row per generation task and r.
---draft-steps D decodes GSM8K / MATH / lm: generations by exact self-speculation at every r > D (the same
-completions as plain decoding; r <= D decodes plainly): draft D loops, verify r. Try D = 2 on a GPU; on a
-CPU the batches are compute-bound and speculation is slower: leave it off there.
+A recurrent model's sweep costs about its deepest r alone: each prompt runs once at the deepest r with the output
+read at every r, the shared few-shot prefix once, and every (r, prompt) pair decodes in one batch (the same
+completions as one run per r).
+--draft-loops D decodes GSM8K / MATH / lm: generations of each r > D on its own by exact self-speculation (the same
+completions; r <= D decodes plainly): draft D loops, verify r. It pays for one deep r at batch 1 (try D = 2),
+not for a sweep.
 Writes OUT/results.json (one row per task, metric and r), OUT/samples.jsonl (every completion) and
 OUT/sweep.png (metric vs r); OUT defaults to MODEL/eval. Generation is greedy, batched, with the KV cache;
 --limit takes the same fixed random subset (--seed) for every r and every model.
+--steps and --draft-steps are the deprecated names of --loops and --draft-loops (removed in the next release).
 """
 
 import json
@@ -34,10 +38,11 @@ from ..io import atomic_file, check_empty_or_force, check_writable
 from ..loading import is_recurrent, load
 from ..modeling import DRAFT_TOKENS
 from . import accuracy, loss
-from .loading import parse_steps
+from .loading import parse_loops
 from .plots import plot_sweep
 
 TASKS = ("loss", *accuracy.TASKS)
+RENAMED_FLAGS = {"--steps": "--loops", "--draft-steps": "--draft-loops"}  # old names, accepted for one release
 
 
 def parse_tasks(text):
@@ -51,10 +56,10 @@ def parse_tasks(text):
     return tasks
 
 
-def run_task(task, model, tok, steps, opts):
+def run_task(task, model, tok, loops, opts):
     """(rows, samples) of one task at every r."""
     gen = {"limit": opts["limit"], "seed": opts["seed"], "batch_size": opts["batch_size"],
-           "exit_criterion": opts.get("exit_criterion"), "draft_steps": opts.get("draft_steps"),
+           "exit_criterion": opts.get("exit_criterion"), "draft_loops": opts.get("draft_loops"),
            "draft_tokens": opts.get("draft_tokens")}
     if opts.get("max_new_tokens"):
         gen["max_new_tokens"] = opts["max_new_tokens"]
@@ -64,49 +69,49 @@ def run_task(task, model, tok, steps, opts):
             rows = loss.prepared_rows(data, tok, opts["seq_len"], opts["max_tokens"])
         else:
             rows = loss.pack(tok, loss.read_texts(data), opts["seq_len"], opts["max_tokens"])
-        return loss.evaluate(model, rows, steps, opts["batch_size"]), []
+        return loss.evaluate(model, rows, loops, opts["batch_size"]), []
     if task in accuracy.TASKS:
-        return accuracy.evaluate(model, tok, task, steps, **gen)
+        return accuracy.evaluate(model, tok, task, loops, **gen)
     from .harness import run_tasks
 
-    rows, _ = run_tasks(model, tok, [task[3:]], steps, limit=opts["limit"], max_gen_toks=opts.get("max_new_tokens"),
-                        draft_steps=opts.get("draft_steps"), draft_tokens=opts.get("draft_tokens"))
+    rows, _ = run_tasks(model, tok, [task[3:]], loops, limit=opts["limit"], max_gen_toks=opts.get("max_new_tokens"),
+                        draft_loops=opts.get("draft_loops"), draft_tokens=opts.get("draft_tokens"))
     return rows, []
 
 
-def evaluate(model, steps=(1, 2, 4, 8), tasks=("loss",), out=None, limit=None, seed=1234, batch_size=8,
+def evaluate(model, loops=(1, 2, 4, 8), tasks=("loss",), out=None, limit=None, seed=1234, batch_size=8,
              max_new_tokens=None, data=None, seq_len=512, max_tokens=16384, plot=True, exit_criterion=None,
-             draft_steps=None, draft_tokens=DRAFT_TOKENS):
-    """Run `tasks` at each r in `steps` on a model folder / name (or a loaded (model, tokenizer) pair).
-    `exit_criterion` ('kl:5e-4') lets generated tokens stop looping early (recurrent models); `draft_steps` D
+             draft_loops=None, draft_tokens=DRAFT_TOKENS):
+    """Run `tasks` at each r in `loops` on a model folder / name (or a loaded (model, tokenizer) pair).
+    `exit_criterion` ('kl:5e-4') lets generated tokens stop looping early (recurrent models); `draft_loops` D
     decodes generations at every r > D by exact self-speculation (`draft_tokens` a round).
     Returns the results dict and, when `out` is given, writes results.json, samples.jsonl and sweep.png there."""
-    steps = parse_steps(",".join(map(str, steps)) if not isinstance(steps, str) else steps)
+    loops = parse_loops(",".join(map(str, loops)) if not isinstance(loops, str) else loops)
     tasks = parse_tasks(",".join(tasks) if not isinstance(tasks, str) else tasks)
     name = str(model) if not isinstance(model, tuple) else getattr(model[0].config, "_name_or_path", "model")
     model, tok = model if isinstance(model, tuple) else load(model)
     recurrent = is_recurrent(model)
     if exit_criterion:
         check_exit(exit_criterion, recurrent)
-    if draft_steps is not None:
+    if draft_loops is not None:
         from ..generate import check_speculation
 
-        check_speculation(model, steps, draft_steps, draft_tokens or DRAFT_TOKENS, exit_criterion)
-    run_steps = steps if recurrent else steps[:1]  # a plain model ignores r: run once
+        check_speculation(model, loops, draft_loops, draft_tokens or DRAFT_TOKENS, exit_criterion)
+    run_loops = loops if recurrent else loops[:1]  # a plain model ignores r: run once
     opts = dict(limit=limit, seed=seed, batch_size=batch_size, max_new_tokens=max_new_tokens, data=data,
-                seq_len=seq_len, max_tokens=max_tokens, exit_criterion=exit_criterion, draft_steps=draft_steps,
+                seq_len=seq_len, max_tokens=max_tokens, exit_criterion=exit_criterion, draft_loops=draft_loops,
                 draft_tokens=draft_tokens)
     rows, samples, started = [], [], time.time()
     for task in tasks:
-        task_rows, task_samples = run_task(task, model, tok, run_steps, opts)
-        rows += task_rows if recurrent else [dict(r, steps=s) for r in task_rows for s in steps]
+        task_rows, task_samples = run_task(task, model, tok, run_loops, opts)
+        rows += task_rows if recurrent else [dict(row, loops=r) for row in task_rows for r in loops]
         samples += task_samples
     results = {
         "model": name,
         "recurrent": recurrent,
         "train_mean_recurrence": getattr(model.config, "mean_recurrence", None) if recurrent else None,
         "tokenizer": tokenizer_fingerprint(tok),
-        "steps": steps,
+        "loops": loops,
         "tasks": tasks,
         "settings": {k: v for k, v in opts.items()},
         "rows": rows,
@@ -144,14 +149,14 @@ def write(results, samples, out, plot=True):
 
 def table(rows):
     """Markdown table: one line per (task, metric), one column per r."""
-    steps = sorted({r["steps"] for r in rows})
+    loops = sorted({row["loops"] for row in rows})
     cells = {}
-    for r in rows:
-        cells.setdefault((r["task"], r["metric"]), {})[r["steps"]] = r["value"]
-    lines = ["| task | metric | " + " | ".join(f"r={s}" for s in steps) + " |",
-             "|---|---|" + "---:|" * len(steps)]
+    for row in rows:
+        cells.setdefault((row["task"], row["metric"]), {})[row["loops"]] = row["value"]
+    lines = ["| task | metric | " + " | ".join(f"r={r}" for r in loops) + " |",
+             "|---|---|" + "---:|" * len(loops)]
     for (task, metric), by_r in cells.items():
-        vals = [f"{by_r[s]:.4g}" if s in by_r else "" for s in steps]
+        vals = [f"{by_r[r]:.4g}" if r in by_r else "" for r in loops]
         lines.append(f"| {task} | {metric} | " + " | ".join(vals) + " |")
     return "\n".join(lines)
 
@@ -162,7 +167,7 @@ def add_arguments(parser):
     from ..cli import options_of
 
     option = options_of(parser, evaluate)
-    option("--steps", help="test-time recurrences r, comma-separated (default %(default)s)")
+    option("--loops", metavar="R,...", help="test-time loops r, comma-separated (default %(default)s)")
     option("--tasks", help=f"comma-separated: {', '.join(TASKS)}, lm:TASK (default %(default)s)")
     option("--limit", type=int, help="evaluate a fixed random subset of this many examples per task")
     option("--seed", type=int, help="seed of the --limit subset (default %(default)s)")
@@ -173,9 +178,9 @@ def add_arguments(parser):
     option("--max-tokens", type=int, help="loss tokens in all (default %(default)s)")
     parser.add_argument("--exit", dest="exit_criterion", metavar="RULE",
                         help="adaptive exit while generating, e.g. kl:5e-4 (adds a mean_loops row per r)")
-    parser.add_argument("--draft-steps", type=int, metavar="D", help="decode generations at each r > D by exact "
-                        "self-speculation (same completions; faster on a GPU; try 2)")
-    option("--draft-tokens", type=int, metavar="K", help="tokens drafted per round with --draft-steps "
+    parser.add_argument("--draft-loops", type=int, metavar="D", help="decode generations at each r > D by exact "
+                        "self-speculation, drafting at D loops (same completions; faster on a GPU; try 2)")
+    option("--draft-tokens", type=int, metavar="K", help="tokens drafted per round with --draft-loops "
            "(default %(default)s)")
     parser.add_argument("--out", help="output folder (default MODEL/eval for a folder, else eval-NAME); must be "
                         "empty or new unless --force")
@@ -190,7 +195,7 @@ def run(args):
         value = getattr(args, flag)
         if value is not None and value < 1:
             raise LoopfitError(f"--{flag.replace('_', '-')} must be >= 1, got {value}")
-    parse_steps(args.steps), parse_tasks(args.tasks)  # malformed lists are refused before the model loads
+    parse_loops(args.loops), parse_tasks(args.tasks)  # malformed lists are refused before the model loads
     if args.exit_criterion:
         check_exit(args.exit_criterion, recurrent=True)  # the rule's syntax; plain models are refused once loaded
     if args.data and not Path(args.data).is_dir():
@@ -199,10 +204,10 @@ def run(args):
                        else Path(f"eval-{Path(args.model).stem}"))
     check_writable(out)
     check_empty_or_force(out, args.force)
-    results = evaluate(args.model, parse_steps(args.steps), parse_tasks(args.tasks), out=out, limit=args.limit,
+    results = evaluate(args.model, parse_loops(args.loops), parse_tasks(args.tasks), out=out, limit=args.limit,
                        seed=args.seed, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
                        data=args.data, seq_len=args.seq_len, max_tokens=args.max_tokens,
-                       exit_criterion=args.exit_criterion, draft_steps=args.draft_steps,
+                       exit_criterion=args.exit_criterion, draft_loops=args.draft_loops,
                        draft_tokens=args.draft_tokens)
     print(table(results["rows"]))
     print(f"wrote {out}/results.json, samples.jsonl, sweep.png ({results['seconds']} s)")

@@ -6,11 +6,13 @@ as a `Literal`, which values it may take; its `doc` is what `loopfit train --hel
 own values and the ones that depend on each other when it is built (`__post_init__` -> `check`), so a recipe that
 loads is one the trainer can run; what needs the run itself (the number of ranks, files on disk) is checked by
 `Recipe.check_runnable` and the data pipeline. Unknown keys are errors with a suggestion: a typo must never train
-silently with a default.
+silently with a default. A renamed key (RENAMED_KEYS) is still read under its old name for one release, with a
+one-line notice on stderr.
 """
 
 import dataclasses
 import difflib
+import sys
 import types
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -129,15 +131,15 @@ class RecurrenceConfig(Section):
     curriculum: Literal["none", "linear", "1-sqrt"] = key("1-sqrt", "how the curriculum ramps up its target")
     curriculum_fraction: float = key(0.75, "ramp over this fraction of training, then hold")
     curriculum_target: Literal["mean", "backprop", "both"] = key("mean", "what the curriculum ramps")
-    eval_steps: int = key(0, "loops r for the held-out loss (0: `mean`)")
+    eval_loops: int = key(0, "loops r for the held-out loss (0: `mean`)")
     depth_per: Literal["micro_batch", "step"] = key("micro_batch", "micro_batch: a new (n, k) per micro-batch (the "
                                                                    "authors') | step: one per optimizer step")
 
     def check(self):
         if self.mean < 1 or self.backprop < 1:
             raise LoopfitError("recurrence.mean and recurrence.backprop must be >= 1")
-        if self.eval_steps < 0:
-            raise LoopfitError(f"recurrence.eval_steps is {self.eval_steps}: use >= 1 loops, or 0 for recurrence.mean")
+        if self.eval_loops < 0:
+            raise LoopfitError(f"recurrence.eval_loops is {self.eval_loops}: use >= 1 loops, or 0 for recurrence.mean")
         if not 0 < self.curriculum_fraction <= 1:
             raise LoopfitError(f"recurrence.curriculum_fraction is {self.curriculum_fraction}: choose a fraction "
                                "in (0, 1]")
@@ -283,6 +285,8 @@ class Recipe:
 
 SECTIONS = {f.name: f.default_factory for f in dataclasses.fields(Recipe)}
 SECTION_NAMES = {cls: name for name, cls in SECTIONS.items()}
+RENAMED_KEYS = {"recurrence.eval_steps": "recurrence.eval_loops"}  # old name -> new, read for one release
+_NOTIFIED = set()  # renamed keys already announced in this process
 
 
 def _fields(cls):
@@ -378,6 +382,21 @@ def _put(raw, dotted, value):
     node[leaf] = value
 
 
+def _renamed(pairs, where):
+    """(dotted key, value) pairs with deprecated keys under their new names (one stderr line per old key and
+    process). An old and a new name set to different values in the same place (`where`) are refused."""
+    given = dict(pairs)
+    for old, new in RENAMED_KEYS.items():
+        if old in given and new in given and given[old] != given[new]:
+            raise LoopfitError(f"{where} sets both {old} ({given[old]!r}) and {new} ({given[new]!r}): {old} is the "
+                               f"deprecated name of {new}; keep only {new}")
+        if old in given and old not in _NOTIFIED:
+            _NOTIFIED.add(old)
+            print(f"loopfit: recipe key {old} is deprecated, use {new} (removed in the next release)",
+                  file=sys.stderr)
+    return [(RENAMED_KEYS.get(name, name), value) for name, value in pairs]
+
+
 def _build(section, values):
     cls = SECTIONS[section]
     kwargs = {}
@@ -421,9 +440,10 @@ def load_recipe(source=None, overrides=()):
             values = {}
         if not isinstance(values, dict):
             raise LoopfitError(f"recipe section '{section}' must be a mapping of keys")
-        raw[section] = {str(k): v for k, v in values.items()}
-    for item in overrides:
-        name, value = parse_override(item) if isinstance(item, str) else item
+        pairs = _renamed([(f"{section}.{k}", v) for k, v in values.items()], "the recipe")
+        raw[section] = {name.partition(".")[2]: v for name, v in pairs}
+    pairs = [parse_override(item) if isinstance(item, str) else tuple(item) for item in overrides]
+    for name, value in _renamed(pairs, "the command line"):
         _put(raw, name, value)
     return Recipe(**{section: _build(section, raw.get(section, {})) for section in SECTIONS})
 
@@ -447,4 +467,6 @@ def describe_keys():
             shown = "unset" if default is None else repr(default)
             what = f.metadata["doc"] + (f" [{' | '.join(allowed)}]" if allowed else "")
             lines.append(f"  {section}.{f.name} = {shown}\n      {what}")
+    lines.append("\nrenamed (the old name is still read, with a notice, until the next release):")
+    lines += [f"  {old} -> {new}" for old, new in RENAMED_KEYS.items()]
     return "\n".join(lines)

@@ -160,11 +160,11 @@ def _export_final(out_dir, model, cfg, d):
 
 
 def _eval_loss(run):
-    """Mean held-out next-token loss at a fixed number of loops (recurrence.eval_steps, default its mean)."""
+    """Mean held-out next-token loss at a fixed number of loops (recurrence.eval_loops, default its mean)."""
     cfg, d, model = run.cfg, run.d, run.model
     if not hasattr(run.source, "eval_batches"):
         return None
-    r = cfg.recurrence.eval_steps or cfg.recurrence.mean
+    r = cfg.recurrence.eval_loops or cfg.recurrence.mean
     kwargs = {"num_steps": r} if run.recurrent else {}
     model.eval()
     total = count = 0.0

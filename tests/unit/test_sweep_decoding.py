@@ -1,0 +1,184 @@
+"""A sweep over r at the price of its deepest r: `sweep` (one run of the deepest r, the coda read at every r) and
+`row_steps` (each row its own r, one batch) equal separate runs at each r, in every family, with left padding and
+the cache; `loopfit eval`'s generation and loss sweeps give what one run per r gives; bad settings are refused.
+Tiny models use the `mean` adapter so that their outputs change with r (the tests check they do)."""
+
+import pytest
+import tiny_models
+import torch
+from test_modeling import FAMILIES, VOCAB, padded_batch, random_base
+
+from loopfit.convert import build_loopfit, plan_layers
+from loopfit.eval import accuracy
+from loopfit.eval.generation import generate, generate_at, generate_sweep, shared_prefix
+from loopfit.eval.loss import evaluate as loss_evaluate
+from loopfit.eval.prompts import gsm8k_prompt
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+TOL = 2e-5  # fp32: the same sums in a different batch layout
+
+
+def model_of(family, recurrence=5):
+    return build_loopfit(random_base(family), plan_layers(4, (1, 2, 1)), adapter_init="mean", state_init="zeros",
+                         recurrence=recurrence).eval()
+
+
+def alone(model, ids, mask, row, r):
+    """Logits of one row at r, run alone without its padding: the reference."""
+    keep = mask[row].bool()
+    return model(ids[row : row + 1, keep], num_steps=r).logits[0]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@torch.no_grad()
+def test_sweep_and_row_steps_equal_one_run_per_r(family):
+    """A left-padded batch of 3 at r = 5, 3, 1: `sweep` logits (row j * 3 + i is row i at sweep[j]) and the
+    `row_steps` batch of the same 9 rows equal each row run alone at its r (2e-5); the logits differ across r."""
+    model = model_of(family)
+    ids, mask = padded_batch(length=10)
+    sweep = [5, 3, 1]
+    swept = model(ids, attention_mask=mask, sweep=sweep).logits
+    rows = model(ids.repeat(3, 1), attention_mask=mask.repeat(3, 1), row_steps=[5] * 3 + [3] * 3 + [1] * 3).logits
+    for j, r in enumerate(sweep):
+        for i in range(3):
+            ref = alone(model, ids, mask, i, r)
+            keep = mask[i].bool()
+            assert (swept[j * 3 + i, keep] - ref).abs().max() < TOL, (family, r, i)
+            assert (rows[j * 3 + i, keep] - ref).abs().max() < TOL, (family, r, i)
+    assert (swept[:3] - swept[6:]).abs().max() > 1e-2  # r changes the output, so a mix-up would show
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3", "mistral-window"])
+@torch.no_grad()
+def test_sweep_prefill_then_row_steps_decoding_equals_cached_decoding_per_r(family):
+    """The eval's path: a shared prefix cached once per r (batch 1) and repeated for 3 prompts, their own tokens
+    swept with left padding, the cache unfolded to the row_steps layout, then 6 greedy tokens decoded for all
+    (r, prompt) rows at once: equal to each r's own cached greedy decoding, token for token."""
+    model = model_of(family)
+    g = torch.Generator().manual_seed(1)
+    prefix, own = torch.randint(0, VOCAB, (6,), generator=g), [torch.randint(0, VOCAB, (n,), generator=g)
+                                                               for n in (5, 3, 4)]
+    n, sweep = 6 + 5, [5, 2, 1]
+    ids = torch.stack([torch.cat([prefix, torch.zeros(5 - len(o), dtype=torch.long), o]) for o in own])
+    mask = torch.stack([torch.cat([torch.ones(6), torch.zeros(5 - len(o)), torch.ones(len(o))]) for o in own]).long()
+    cache = model.new_cache()
+    model(prefix[None], past_key_values=cache, use_cache=True, sweep=sweep)
+    cache.repeat_rows(3)
+    model(ids[:, 6:-1], attention_mask=mask[:, :-1], past_key_values=cache, use_cache=True, sweep=sweep)
+    cache.unfold_sweep(sweep)
+    got = model.generate(ids.repeat(3, 1), attention_mask=mask.repeat(3, 1), past_key_values=cache,
+                         row_steps=[5] * 3 + [2] * 3 + [1] * 3, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    outs = []
+    for j, r in enumerate(sweep):
+        ref = model.generate(ids, attention_mask=mask, num_steps=r, max_new_tokens=6, do_sample=False,
+                             pad_token_id=0)
+        assert torch.equal(got[j * 3 : j * 3 + 3, n:], ref[:, n:]), (family, r)
+        outs.append(ref[:, n:])
+    assert not torch.equal(outs[0], outs[2])
+
+
+@torch.no_grad()
+def test_sweep_loss_equals_loss_per_r():
+    """`sweep` with labels: one loss per r, equal to each r's own loss (1e-5), with no logits kept."""
+    model = model_of("qwen2")
+    ids = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(2))
+    out = model(ids, labels=ids, sweep=[4, 2, 1], return_logits=False)
+    assert out.logits is None and out.loss.shape == (3,)
+    for loss, r in zip(out.loss, [4, 2, 1]):
+        assert abs(loss - model(ids, labels=ids, num_steps=r).loss) < 1e-5
+    assert abs(out.loss[0] - out.loss[2]) > 1e-3
+
+
+def test_eval_generation_sweep_equals_generation_per_r(smollm2_tokenizer):
+    """`generate_sweep` (and so `loopfit eval`'s accuracy sweep) gives, at every r, the completions `generate`
+    gives at that r: real tokenizer, 1-shot GSM8K prompts sharing the exemplar, 3 prompts in batches of 2, a stop
+    string. The completions differ across r, so rows given the wrong r would fail."""
+    tok = smollm2_tokenizer
+    tok.pad_token = tok.pad_token or tok.eos_token
+    torch.manual_seed(0)
+    model = tiny_models.recurrent(len(tok), adapter_init="mean", state_init="zeros", eos_token_id=tok.eos_token_id)
+    model.eval()
+    prompts = [gsm8k_prompt(q, "1shot") for q in ("What is 2 + 2?", "Tom has 3 cats and buys 12 more. How many?",
+                                                   "A")]
+    ids = tok(prompts)["input_ids"]
+    assert shared_prefix(ids) > 50  # the exemplar is cached once
+    swept = generate_sweep(model, tok, prompts, [1, 4, 2], max_new_tokens=8, stop=["\n\n"], batch_size=2)
+    for r in (1, 2, 4):
+        assert swept[r] == generate(model, tok, prompts, num_steps=r, max_new_tokens=8, stop=["\n\n"],
+                                    batch_size=2), r
+    assert swept[1] != swept[4]
+    rows, samples = accuracy.evaluate(model, tok, "gsm8k_1shot", [4, 1], items=[
+        {"id": i, "question": q, "answer": "4"} for i, q in enumerate(["What is 2 + 2?", "A"])], max_new_tokens=8)
+    per_r = {r: generate_at(model, tok, [gsm8k_prompt(q, "1shot") for q in ("What is 2 + 2?", "A")], r, "t", 8,
+                            accuracy.TASKS["gsm8k_1shot"].stop, 8)[0] for r in (4, 1)}
+    assert [s["completion"] for s in samples] == per_r[4] + per_r[1]
+
+
+@torch.no_grad()
+def test_eval_loss_sweep_equals_loss_per_r():
+    """`loopfit eval`'s held-out loss reads every r from one run of the deepest: equal to each r run alone."""
+    model = model_of("qwen2")
+    rows = torch.randint(0, VOCAB, (3, 16), generator=torch.Generator().manual_seed(3))
+    got = {row["loops"]: row["value"] for row in loss_evaluate(model, rows, [1, 4, 2], batch_size=2)
+           if row["metric"] == "loss"}
+    for r in (1, 2, 4):
+        want = sum(model(rows[i : i + 2], labels=rows[i : i + 2], num_steps=r).loss.item() * rows[i : i + 2].numel()
+                   for i in (0, 2))
+        want /= rows.numel()
+        assert abs(got[r] - want) < 1e-5, r
+    assert abs(got[1] - got[4]) > 1e-3
+
+
+@torch.no_grad()
+def test_bad_settings_are_refused():
+    model = model_of("llama")
+    ids, _ = padded_batch()
+    for bad, match in (({"row_steps": [1, 2, 2]}, "deepest rows first"), ({"row_steps": [2, 2]}, "one r >= 1 per row"),
+                       ({"sweep": [1, 2]}, "deepest first"), ({"sweep": [2, 2]}, "distinct"),
+                       ({"sweep": [2, 1], "row_steps": [2, 2, 2]}, "inference alone")):
+        with pytest.raises(ValueError, match=match):
+            model(ids, **bad)
+    model.train()
+    with pytest.raises(ValueError, match="inference alone"):
+        model(ids, sweep=[2, 1])
+    model = tiny_models.recurrent(VOCAB, cache_policy="ring").eval()
+    with pytest.raises(ValueError, match="needs cache_policy 'exact'"):
+        model(ids, sweep=[2, 1], past_key_values=model.new_cache(), use_cache=True)
+
+
+@pytest.mark.real
+def test_real_smollm2_eval_sweep_equals_generation_per_r():
+    """Converted SmolLM2-135M in the quickstart's shape (5,10,5), `mean` adapter: the eval's GSM8K sweep over
+    r = 1, 2, 4 gives each r's own greedy completions (3 test questions, 1-shot prompt, 12 new tokens)."""
+    from loopfit.eval import items
+    from loopfit.loading import load_base
+
+    base, tok = load_base("smollm2-135m")
+    model = build_loopfit(base, plan_layers(30, (5, 10, 5)), adapter_init="mean", state_init="embed",
+                          recurrence=4).eval()
+    del base
+    tok.pad_token = tok.pad_token or tok.eos_token
+    prompts = [gsm8k_prompt(it["question"], "1shot") for it in items.subset(items.gsm8k_test(), 3, seed=1234)]
+    stop = accuracy.TASKS["gsm8k_1shot"].stop
+    swept = generate_sweep(model, tok, prompts, [1, 2, 4], max_new_tokens=12, stop=stop)
+    per_r = {r: generate(model, tok, prompts, num_steps=r, max_new_tokens=12, stop=stop) for r in (1, 2, 4)}
+    assert swept == per_r
+    assert per_r[1] != per_r[4]
+
+
+def test_lean_loss_does_no_gradient_work_under_no_grad():
+    """Evaluation (no_grad) through `linear_cross_entropy` runs one head matmul per chunk, not the three that
+    training's forward runs to form gradients; the loss is the same."""
+    from loopfit.modeling import linear_cross_entropy
+
+    weight = torch.nn.Parameter(torch.randn(300, 16))
+    hidden, labels = torch.randn(2, 9, 16), torch.randint(0, 300, (2, 9))
+
+    def matmuls(grad):
+        with torch.set_grad_enabled(grad), torch.profiler.profile() as prof:
+            loss = linear_cross_entropy(hidden, weight, labels, chunk_elements=300 * 4)  # 4 chunks of 4 rows
+        return loss.detach(), sum(e.count for e in prof.key_averages() if e.key in ("aten::mm", "aten::addmm"))
+
+    (eval_loss, eval_mm), (train_loss, train_mm) = matmuls(False), matmuls(True)
+    assert eval_mm == 4 and train_mm == 8  # the weight's gradient only (hidden needs none): one more per chunk
+    assert torch.allclose(eval_loss, train_loss)
