@@ -49,9 +49,9 @@ from .io import check_writable
 STAGES = ("convert", "prepare", "train", "eval", "report")
 RECIPE = recipes.resolve("quickstart")  # shipped inside the package
 # Recurrent-model steps per training minute on an idle 2-core CPU, the plain model's equal-FLOPs steps and the
-# control's equal steps included: measured ~13 s a recurrent 1024-token step and ~17 s a plain one with Muon's
-# Newton-Schulz one matrix at a time (about half of each); batched, it is a fifth, so about 0.74x that: ~32 s a
-# recurrent + plain + control triple (benchmarks/BENCHMARKS.md). --no-control trains about 30% faster.
+# control's equal steps included: measured ~9 s a recurrent 1024-token step, ~11 s a plain one and ~9 s a control
+# one, so ~30 s a triple (benchmarks/BENCHMARKS.md: 16 + 17 + 16 steps in 8.4 minutes). --no-control trains
+# about 30% faster.
 STEPS_PER_MINUTE = 2
 DEFAULT_MINUTES = 8.0
 HOLDOUT = 0.02
