@@ -72,6 +72,16 @@ def test_quickstart_smallest_end_to_end(tmp_path):
     matrices = [k for k, v in a.items() if v.dim() == 2 and "adapter" not in k]
     assert len(matrices) == 2 + 7 * 20 and not any(torch.equal(a[k], b[k]) for k in matrices)
 
+    # without the control (--no-control), the same stages' report has no control rows or sentence
+    from loopfit.quickstart import RECIPE, report_text
+
+    del state["stages"]["train"]["random-init"], state["stages"]["eval"]["metrics"]["random-init"]
+    del state["stages"]["eval"]["metrics"]["random-init-untrained"]
+    state["settings"]["control"] = False
+    plain_report = report_text(state["settings"], state, "cpu", {"train": 60.0}, RECIPE)
+    assert "random init" not in plain_report and "Reusing" not in plain_report and "Train** both models" in plain_report
+    assert [line for line in plain_report.splitlines() if line.startswith("| recurrent (5, 10, 5) |")] == table
+
     # a re-run reuses every stage; other settings over the same folder are refused with the fix
     again = loopfit("quickstart", *SMALLEST, "--out", str(out))
     assert again.returncode == 0, again.stderr[-2000:]
