@@ -8,6 +8,7 @@ examples:
   loopfit convert smollm2-135m --layers 4,8,4 --out runs/smol-484
   loopfit convert ./my-llama --prelude 0-3 --core 10-17 --coda 18-21 --recurrence 8 --out runs/llama-484
   loopfit convert model.gguf --layers 2,4,2 --adapter-init passthrough --state-init zeros --out runs/x
+  loopfit convert smollm2-135m --layers 4,8,4 --init random --out runs/smol-484-random   # a control, see --init
 
 The output folder is an ordinary transformers checkpoint: with loopfit imported,
 AutoModelForCausalLM.from_pretrained(DIR) loads it; without loopfit, add trust_remote_code=True.
@@ -29,6 +30,8 @@ from . import LoopfitError, __version__
 from .io import check_writable
 from .loading import base_config, check_family, is_recurrent, load_base, resolve_source
 from .modeling import ADAPTER_INITS, STATE_INITS, LoopfitConfig, LoopfitForCausalLM, init_adapter
+
+INITS = ("pretrained", "random")
 
 # Conversion is plan layers -> map weights -> parity report -> write the folder; reading the base model (short
 # names, GGUF, folders) is loopfit.loading's.
@@ -232,6 +235,14 @@ def build_loopfit(base_model, plan, **config_kwargs):
     return model.eval()
 
 
+def random_loopfit(base_model, plan, **config_kwargs):
+    """A loopfit model of build_loopfit's shape and config with every weight drawn by the model's own init (normal
+    with std config.initializer_range, norms at 1, the adapter per adapter_init): the control that shows what
+    reusing the pretrained layers buys. Seed torch first for a reproducible draw."""
+    model = LoopfitForCausalLM(loopfit_config(base_model.config, plan, **config_kwargs))
+    return model.float().eval()
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Parity report
 
@@ -263,7 +274,7 @@ class ParityReport:
 
 
 @torch.no_grad()
-def parity_report(base_model, model, tokenizer, plan, text=SAMPLE_TEXT):
+def parity_report(base_model, model, tokenizer, plan, text=SAMPLE_TEXT, random_init=False):
     ids = tokenizer(text, return_tensors="pt").input_ids
     base_logits = base_model(ids).logits.float()
     split = len(plan.prelude)
@@ -277,7 +288,10 @@ def parity_report(base_model, model, tokenizer, plan, text=SAMPLE_TEXT):
     r = model.config.mean_recurrence
     conv_loss = model(ids, labels=ids, num_steps=r).loss.item()
     notes = []
-    if model.config.adapter_init == "random":
+    if random_init:
+        notes.append(f"random init: every weight drawn afresh (normal, std {model.config.initializer_range}); only "
+                     "the shape, config and tokenizer come from the base model")
+    elif model.config.adapter_init == "random":
         notes.append("the random adapter (the paper's init) does not reproduce the base model: train to heal it")
     return ParityReport(diff, base_loss, conv_loss, r, ids.shape[1], notes)
 
@@ -286,11 +300,13 @@ def parity_report(base_model, model, tokenizer, plan, text=SAMPLE_TEXT):
 # Writing the folder
 
 
-def model_card(config, plan, source, report):
+def model_card(config, plan, source, report, init="pretrained"):
     lines = [
         "---", "library_name: transformers", "tags: [loopfit, depth-recurrence]", "---", "",
         f"# loopfit recurrent model from `{source}`", "",
-        f"Converted by loopfit from a {config.base_model_type} model with {plan.num_base_layers} layers.", "",
+        f"Converted by loopfit from a {config.base_model_type} model with {plan.num_base_layers} layers"
+        + (", with every weight randomly initialised (`--init random`): the base model's shape, not its weights."
+           if init == "random" else "."), "",
         "| part | base layers | loopfit layers |", "|---|---|---|",
         f"| prelude | {_compact(plan.prelude) or 'none'} | {len(plan.prelude)} |",
         f"| core (looped, default r = {config.mean_recurrence}) | {_compact(plan.core)} | {len(plan.core)} |",
@@ -312,7 +328,7 @@ def model_card(config, plan, source, report):
     return "\n".join(lines) + "\n"
 
 
-def save_folder(model, tokenizer, out, source, plan, report=None, dtype=None, force=False):
+def save_folder(model, tokenizer, out, source, plan, report=None, dtype=None, force=False, init="pretrained"):
     from .io import atomic_dir
 
     out = Path(out)
@@ -322,19 +338,23 @@ def save_folder(model, tokenizer, out, source, plan, report=None, dtype=None, fo
         to_save = model if dtype in (None, torch.float32) else model.to(dtype)
         to_save.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        (tmp / "README.md").write_text(model_card(model.config, plan, source, report))
+        (tmp / "README.md").write_text(model_card(model.config, plan, source, report, init))
         if report is not None:
             (tmp / "parity.json").write_text(json.dumps(report.__dict__, indent=2) + "\n")
     return out
 
 
 def convert(source, out, layers=None, prelude=None, core=None, coda=None, adapter_init="random",
-            state_init="normal", recurrence=4, dtype="auto", force=False, parity=True, seed=0, log=print):
-    """Convert SOURCE into a loopfit folder at OUT; returns (model, ParityReport or None)."""
+            state_init="normal", recurrence=4, dtype="auto", force=False, parity=True, seed=0, init="pretrained",
+            log=print):
+    """Convert SOURCE into a loopfit folder at OUT; returns (model, ParityReport or None). `init="random"` keeps
+    the planned shape and config but draws every weight afresh (see random_loopfit)."""
     if recurrence < 1:
         raise LoopfitError(f"--recurrence must be >= 1 (got {recurrence}): it is the default number of loops")
     if adapter_init not in ADAPTER_INITS or state_init not in STATE_INITS:
         raise LoopfitError(f"--adapter-init must be one of {ADAPTER_INITS}, --state-init one of {STATE_INITS}")
+    if init not in INITS:
+        raise LoopfitError(f"--init must be one of {', '.join(INITS)} (got {init!r})")
     if Path(out).exists() and not force:
         raise LoopfitError(f"{out} already exists: choose another --out or pass --force to replace it")
     check_writable(out)
@@ -343,13 +363,14 @@ def convert(source, out, layers=None, prelude=None, core=None, coda=None, adapte
     plan = plan_layers(n_layers, layers, prelude, core, coda)  # checked before any weights are read
     base, tokenizer = load_base(source)
     log(f"loaded {base.config.model_type} with {n_layers} layers in {time.time() - t0:.0f}s; {plan.describe()}")
-    torch.manual_seed(seed)  # the random adapter init: same seed, same model
-    model = build_loopfit(base, plan, adapter_init=adapter_init, state_init=state_init, recurrence=recurrence)
-    report = parity_report(base, model, tokenizer, plan) if parity else None
+    torch.manual_seed(seed)  # the random inits: same seed, same model
+    build = random_loopfit if init == "random" else build_loopfit
+    model = build(base, plan, adapter_init=adapter_init, state_init=state_init, recurrence=recurrence)
+    report = parity_report(base, model, tokenizer, plan, random_init=init == "random") if parity else None
     for line in report.lines() if report else []:
         log(line)
     save_dtype = _save_dtype(dtype, source, base)
-    save_folder(model, tokenizer, out, source, plan, report, save_dtype, force)
+    save_folder(model, tokenizer, out, source, plan, report, save_dtype, force, init)
     log(f"wrote {out} ({save_dtype}) in {time.time() - t0:.0f}s")
     return model, report
 
@@ -411,7 +432,11 @@ def add_arguments(parser):
     option("--recurrence", type=int, metavar="R", help="default number of loops (default %(default)s)")
     option("--dtype", choices=("auto", "float32", "bfloat16", "float16"),
            help="weights dtype on disk (auto: the source's; float32 for GGUF) (default %(default)s)")
-    option("--seed", type=int, help="seed of the random adapter init (default %(default)s)")
+    option("--init", choices=INITS,
+           help="pretrained: the base model's weights; random: the same shape and config with every weight drawn "
+           "afresh by the model's own init (normal, std initializer_range), a control for what reusing the "
+           "pretrained layers buys (default: %(default)s)")
+    option("--seed", type=int, help="seed of the random inits (adapter, --init random) (default %(default)s)")
     parser.add_argument("--force", action="store_true", help="replace --out if it exists")
     parser.add_argument("--no-parity", action="store_true", help="skip the parity report against the original")
     parser.add_argument("--refresh", action="store_true", help="SRC is a loopfit folder: replace its modeling.py "
@@ -430,5 +455,5 @@ def run(args):
         core=parse_range(args.core, "core") if args.core else None,
         coda=parse_range(args.coda, "coda") if args.coda else None,
         adapter_init=args.adapter_init, state_init=args.state_init, recurrence=args.recurrence,
-        dtype=args.dtype, force=args.force, parity=not args.no_parity, seed=args.seed,
+        dtype=args.dtype, force=args.force, parity=not args.no_parity, seed=args.seed, init=args.init,
     )

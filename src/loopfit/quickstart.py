@@ -7,7 +7,8 @@
   loopfit quickstart --model qwen2.5-0.5b --device cuda --steps 500 --out quickstart-qwen
 
 Stages (each prints one summary line; a finished stage is reused when re-run with the same settings):
-  1. convert  the offline model into a recurrent one. Layers: the paper's TinyLlama (4,8,4)-of-22 shape scaled
+  1. convert  the offline model into a recurrent one (and, for the control run, the same shape with random
+              weights: `loopfit convert --init random`). Layers: the paper's TinyLlama (4,8,4)-of-22 shape scaled
               to the model's depth (SmolLM2's 30 layers -> (5,10,5): prelude 0-4, core 15-24 looped, coda
               25-29, layers 5-14 dropped), as `loopfit convert` does by default. `loopfit analyze` ranks layers
               better but takes ~5 CPU minutes, a third of the budget. Adapter: `passthrough` ([0|I]), so the
@@ -18,9 +19,11 @@ Stages (each prints one summary line; a finished stage is reused when re-run wit
               truncated backprop through the last 2 loops, Muon + AdamW, heal-then-mix blend), then the plain
               base model with the same recipe for as many steps as give it the same training FLOPs (paper's
               count: 6 * non-embedding params * tokens for plain; loops counted for recurrent; equal within half
-              a plain step's FLOPs).
+              a plain step's FLOPs); then the control: the same recurrent shape and config from random weights,
+              trained with the same recipe for the same steps (so the same FLOPs). It shows what reusing the
+              pretrained layers buys (--no-control skips it).
   4. eval     held-out math loss at each --eval-loops r, and a fixed --gsm8k subset of GSM8K (1-shot prompt,
-              greedy, --max-new-tokens), for both models (the plain one ignores r); the recurrent model runs
+              greedy, --max-new-tokens), for every model (the plain one ignores r); the recurrent models run
               each sweep at the price of its deepest r (loopfit eval's sweep decoding).
   5. report   OUT/REPORT.md: the table at equal FLOPs, plots (OUT/compare/*.png, the recurrent r sweep) and
               what these numbers do and do not show.
@@ -45,12 +48,16 @@ from .io import check_writable
 
 STAGES = ("convert", "prepare", "train", "eval", "report")
 RECIPE = recipes.resolve("quickstart")  # shipped inside the package
-# Recurrent-model steps per training minute on an idle 2-core CPU, the plain model's equal-FLOPs steps included:
-# measured ~13 s a recurrent 1024-token step and ~17 s a plain one (Muon's Newton-Schulz is about half of each),
-# so ~30 s a pair (benchmarks/BENCHMARKS.md, fresh-clone `make quickstart`).
+# Recurrent-model steps per training minute on an idle 2-core CPU, the plain model's equal-FLOPs steps and the
+# control's equal steps included: measured ~9 s a recurrent 1024-token step, ~11 s a plain one and ~9 s a control
+# one, so ~30 s a triple (benchmarks/BENCHMARKS.md: 16 + 17 + 16 steps in 8.4 minutes). --no-control trains
+# about 30% faster.
 STEPS_PER_MINUTE = 2
 DEFAULT_MINUTES = 8.0
 HOLDOUT = 0.02
+# The control run: the converted model's shape and config with random weights (OUT/model-random-init), trained as
+# OUT/runs/random-init with the recurrent model's recipe and steps.
+CONTROL = "random-init"
 # old flag names, accepted for one release
 RENAMED_FLAGS = {"--eval-steps": "--eval-loops", "--gsm8k-steps": "--gsm8k-loops", "--draft-steps": "--draft-loops"}
 
@@ -61,8 +68,8 @@ def add_arguments(parser):
     option = options_of(parser, quickstart)
     option("--model", help="offline model short name: smollm2-135m, qwen2.5-0.5b, gemma3-270m (default %(default)s)")
     option("--out", help="output folder (default %(default)s/)")
-    option("--minutes", type=float, help=f"training minutes for both models on a 2-core CPU; sets the recurrent steps "
-           f"at {STEPS_PER_MINUTE}/minute (default %(default)g)")
+    option("--minutes", type=float, help=f"training minutes for the three runs on a 2-core CPU; sets the recurrent "
+           f"steps at {STEPS_PER_MINUTE}/minute (default %(default)g)")
     option("--steps", type=int, help="recurrent model's optimizer steps (overrides --minutes)")
     option("--layers", metavar="P,K,C", help="prelude, core, coda layer counts (default: the paper's shape scaled to "
            "the model, (5,10,5) for SmolLM2)")
@@ -80,6 +87,9 @@ def add_arguments(parser):
            "alone and beats speculation on the quickstart's batches)")
     option("--device", choices=("auto", "cpu", "cuda"), help="auto: a GPU when there is one (default %(default)s)")
     option("--recipe", help="training recipe file or shipped name (default %(default)s)")
+    parser.add_argument("--no-control", dest="control", action="store_false",
+                        help="skip the control run (the recurrent shape from random weights, same recipe and FLOPs), "
+                        "which shows what reusing the pretrained layers buys; saves about 30%% of the training time")
     parser.add_argument("--force", action="store_true", help="delete --out and start afresh")
 
 
@@ -120,6 +130,7 @@ def _settings(args):
         "eval_tokens": args.eval_tokens, "gsm8k": args.gsm8k,
         "gsm8k_steps": parse_loops(_text(args.gsm8k_loops), "--gsm8k-loops"), "max_new_tokens": args.max_new_tokens,
         "recipe_sha256": hashlib.sha256(Path(args.recipe).read_bytes()).hexdigest()[:16],
+        "control": bool(args.control),
     }
 
 
@@ -179,14 +190,20 @@ def stage_convert(s, out):
 
     n_layers = base_config(s["model"]).num_hidden_layers
     layers = tuple(s["layers"] or default_layers(n_layers))
-    _, report = convert(s["model"], out / "model", layers=layers, adapter_init=s["adapter_init"],
-                        recurrence=4, force=True, log=lambda m: _say(f"  {m}"))
+    same = dict(layers=layers, adapter_init=s["adapter_init"], recurrence=4, force=True)
+    _, report = convert(s["model"], out / "model", **same, log=lambda m: _say(f"  {m}"))
     plan = plan_layers(n_layers, layers)
-    return {"layers": list(layers), "plan": plan.describe(), "dropped": _compact(plan.dropped) or "none",
-            "base_loss": report.base_loss,
-            "converted_loss": report.converted_loss, "converted_steps": report.converted_steps,
-            "line": f"{s['model']} -> {plan.describe()}; adapter {s['adapter_init']}; sample-text loss base "
-                    f"{report.base_loss:.3f}, converted {report.converted_loss:.3f} at r = {report.converted_steps}"}
+    summary = {"layers": list(layers), "plan": plan.describe(), "dropped": _compact(plan.dropped) or "none",
+               "base_loss": report.base_loss,
+               "converted_loss": report.converted_loss, "converted_steps": report.converted_steps,
+               "line": f"{s['model']} -> {plan.describe()}; adapter {s['adapter_init']}; sample-text loss base "
+                       f"{report.base_loss:.3f}, converted {report.converted_loss:.3f} at r = "
+                       f"{report.converted_steps}"}
+    if s["control"]:  # the control: the same shape and config, every weight drawn afresh
+        _, control = convert(s["model"], out / f"model-{CONTROL}", **same, init="random", log=lambda m: None)
+        summary["random_init_loss"] = control.converted_loss
+        summary["line"] += f", random init {control.converted_loss:.3f}"
+    return summary
 
 
 def stage_prepare(s, out):
@@ -244,14 +261,22 @@ def stage_train(s, out, recipe):
     steps, per_step = plain_steps(rec["flops"], plain_dir, tokens_per_step)
     plain = _train_run(recipe, _overrides(out, plain_dir, "plain", steps), out / "runs" / "plain")
     gap = (plain["flops"] - rec["flops"]) / rec["flops"]
-    return {
-        "recurrent": {k: rec[k] for k in ("step", "loss", "eval_loss", "tokens", "flops")},
-        "plain": {k: plain[k] for k in ("step", "loss", "eval_loss", "tokens", "flops")},
+    keys = ("step", "loss", "eval_loss", "tokens", "flops")
+    summary = {
+        "recurrent": {k: rec[k] for k in keys},
+        "plain": {k: plain[k] for k in keys},
         "plain_flops_per_step": per_step, "flops_gap": gap,
         "line": f"recurrent {rec['step']} steps, {rec['tokens']:,} tokens, {rec['flops']:.3e} FLOPs, loss "
                 f"{rec['loss']:.3f}; plain {plain['step']} steps, {plain['tokens']:,} tokens, {plain['flops']:.3e} "
                 f"FLOPs ({gap:+.1%}), loss {plain['loss']:.3f}",
     }
+    if s["control"]:  # same recipe, steps and seeded depth draws as the recurrent run: the same FLOPs
+        control = _train_run(recipe, _overrides(out, out / f"model-{CONTROL}", CONTROL, s["steps"]),
+                             out / "runs" / CONTROL)
+        summary[CONTROL] = {k: control[k] for k in keys}
+        summary["line"] += (f"; {CONTROL} recurrent {control['step']} steps, {control['flops']:.3e} FLOPs, loss "
+                            f"{control['loss']:.3f}")
+    return summary
 
 
 def stage_eval(s, out, device, draft_steps=None):
@@ -267,12 +292,12 @@ def stage_eval(s, out, device, draft_steps=None):
         return evaluate(pair, loops=steps, tasks=tasks, out=dest, draft_loops=draft_steps, **common)
 
     found = {}
-    for name in ("recurrent", "plain"):
+    for name in ("recurrent", "plain") + ((CONTROL,) if s["control"] else ()):
         folder, dest = out / "runs" / name / "final", out / "runs" / name / "eval"
         res = run(folder, s["eval_steps"], ["loss"], dest)
         rows = res["rows"]
         if s["gsm8k"]:  # generation is the slow part: fewer r than the loss
-            speculate = name == "recurrent" and 0 < (draft_steps or 0) < max(s["gsm8k_steps"])
+            speculate = name != "plain" and 0 < (draft_steps or 0) < max(s["gsm8k_steps"])
             gsm = run(folder, s["gsm8k_steps"], ["gsm8k_1shot"], dest / "gsm8k", draft_steps if speculate else None)
             rows = rows + gsm["rows"]
             res = dict(res, rows=rows, tasks=res["tasks"] + gsm["tasks"], seconds=res["seconds"] + gsm["seconds"])
@@ -282,11 +307,16 @@ def stage_eval(s, out, device, draft_steps=None):
     base = run(offline_folder(s["model"]), [1], ["loss"], out / "base-eval")
     conv = run(out / "model", [1, 4], ["loss"], out / "model" / "eval")
     found["base"], found["converted"] = _by_metric(base["rows"]), _by_metric(conv["rows"])
+    if s["control"]:
+        untrained = run(out / f"model-{CONTROL}", [1], ["loss"], out / f"model-{CONTROL}" / "eval")
+        found[f"{CONTROL}-untrained"] = _by_metric(untrained["rows"])
     rec_loss = found["recurrent"]["loss"]
     best = min(rec_loss, key=rec_loss.get)
     line = ("held-out math loss: recurrent " + ", ".join(f"r={r} {v:.3f}" for r, v in sorted(rec_loss.items()))
             + f"; plain {found['plain']['loss'][min(found['plain']['loss'])]:.3f}; base before training "
             f"{found['base']['loss'][1]:.3f}")
+    if s["control"]:
+        line += f"; {CONTROL} recurrent best {min(found[CONTROL]['loss'].values()):.3f}"
     if s["gsm8k"]:
         acc = found["recurrent"]["accuracy_flexible"]
         line += (f"; GSM8K ({s['gsm8k']} items) flexible: recurrent "
@@ -349,12 +379,16 @@ def report_text(s, state, device, seconds, recipe):
         head += " GSM8K strict | GSM8K flexible |"
         sep += "---:|---:|"
     rows = []
-    for r in steps:
-        row = (f"| recurrent {tuple(conv['layers'])} | {r} | {tr['recurrent']['flops']:.3e} | "
-               f"{tr['recurrent']['tokens']:,} | {cell(rec['loss'], r)} |")
-        if gsm:
-            row += f" {cell(rec.get('accuracy_strict'), r, True)} | {cell(rec.get('accuracy_flexible'), r, True)} |"
-        rows.append(row)
+    looped = [("recurrent", f"recurrent {tuple(conv['layers'])}")]
+    if CONTROL in m:
+        looped.append((CONTROL, f"recurrent {tuple(conv['layers'])}, random init"))
+    for run, label in looped:
+        for r in steps:
+            row = (f"| {label} | {r} | {tr[run]['flops']:.3e} | {tr[run]['tokens']:,} | {cell(m[run]['loss'], r)} |")
+            if gsm:
+                row += (f" {cell(m[run].get('accuracy_strict'), r, True)} |"
+                        f" {cell(m[run].get('accuracy_flexible'), r, True)} |")
+            rows.append(row)
     row = (f"| plain {s['model']} (all layers) | - | {tr['plain']['flops']:.3e} | {tr['plain']['tokens']:,} | "
            f"{cell(plain['loss'], plain_r)} |")
     if gsm:
@@ -364,6 +398,9 @@ def report_text(s, state, device, seconds, recipe):
     before = [f"| base {s['model']}, untrained | - | 0 | 0 | {cell(m['base']['loss'], 1)} |",
               f"| recurrent, just converted | 1 / 4 | 0 | 0 | {cell(m['converted']['loss'], 1)} / "
               f"{cell(m['converted']['loss'], 4)} |"]
+    if CONTROL in m:
+        untrained = m[f"{CONTROL}-untrained"]["loss"]
+        before.append(f"| recurrent, random init, untrained | 1 | 0 | 0 | {cell(untrained, 1)} |")
     if gsm:
         before = [b + " | |" for b in before]
 
@@ -379,6 +416,28 @@ def report_text(s, state, device, seconds, recipe):
     leader = ("so the plain model leads here, and the gap says nothing about the method at scale"
               if versus == "above" else "so the recurrent model's lead here is a small-budget result, not evidence "
               "about the method at scale")
+    control_text, control_train, control_convert = "", "", ""
+    if CONTROL in m:
+        cl = {int(r): v for r, v in m[CONTROL]["loss"].items()}
+        c_best = min(cl, key=cl.get)
+        lead = cl[c_best] - rl[best]
+        same = (f"the same recurrent shape and config from random weights, trained with the same recipe for the same "
+                f"{tr[CONTROL]['step']} steps ({tr[CONTROL]['flops']:.3e} FLOPs), reaches {cl[c_best]:.4f} at best "
+                f"(r = {c_best}; {m[f'{CONTROL}-untrained']['loss']['1']:.4f} before training)")
+        control_text = (
+            (f"Reusing the pretrained layers is worth {lead:.4f} of held-out loss here: {same}, against the converted "
+             f"model's {rl[best]:.4f}. " if lead > 0 else
+             f"Reusing the pretrained layers bought nothing here: {same}, {-lead:.4f} below the converted model's "
+             f"{rl[best]:.4f}. ")
+            + "This is the retrofitting paper's control; at this budget it measures how much of the base model's "
+            "knowledge the converted model keeps, not how far a randomly initialised model gets with the paper's "
+            "billions of tokens.")
+        control_train = (f" The control, the same recurrent shape from random weights, trained the same "
+                         f"{tr[CONTROL]['step']} steps with the same recipe and depth draws: "
+                         f"{tr[CONTROL]['flops']:.3e} FLOPs.")
+        control_convert = (f" For the control run, `loopfit convert --init random` wrote the same shape and config "
+                           f"with every weight drawn afresh (sample-text loss {conv['random_init_loss']:.3f}, chance "
+                           "level).")
     total = sum(seconds.values())
     timing = ", ".join(f"{k} {v / 60:.1f} min" for k, v in seconds.items())
     parts = [
@@ -395,14 +454,15 @@ def report_text(s, state, device, seconds, recipe):
            "(loss ~13-16 against ~7 here) and needs far more than minutes of CPU to heal; training then teaches the "
            "adapter to use the state." if s["adapter_init"] == "passthrough" else ".")
         + f" Sample-text loss right after conversion: base {conv['base_loss']:.3f}, "
-          f"converted {conv['converted_loss']:.3f}.",
+          f"converted {conv['converted_loss']:.3f}." + control_convert,
         f"2. **Prepare** the built-in corpora: {prep['line']}.",
-        f"3. **Train** both models with {recipe_summary(recipe)}. The recurrent model trained "
+        f"3. **Train** {'the models' if control_train else 'both models'} with {recipe_summary(recipe)}. "
+        "The recurrent model trained "
         f"{tr['recurrent']['step']} steps; the plain model (every layer of the base, no recurrence) trained "
         f"{tr['plain']['step']} steps, the number that gives it the same training FLOPs by the paper's count "
         f"(6 x non-embedding parameters x tokens; loops counted for the recurrent model): "
         f"{tr['recurrent']['flops']:.3e} vs {tr['plain']['flops']:.3e} ({tr['flops_gap']:+.1%}; equal within half a "
-        f"plain step, {tr['plain_flops_per_step'] / 2:.2e} FLOPs).",
+        f"plain step, {tr['plain_flops_per_step'] / 2:.2e} FLOPs)." + control_train,
         f"4. **Evaluate** held-out loss on {s['eval_tokens']:,} tokens of the `math` corpus' held-out split at "
         f"r = {', '.join(map(str, s['eval_steps']))}"
         + (f", and GSM8K accuracy on a fixed subset of {s['gsm8k']} test items (1-shot prompt, greedy, at most "
@@ -414,6 +474,7 @@ def report_text(s, state, device, seconds, recipe):
         "More detail (loss at matched FLOPs, every metric at every r): [compare/report.md](compare/report.md).", "",
         "## What this shows, and what it does not", "",
         with_r + f" Its best loss is {versus} the plain model's ({plain_loss:.4f}) at the same training FLOPs.", "",
+        *([control_text, ""] if control_text else []),
         f"This is a budget of {tr['recurrent']['tokens']:,} training tokens on a CPU; the paper trains for billions. "
         "What it shows: the path works end to end on a real pretrained model — conversion, data, recurrent "
         "training with curriculum and truncated backprop, a plain baseline held to the same FLOPs, and a sweep "
@@ -442,7 +503,8 @@ def stage_report(s, out, state, device, seconds, recipe):
     from .eval.compare import compare
     from .io import atomic_file
 
-    compare([out / "runs" / "recurrent", out / "runs" / "plain"], out / "compare")
+    runs = ["recurrent", "plain"] + ([CONTROL] if s["control"] else [])
+    compare([out / "runs" / run for run in runs], out / "compare")
     text = report_text(s, state.data, device, seconds, recipe)
     with atomic_file(out / "REPORT.md", "w") as f:
         f.write(text)
@@ -455,7 +517,7 @@ def stage_report(s, out, state, device, seconds, recipe):
 def quickstart(model="smollm2-135m", out="quickstart", minutes=DEFAULT_MINUTES, steps=None, layers=None,
                adapter_init="passthrough", limit=2000, eval_loops=(1, 2, 4, 8, 16), eval_tokens=2048, gsm8k=8,
                gsm8k_loops=(1, 2, 4, 8), max_new_tokens=64, draft_loops=None, device="auto", recipe="quickstart",
-               force=False):
+               control=True, force=False):
     """Run (or finish) the quickstart; returns the state dict (settings and each stage's summary). The arguments
     are `loopfit quickstart`'s options (see its --help); lists of r may be given as '1,2,4' or (1, 2, 4)."""
     args = SimpleNamespace(**locals())

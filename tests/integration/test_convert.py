@@ -1,6 +1,7 @@
 """`loopfit convert` through its public entry points: real offline models, folders written, bad input."""
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -128,6 +129,39 @@ torch.save(m(ids).logits, {str(tmp_path / "remote.pt")!r})
     local = AutoModelForCausalLM.from_pretrained(out)
     with torch.no_grad():
         assert torch.equal(torch.load(tmp_path / "remote.pt"), local(torch.arange(10)[None]).logits)
+
+
+def test_random_init_keeps_shape_and_config_but_draws_new_weights(tiny_llama_dir, tmp_path, capsys):
+    """`--init random`: the control for what the pretrained layers buy. Same config and tensor shapes as the
+    pretrained conversion, fresh weights (std initializer_range, reproducible by --seed), a loss at chance."""
+    args = [tiny_llama_dir, "--layers", "2,2,1", "--adapter-init", "passthrough"]
+    folders = {}
+    runs = {"pretrained": [], "random": ["--init", "random"], "random-again": ["--init", "random"],
+            "random-seed1": ["--init", "random", "--seed", "1"]}
+    for name, extra in runs.items():
+        folders[name] = tmp_path / name
+        rc, err = run_cli(*args, *extra, "--out", folders[name], capsys=capsys)
+        assert rc == 0, err
+    config = {k: json.loads((f / "config.json").read_text()) for k, f in folders.items()}
+    assert config["random"] == config["pretrained"]
+    models = {k: AutoModelForCausalLM.from_pretrained(f) for k, f in folders.items()}
+    weights = {k: m.state_dict() for k, m in models.items()}
+    pre, rand = weights["pretrained"], weights["random"]
+    assert {k: v.shape for k, v in rand.items()} == {k: v.shape for k, v in pre.items()}
+    std = config["random"]["initializer_range"]
+    matrices = [k for k, v in pre.items() if v.dim() == 2 and "adapter" not in k]
+    assert len(matrices) == 2 + 7 * 5  # embeddings, head, 7 projections in each of 5 blocks
+    for key in matrices:
+        assert not torch.equal(rand[key], pre[key]), key
+        assert abs(rand[key].std().item() - std) < 0.25 * std, key
+        assert torch.equal(rand[key], weights["random-again"][key]), key  # same --seed, same draw
+        assert not torch.equal(rand[key], weights["random-seed1"][key]), key
+    assert torch.equal(rand["model.adapter.weight"], pre["model.adapter.weight"])  # passthrough: [0 | I] in both
+    report = json.loads((folders["random"] / "parity.json").read_text())
+    vocab = config["random"]["vocab_size"]
+    assert abs(report["converted_loss"] - math.log(vocab)) < 0.1  # chance level: nothing learnt
+    assert any("random init" in note for note in report["notes"])
+    assert "randomly initialised" in (folders["random"] / "README.md").read_text()
 
 
 def test_layer_plans():
