@@ -352,9 +352,11 @@ class LoopfitCache:
     def unfold_sweep(self, sweep):
         """After a `sweep` forward: the `row_steps` layout for rows (r, i), r-major in sweep order, so decoding can
         go on at every r at once. Prelude slots repeat per r, core slot t per r > t; the coda's already match."""
-        groups = {"prelude": len(sweep)}
-        self.slots = {(seg, t, j): tuple(x.repeat(groups.get(seg, sum(r > t for r in sweep)), 1, 1, 1) for x in kv)
-                      if seg != "coda" else kv for (seg, t, j), kv in self.slots.items()}
+        def copies(segment, t):
+            return len(sweep) if segment == "prelude" else sum(r > t for r in sweep)
+
+        self.slots = {(seg, t, j): kv if seg == "coda" else tuple(x.repeat(copies(seg, t), 1, 1, 1) for x in kv)
+                      for (seg, t, j), kv in self.slots.items()}
         self.buffers = {}
         self.last_embed = None if self.last_embed is None else self.last_embed.repeat(len(sweep), 1, 1)
         return self

@@ -89,17 +89,20 @@ def test_sweep_loss_equals_loss_per_r():
     assert abs(out.loss[0] - out.loss[2]) > 1e-3
 
 
+def tiny_with_prompts(tok):
+    """A tiny `mean`-adapter model with the real tokenizer, and three 1-shot GSM8K prompts sharing the exemplar."""
+    tok.pad_token = tok.pad_token or tok.eos_token
+    torch.manual_seed(0)
+    model = tiny_models.recurrent(len(tok), adapter_init="mean", state_init="zeros", eos_token_id=tok.eos_token_id)
+    questions = ("What is 2 + 2?", "Tom has 3 cats and buys 12 more. How many?", "A")
+    return model.eval(), tok, [gsm8k_prompt(q, "1shot") for q in questions]
+
+
 def test_eval_generation_sweep_equals_generation_per_r(smollm2_tokenizer):
     """`generate_sweep` (and so `loopfit eval`'s accuracy sweep) gives, at every r, the completions `generate`
     gives at that r: real tokenizer, 1-shot GSM8K prompts sharing the exemplar, 3 prompts in batches of 2, a stop
     string. The completions differ across r, so rows given the wrong r would fail."""
-    tok = smollm2_tokenizer
-    tok.pad_token = tok.pad_token or tok.eos_token
-    torch.manual_seed(0)
-    model = tiny_models.recurrent(len(tok), adapter_init="mean", state_init="zeros", eos_token_id=tok.eos_token_id)
-    model.eval()
-    prompts = [gsm8k_prompt(q, "1shot") for q in ("What is 2 + 2?", "Tom has 3 cats and buys 12 more. How many?",
-                                                   "A")]
+    model, tok, prompts = tiny_with_prompts(smollm2_tokenizer)
     ids = tok(prompts)["input_ids"]
     assert shared_prefix(ids) > 50  # the exemplar is cached once
     swept = generate_sweep(model, tok, prompts, [1, 4, 2], max_new_tokens=8, stop=["\n\n"], batch_size=2)
@@ -187,13 +190,7 @@ def test_lean_loss_does_no_gradient_work_under_no_grad():
 def test_eval_generation_sweep_drops_rows_that_ended(smollm2_tokenizer):
     """Rows that hit a stop string leave the sweep's batch and cache at different steps (some after 2 tokens, some
     never): the completions stay those of one `generate` per r."""
-    tok = smollm2_tokenizer
-    tok.pad_token = tok.pad_token or tok.eos_token
-    torch.manual_seed(0)
-    model = tiny_models.recurrent(len(tok), adapter_init="mean", state_init="zeros", eos_token_id=tok.eos_token_id)
-    model.eval()
-    prompts = [gsm8k_prompt(q, "1shot") for q in ("What is 2 + 2?", "Tom has 3 cats and buys 12 more. How many?",
-                                                   "A")]
+    model, tok, prompts = tiny_with_prompts(smollm2_tokenizer)
     stop = ["apex", "crum"]  # words this tiny model produces early in some rows, late or never in others
     swept = generate_sweep(model, tok, prompts, [4, 2, 1], max_new_tokens=10, stop=stop, batch_size=3)
     per_r = {r: generate(model, tok, prompts, num_steps=r, max_new_tokens=10, stop=stop, batch_size=3)

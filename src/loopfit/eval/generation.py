@@ -6,6 +6,8 @@ looping once its next-token distribution settles, and the loops each real token 
 `draft_steps` D (recurrent models), every r > D decodes by exact self-speculation: the same completions, faster.
 """
 
+import copy
+
 import torch
 from tqdm.auto import tqdm
 from transformers import StoppingCriteria, StoppingCriteriaList
@@ -14,11 +16,13 @@ from .. import LoopfitError
 from ..loading import is_recurrent
 from .loading import steps_kwargs
 
+STOP_TAIL_TOKENS = 24  # stop strings are looked for in the text of a row's latest tokens
+
 
 class StopOnStrings(StoppingCriteria):
     """Marks a row done once its generated text contains a stop string (checks only the recent tail)."""
 
-    def __init__(self, tokenizer, stop, prompt_len, tail_tokens=24):
+    def __init__(self, tokenizer, stop, prompt_len, tail_tokens=STOP_TAIL_TOKENS):
         self.tokenizer, self.stop, self.prompt_len, self.tail = tokenizer, list(stop), prompt_len, tail_tokens
 
     def __call__(self, input_ids, scores=None, **kwargs):
@@ -95,9 +99,9 @@ def generate_sweep(model, tokenizer, prompts, loops, max_new_tokens=256, stop=()
     """{r: greedy completions of `prompts`} for every r in `loops` at once, for a recurrent model: the completions
     `generate` gives at each r, for much less. Loops 0..t of a token are the same whatever r, so each prompt runs
     the deepest r once and the coda reads every r (`sweep`); the prompt prefix all prompts share (a task's
-    few-shot exemplars) runs once for the whole batch; then every (r, prompt) pair decodes in one batch, deepest
-    rows first (`row_steps`), so each weight read of a decoding step serves every r, and a row leaves the batch
-    as soon as it ends (EOS or a stop string), so finished rows cost nothing."""
+    few-shot exemplars) runs once, and every batch starts from its cache; then every (r, prompt) pair decodes in
+    one batch, deepest rows first (`row_steps`), so each weight read of a decoding step serves every r, and a row
+    leaves the batch as soon as it ends (EOS or a stop string), so finished rows cost nothing."""
     depths = sorted({int(r) for r in loops}, reverse=True)
     ids = tokenizer(list(prompts))["input_ids"]
     common = shared_prefix(ids)
@@ -107,16 +111,17 @@ def generate_sweep(model, tokenizer, prompts, loops, max_new_tokens=256, stop=()
     device = next(model.parameters()).device
     order = sorted(range(len(prompts)), key=lambda i: -len(ids[i]))
     out = {r: [None] * len(prompts) for r in depths}
+    prefix = model.new_cache()
+    if common:
+        model(torch.tensor([ids[0][:common]], device=device), past_key_values=prefix, use_cache=True, sweep=depths,
+              logits_to_keep=1)
     for batch in tqdm(batches(order, batch_size), desc=desc, leave=False):
         n = max(len(ids[i]) for i in batch)  # [shared prefix | left padding | the prompt's own tokens]
         input_ids = torch.tensor([ids[i][:common] + [pad] * (n - len(ids[i])) + ids[i][common:] for i in batch],
                                  device=device)
         mask = torch.tensor([[1] * common + [0] * (n - len(ids[i])) + [1] * (len(ids[i]) - common) for i in batch],
                             device=device)
-        cache = model.new_cache()
-        if common:
-            model(input_ids[:1, :common], past_key_values=cache, use_cache=True, sweep=depths, logits_to_keep=1)
-            cache.repeat_rows(len(batch))
+        cache = copy.copy(prefix).repeat_rows(len(batch))  # the copy gets new slots; the prefix stays as it is
         if n - 1 > common:  # the prompts' own tokens but the last, which the first decoding step feeds
             model(input_ids[:, common:-1], attention_mask=mask[:, :-1], past_key_values=cache, use_cache=True,
                   sweep=depths, logits_to_keep=1)
@@ -131,7 +136,7 @@ def generate_sweep(model, tokenizer, prompts, loops, max_new_tokens=256, stop=()
             ended = []
             for a, t in zip(alive, token[:, 0].tolist()):
                 new[a].append(t)
-                tail = tokenizer.decode(new[a][-24:], skip_special_tokens=False)  # as StopOnStrings looks
+                tail = tokenizer.decode(new[a][-STOP_TAIL_TOKENS:], skip_special_tokens=False)
                 ended.append(t in eos or any(s in tail for s in stop))
             keep = ~torch.tensor(ended, device=device)
             if not keep.any():

@@ -75,14 +75,16 @@ def mean_losses(model, rows, loops, batch_size=4, desc=None):
     A plain model ignores r: one pass."""
     device = next(model.parameters()).device
     sweep = sorted({int(r) for r in loops}, reverse=True) if is_recurrent(model) else None
-    totals, count = 0.0, 0
+    total, count = 0.0, 0
     for i in tqdm(range(0, len(rows), batch_size), desc=desc, leave=False, disable=desc is None):
         ids = rows[i : i + batch_size].to(device)
         n = ids.numel() - ids.shape[0]  # every position but the first of each row is predicted
         loss = model(input_ids=ids, labels=ids, **({"sweep": sweep, "return_logits": False} if sweep else {})).loss
-        totals, count = totals + loss.double().cpu() * n, count + n
-    by_depth = dict(zip(sweep, (totals / count).tolist())) if sweep else {}
-    return [by_depth[int(r)] for r in loops] if sweep else [float(totals / count)] * len(loops)
+        total, count = total + loss.double().cpu() * n, count + n  # one loss per r of the sweep, else one
+    if not sweep:
+        return [float(total / count)] * len(loops)
+    by_depth = dict(zip(sweep, (total / count).tolist()))
+    return [by_depth[int(r)] for r in loops]
 
 
 def evaluate(model, rows, loops, batch_size=4):

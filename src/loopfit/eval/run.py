@@ -179,7 +179,8 @@ def add_arguments(parser):
     parser.add_argument("--exit", dest="exit_criterion", metavar="RULE",
                         help="adaptive exit while generating, e.g. kl:5e-4 (adds a mean_loops row per r)")
     parser.add_argument("--draft-loops", type=int, metavar="D", help="decode generations at each r > D by exact "
-                        "self-speculation, drafting at D loops (same completions; faster on a GPU; try 2)")
+                        "self-speculation, drafting at D loops, each r on its own (same completions; pays for "
+                        "one deep r, not a sweep; try 2)")
     option("--draft-tokens", type=int, metavar="K", help="tokens drafted per round with --draft-loops "
            "(default %(default)s)")
     parser.add_argument("--out", help="output folder (default MODEL/eval for a folder, else eval-NAME); must be "
