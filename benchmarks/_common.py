@@ -36,5 +36,6 @@ def interleaved(fns, repeats=3, warmup=1):
 
 def emit(name, **figures):
     record = {"benchmark": name, "date": date.today().isoformat(), "machine": platform.machine(),
-              "threads": torch.get_num_threads(), "torch": torch.__version__, **figures}
+              "threads": torch.get_num_threads(), "torch": torch.__version__,
+              "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu", **figures}
     print(json.dumps(record))

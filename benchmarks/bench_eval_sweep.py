@@ -58,6 +58,11 @@ def copying_cache():
         LoopfitCache.update = inplace
 
 
+def sync(device):
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
 def ints(text):
     return [int(x) for x in text.split(",") if x]
 
@@ -76,25 +81,30 @@ def gsm8k(model, tok, args):
 
     seconds, outs = {}, {}
     for name, run in (("before", per_r), ("per_r", per_r), ("sweep", sweep)):
+        sync(args.device)
         t0 = time.perf_counter()
         if name == "before":
             with copying_cache():
                 outs[name] = run()
         else:
             outs[name] = run()
+        sync(args.device)
         seconds[name] = time.perf_counter() - t0
         print(name, round(seconds[name], 1), "s", flush=True)
-    assert outs["before"] == outs["per_r"] == outs["sweep"], "the sweep changed a completion"
+    same = [a == b == c for r in args.loops for a, b, c in zip(outs["before"][r], outs["per_r"][r], outs["sweep"][r])]
+    # on the CPU every row's arithmetic is the same in any batch; a GPU's kernels may reduce in another order for
+    # another batch shape, and an fp32 rounding difference can flip a near-tie: there the agreement is reported
+    assert all(same) or args.device != "cpu", "the sweep changed a completion"
     low, high = min(args.loops), max(args.loops)
     emit("eval_sweep_gsm8k", model=args.model_name, items=args.items, loops=args.loops, max_new_tokens=args.new,
          before_seconds=round(seconds["before"], 1), per_r_seconds=round(seconds["per_r"], 1),
          sweep_seconds=round(seconds["sweep"], 1), speedup_vs_before=round(seconds["before"] / seconds["sweep"], 2),
-         speedup_vs_per_r=round(seconds["per_r"] / seconds["sweep"], 2), identical_completions=True,
+         speedup_vs_per_r=round(seconds["per_r"] / seconds["sweep"], 2), identical_completions=sum(same) / len(same),
          differ_low_vs_high_r=sum(a != b for a, b in zip(outs["sweep"][low], outs["sweep"][high])) / args.items)
 
 
 def loss(model, tok, args):
-    rows = pack(tok, read_texts(), seq_len=256, max_tokens=args.loss_tokens)
+    rows = pack(tok, read_texts(), seq_len=256, max_tokens=args.loss_tokens).to(args.device)
 
     def per_r():
         with torch.no_grad():
@@ -126,6 +136,7 @@ def main():
     ap.add_argument("--model", help="a loopfit folder instead of the untrained (5,10,5) SmolLM2")
     ap.add_argument("--parts", default="gsm8k,loss")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (fp32)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     if args.model:
@@ -136,7 +147,7 @@ def main():
         model = build_loopfit(base, plan_layers(30, (5, 10, 5)), adapter_init="mean", state_init="embed",
                               recurrence=4)
         args.model_name = "smollm2-135m (5,10,5) mean adapter, untrained"
-    model.eval()
+    model.eval().to(args.device)
     tok.pad_token = tok.pad_token or tok.eos_token
     if "gsm8k" in args.parts:
         gsm8k(model, tok, args)

@@ -22,6 +22,11 @@ from loopfit.eval import items
 from loopfit.loading import load_base
 
 
+def sync(device):
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
 def ints(text):
     return [int(x) for x in text.split(",") if x]
 
@@ -36,6 +41,8 @@ def main():
     ap.add_argument("--batch8-grid", default="2:4,4:4", help="(d:k) pairs run at batch > 1 (the full grid at 1)")
     ap.add_argument("--exit", dest="exit_rule", default="latent:0.03")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (fp32 on both, so cached and speculative decoding "
+                    "can agree token for token)")
     ap.add_argument("--layers", default="all", help="all: every layer, core 24-25 (default); or P,K,C such as "
                     "4,8,4: the paper's slice, whose core is most of a token's cost")
     ap.add_argument("--gsm8k", type=int, default=0, help="instead: GSM8K 1-shot eval of this many items at r = "
@@ -54,6 +61,7 @@ def main():
     model = build_loopfit(base, plan, adapter_init="mean", state_init="embed", recurrence=8).eval()
     args.model = f"smollm2-135m {'all layers (24,2,4)' if args.layers == 'all' else f'({args.layers})'} mean adapter"
     base.eval()
+    model.to(args.device), base.to(args.device)
     tok.pad_token = tok.pad_token or tok.eos_token
     if args.gsm8k:
         return gsm8k_sweep(model, tok, args)
@@ -62,18 +70,20 @@ def main():
     questions = [p["question"] for p in items.subset(items.gsm8k_test(), max(args.batch), seed=1234)]
 
     def timed(fn, **kwargs):
+        sync(args.device)
         t0 = time.perf_counter()
         out = fn(**kwargs)
+        sync(args.device)
         return out, time.perf_counter() - t0
 
-    warm = tok(questions[:1], return_tensors="pt")
+    warm = tok(questions[:1], return_tensors="pt").to(args.device)
     with torch.no_grad():  # first calls pay one-off costs: keep them out of the first reference timing
         model.generate(**warm, num_steps=2, max_new_tokens=4, pad_token_id=tok.pad_token_id)
         model.generate(**warm, num_steps=2, draft_steps=1, max_new_tokens=4, pad_token_id=tok.pad_token_id)
         base.generate(**warm, max_new_tokens=4, pad_token_id=tok.pad_token_id)
     for r in args.loops:
         for b in args.batch:
-            batch = tok(questions[:b], return_tensors="pt", padding=True, padding_side="left")
+            batch = tok(questions[:b], return_tensors="pt", padding=True, padding_side="left").to(args.device)
             n = batch.input_ids.shape[1]
             kw = dict(max_new_tokens=args.new, min_new_tokens=args.new, do_sample=False, pad_token_id=tok.pad_token_id)
             with torch.no_grad():
@@ -119,14 +129,17 @@ def interleaved_check(model, tok, args):
 
     r, b, d, k = args.loops[0], args.batch[0], args.draft_loops, args.tokens[0]
     questions = [p["question"] for p in items.subset(items.gsm8k_test(), max(b, args.prompts), seed=1234)]
-    batches = [tok(questions[i:i + b], return_tensors="pt", padding=True, padding_side="left")
+    batches = [tok(questions[i:i + b], return_tensors="pt", padding=True, padding_side="left").to(args.device)
                for i in range(0, len(questions), b)]
     kw = dict(num_steps=r, max_new_tokens=args.new, min_new_tokens=args.new, do_sample=False,
               pad_token_id=tok.pad_token_id)
     outs = {}
 
     def run(name, **extra):
-        return lambda: outs.__setitem__(name, [model.generate(**batch, **kw, **extra) for batch in batches])
+        def go():
+            outs[name] = [model.generate(**batch, **kw, **extra) for batch in batches]
+            sync(args.device)
+        return go
 
     with torch.no_grad():
         t = interleaved({"cached": run("cached"), "speculative": run("spec", draft_steps=d, draft_tokens=k),

@@ -5,6 +5,9 @@ Prints one JSON line per check:
                     bf16 autocast, compiled blocks, activation checkpointing of the core, Muon + AdamW
   fsdp_one_rank     the same under FSDP2 (fully_shard per block) in a one-rank process group
   transformers_r1   transformers' original SmolLM2-135M, eager, bf16 autocast, same batch and optimizers
+  loopfit_r1        the conversion keeping every layer (4,22,4) at r = 1, compiled: the same FLOPs as
+                    transformers_r1 (bar the adapter), so tokens/s compare directly (issue target: a step
+                    <= 0.75x transformers' eager step, i.e. tokens/s >= 1.33x)
   generation        greedy cached decoding of the converted model at r = 32, tokens per second
 Each train line has tokens/s (median of the steps after the warm-up steps, which compile), MFU by the paper's
 FLOP count and by the full count (loopfit.train.flops) against the GPU's bf16 datasheet peak, and peak memory.
@@ -58,12 +61,27 @@ def real_models(root, layers):
     return root / "loopfit", offline_folder("smollm2-135m")
 
 
-def train_check(name, folder, args, out, recurrent=True, compile_=True, fsdp=False):
+def every_layer_model(root, tiny):
+    """The conversion that keeps every layer (4, n - 8, 4), passthrough adapter: at r = 1 it is the original."""
+    from loopfit.convert import LayerPlan, build_loopfit
+    from loopfit.loading import load_base
+
+    if tiny:
+        return root / "loopfit"
+    base, tok = load_base("smollm2-135m")
+    n = base.config.num_hidden_layers
+    plan = LayerPlan([0, 1, 2, 3], list(range(4, n - 4)), list(range(n - 4, n)), n)
+    build_loopfit(base, plan, adapter_init="passthrough", recurrence=1).save_pretrained(root / "every-layer")
+    return root / "every-layer"
+
+
+def train_check(name, folder, args, out, recurrent=True, compile_=True, fsdp=False, r=None, k=None):
     from torch._dynamo.utils import counters
 
     from loopfit.train.trainer import train
 
     compile_ = compile_ and not args.no_compile
+    r, k = r or args.r, k or args.k
     torch._dynamo.reset()  # each check compiles afresh, as its own process would
     counters.clear()
 
@@ -71,11 +89,11 @@ def train_check(name, folder, args, out, recurrent=True, compile_=True, fsdp=Fal
     recipe = {
         "model": {"init_from": str(folder)},
         "data": {"synthetic": "random", "seq_len": args.seq, "vocab_size": vocab},
-        "recurrence": {"mode": "fixed", "mean": args.r, "backprop": args.k, "curriculum": "none"},
+        "recurrence": {"mode": "fixed", "mean": r, "backprop": k, "curriculum": "none"},
         "schedule": {"name": "constant", "warmup": 0},
         "train": {"out_dir": str(out / name), "steps": args.warmup + args.steps, "batch_size": args.batch,
                   "micro_batch_size": args.batch, "precision": "bf16", "compile": str(compile_).lower(),
-                  "activation_checkpointing": "core" if recurrent else "none", "progress": False,
+                  "activation_checkpointing": "core" if recurrent and r > k else "none", "progress": False,
                   "tensorboard": False, "eval_batches": 1},
         "checkpoint": {"every": 0},
         "distributed": {"strategy": "fsdp" if fsdp else "ddp"},
@@ -87,7 +105,7 @@ def train_check(name, folder, args, out, recurrent=True, compile_=True, fsdp=Fal
     train(recipe)
     rows = [json.loads(line) for line in (out / name / "metrics.jsonl").read_text().splitlines()]
     timed = [r for r in rows if "loss" in r and r["step"] > args.warmup]
-    say({"check": name, "device": args.device_name, "r": args.r if recurrent else 1, "k": args.k if recurrent else 1,
+    say({"check": name, "device": args.device_name, "r": r if recurrent else 1, "k": k if recurrent else 1,
          "batch": args.batch, "seq": args.seq, "compiled": compile_, "fsdp": fsdp,
          "tokens_per_s": statistics.median(r["tokens_per_s"] for r in timed),
          "mfu_paper": statistics.median(r["mfu"] for r in timed),
@@ -157,6 +175,8 @@ def main(argv=None):
                 dist.destroy_process_group()
         if "transformers_r1" not in skip:
             train_check("transformers_r1", plain, args, root / "runs", recurrent=False, compile_=False)
+        if "loopfit_r1" not in skip:
+            train_check("loopfit_r1", every_layer_model(root, args.tiny), args, root / "runs", r=1, k=1)
         if "generation" not in skip:
             generation_check(recurrent, args)
     return 0

@@ -349,22 +349,22 @@ class LoopfitCache:
         self.slots[key] = (buf[0][:, :, :end], buf[1][:, :, :end])
         return self.slots[key]
 
-    def unfold_sweep(self, sweep):
-        """After a `sweep` forward: the `row_steps` layout for rows (r, i), r-major in sweep order, so decoding can
-        go on at every r at once. Prelude slots repeat per r, core slot t per r > t; the coda's already match."""
-        def copies(segment, t):
-            return len(sweep) if segment == "prelude" else sum(r > t for r in sweep)
+    def select_rows(self, rows, outputs, depths):
+        """Rebuild the batch for `row_steps` decoding: new row i goes on from old row rows[i] (its prelude and core
+        slots) and new output j from old output outputs[j] (its coda slots: one per (row, r) read, see `row_steps`).
+        `depths` are the new rows' deepest r, non-increasing: core slot t keeps the rows deeper than t. This drops
+        ended rows, splits a row whose r's picked different tokens, and turns a `sweep` prefill (core rows per
+        input row, coda rows r-major) into any decoding layout. Returns the cache."""
+        if self.policy != "exact":
+            raise ValueError("select_rows needs cache_policy 'exact': a ring slot mixes loops")
+        rows, outputs = torch.as_tensor(rows, dtype=torch.long), torch.as_tensor(outputs, dtype=torch.long)
 
-        self.slots = {(seg, t, j): kv if seg == "coda" else tuple(x.repeat(copies(seg, t), 1, 1, 1) for x in kv)
-                      for (seg, t, j), kv in self.slots.items()}
-        self.buffers = {}
-        self.last_embed = None if self.last_embed is None else self.last_embed.repeat(len(sweep), 1, 1)
-        return self
+        def pick(segment, loop, x):
+            index = outputs if segment == "coda" else rows if segment == "prelude" else \
+                rows[:sum(d > loop for d in depths)]
+            return x.index_select(0, index.to(x.device))
 
-    def keep_rows(self, keep):
-        """Drop the rows where `keep` (bool [batch]) is False, e.g. sequences that ended. Rows keep their order; a
-        slot that holds only the first m rows (`row_steps`: loop t holds the rows with r > t) keeps keep[:m]."""
-        self.slots = {key: (k[keep[:k.shape[0]]], v[keep[:v.shape[0]]]) for key, (k, v) in self.slots.items()}
+        self.slots = {key: (pick(key[0], key[1], k), pick(key[0], key[1], v)) for key, (k, v) in self.slots.items()}
         self.buffers = {}
         self.last_state = self.last_embed = None
         return self
@@ -449,14 +449,18 @@ def _ints(values):
 
 
 def check_row_steps(row_steps, batch, unsupported):
-    """row_steps -> a list of r per row, non-increasing (so the rows that run loop t are the first few)."""
-    depth = _ints(row_steps)
-    if len(depth) != batch or min(depth) < 1 or any(a < b for a, b in zip(depth, depth[1:])):
-        raise ValueError(f"row_steps must give one r >= 1 per row, deepest rows first (got {depth} for {batch} rows)")
+    """row_steps -> per row, the r it is read at, deepest first (several r for a row that reads several); rows in
+    non-increasing order of their deepest r (so the rows that run loop t are the first few)."""
+    reads = [tuple(_ints(r)) if isinstance(r, (tuple, list, torch.Tensor)) else (int(r),) for r in row_steps]
+    depth = [rs[0] if rs else 0 for rs in reads]
+    if len(reads) != batch or min(depth, default=0) < 1 or any(a < b for a, b in zip(depth, depth[1:])) \
+            or any(a <= b for rs in reads for a, b in zip(rs, rs[1:])) or min(min(rs) for rs in reads) < 1:
+        raise ValueError(f"row_steps must give one r >= 1 (or distinct r, deepest first) per row, deepest rows first "
+                         f"(got {[rs[0] if len(rs) == 1 else list(rs) for rs in reads]} for {batch} rows)")
     if unsupported:
         raise ValueError("row_steps is for inference alone: not with training, sweep, exit_criterion, warm_start, "
                          "drafts or output_hidden_states")
-    return depth
+    return reads
 
 
 def check_sweep(sweep, unsupported, cache_policy):
@@ -603,12 +607,21 @@ class LoopfitModel(LoopfitPreTrainedModel):
             s, g = torch.cat([states[r] for r in depth]), len(depth)  # the coda reads every r: rows r-major
             rope = {t: tuple(x if x.shape[0] == 1 else x.repeat(g, 1, 1, 1) for x in cs) for t, cs in rope.items()}
             mask = {w: m if m is None or m.shape[0] == 1 else m.repeat(g, 1, 1, 1) for w, m in mask.items()}
-        elif row_steps is not None:  # row i runs row_steps[i] loops; deepest rows first, so loop t runs rows [:m]
-            depth = check_row_steps(row_steps, b, inference_only)
+        elif row_steps is not None:  # row i runs its deepest r; deepest rows first, so loop t runs rows [:m]
+            reads = check_row_steps(row_steps, b, inference_only)
+            depth, wanted, after = [rs[0] for rs in reads], {r for rs in reads for r in rs[1:]}, {}
             for t in range(depth[0]):
                 m = sum(r > t for r in depth)
                 new = run("core", self.core, self.adapter(torch.cat([s[:m], e[:m]], dim=-1)), loop=t, rows=m)
                 s = new if m == b else torch.cat([new, s[m:]])
+                if t + 1 in wanted:
+                    after[t + 1] = s
+            if wanted:  # rows reading several r: one output row per (row, r), row-major, so the coda reads each
+                rows = torch.tensor([i for i, rs in enumerate(reads) for _ in rs], device=s.device)
+                s = torch.cat([(s if j == 0 else after[r])[i:i + 1] for i, rs in enumerate(reads)
+                               for j, r in enumerate(rs)])
+                rope = {t: tuple(x if x.shape[0] == 1 else x[rows] for x in cs) for t, cs in rope.items()}
+                mask = {w: m if m is None or m.shape[0] == 1 else m[rows] for w, m in mask.items()}
         elif exit_rule is not None and decoding:
             s = self.loop_with_exit(s, e, n + k, run, exit_rule, head, rope, mask, cache)
         else:
@@ -665,16 +678,19 @@ class LoopfitModel(LoopfitPreTrainedModel):
             prev, s = (logp, new), new
             if bool(done.all()):
                 break
+        used = loops.cpu()
+        last = min(max_loops, t + 1)
         if cache.policy == "exact":  # rows that stopped early: later loops' slots fall back to their last loop
-            last = min(max_loops, t + 1)
+            # only the loops past the earliest stop have such rows (none when every row ran to the end or stopped
+            # together, e.g. batch 1): thousands of small kernels saved per token, which a GPU feels
             for j in range(len(self.core)):
-                for u in range(1, last):
+                for u in range(max(1, int(used.min())), last):
                     k_u, v_u = cache.slots[("core", u, j)]
                     k_p, v_p = cache.slots[("core", u - 1, j)]
                     skip = (loops <= u)[:, None, None, None]
                     k_u[:, :, -1:] = torch.where(skip, k_p[:, :, -1:], k_u[:, :, -1:])
                     v_u[:, :, -1:] = torch.where(skip, v_p[:, :, -1:], v_u[:, :, -1:])
-        cache.loops_used.append(loops.cpu())
+        cache.loops_used.append(used)
         return s
 
 
@@ -759,13 +775,15 @@ class LoopfitForCausalLM(LoopfitPreTrainedModel, GenerationMixin):
                 warm_start=False, cache=None, return_logits=True, row_steps=None, sweep=None, **kwargs):
         """`exit_criterion` ('kl:5e-4', see `exit_rule`) stops each row's loops early while decoding with the
         cache, up to `num_steps` loops; `warm_start` starts each new token's state from the previous token's.
-        `row_steps` (inference) gives each row its own r instead of `num_steps`, deepest rows first, e.g.
-        [8, 8, 4, 4, 1, 1]: one batch, and one cache, decodes a sweep over r, and every weight read serves all of it.
         `sweep` (inference) reads the output at each r it lists, deepest first, from one run of the deepest: loops
         0..t of a token are the same whatever r, so [16, 8, 4, 2, 1] costs 16 loops, not 31. Row i at sweep[j] is
-        output row j * batch + i; `loss` then holds one loss per r. With a cache, the prelude and core slots keep
-        one row per input row and the coda's one per output row (`LoopfitCache.unfold_sweep` turns that into the
-        `row_steps` layout, to decode every r on).
+        output row j * batch + i; `loss` then holds one loss per r.
+        `row_steps` (inference) gives each row its own r instead of `num_steps`, deepest rows first, e.g.
+        [8, 8, 4, 4, 1, 1]: one batch, and one cache, decodes a sweep over r, and every weight read serves all of it.
+        A row may list several r, deepest first, e.g. [(8, 4), (8, 4, 2), 1]: it runs the deepest once and is read
+        at each (output rows row-major: here 2 + 3 + 1), so r's whose tokens so far agree share their loops.
+        With a cache, the prelude and core slots keep one row per input row and the coda's one per output row;
+        `LoopfitCache.select_rows` rearranges them between calls.
         The cache may be given as `cache` or `past_key_values` (transformers' names before and after 5.24).
         `return_logits=False` with `labels` computes the loss chunk by chunk without the full logits (training
         with large vocabularies, see `linear_cross_entropy`); `logits` is then None."""

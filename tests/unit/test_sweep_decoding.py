@@ -39,21 +39,27 @@ def test_sweep_and_row_steps_equal_one_run_per_r(family):
     sweep = [5, 3, 1]
     swept = model(ids, attention_mask=mask, sweep=sweep).logits
     rows = model(ids.repeat(3, 1), attention_mask=mask.repeat(3, 1), row_steps=[5] * 3 + [3] * 3 + [1] * 3).logits
+    shared = model(ids, attention_mask=mask, row_steps=[(5, 3, 1)] * 3).logits  # row i read at r: i * 3 + j
+    mixed = model(ids, attention_mask=mask, row_steps=[(5, 1), 5, (3, 1)]).logits  # rows 0@5, 0@1, 1@5, 2@3, 2@1
+    mixed_rows = {(0, 5): 0, (0, 1): 1, (1, 5): 2, (2, 3): 3, (2, 1): 4}
     for j, r in enumerate(sweep):
         for i in range(3):
             ref = alone(model, ids, mask, i, r)
             keep = mask[i].bool()
             assert (swept[j * 3 + i, keep] - ref).abs().max() < TOL, (family, r, i)
             assert (rows[j * 3 + i, keep] - ref).abs().max() < TOL, (family, r, i)
+            assert (shared[i * 3 + j, keep] - ref).abs().max() < TOL, (family, r, i)
+            if (i, r) in mixed_rows:
+                assert (mixed[mixed_rows[i, r], keep] - ref).abs().max() < TOL, (family, r, i)
     assert (swept[:3] - swept[6:]).abs().max() > 1e-2  # r changes the output, so a mix-up would show
 
 
 @pytest.mark.parametrize("family", ["llama", "gemma3", "mistral-window"])
 @torch.no_grad()
 def test_sweep_prefill_then_row_steps_decoding_equals_cached_decoding_per_r(family):
-    """The eval's path: a shared prefix cached once per r (batch 1) and repeated for 3 prompts, their own tokens
-    swept with left padding, the cache unfolded to the row_steps layout, then 6 greedy tokens decoded for all
-    (r, prompt) rows at once: equal to each r's own cached greedy decoding, token for token."""
+    """A shared prefix cached once per r (batch 1) and repeated for 3 prompts, their own tokens swept with left
+    padding, the cache rearranged to one row per (r, prompt) (`select_rows`), then 6 greedy tokens decoded for all
+    rows at once by `generate`: equal to each r's own cached greedy decoding, token for token."""
     model = model_of(family)
     g = torch.Generator().manual_seed(1)
     prefix, own = torch.randint(0, VOCAB, (6,), generator=g), [torch.randint(0, VOCAB, (n,), generator=g)
@@ -65,7 +71,7 @@ def test_sweep_prefill_then_row_steps_decoding_equals_cached_decoding_per_r(fami
     model(prefix[None], past_key_values=cache, use_cache=True, sweep=sweep)
     cache.repeat_rows(3)
     model(ids[:, 6:-1], attention_mask=mask[:, :-1], past_key_values=cache, use_cache=True, sweep=sweep)
-    cache.unfold_sweep(sweep)
+    cache.select_rows([i for _ in sweep for i in range(3)], range(9), [r for r in sweep for _ in range(3)])
     got = model.generate(ids.repeat(3, 1), attention_mask=mask.repeat(3, 1), past_key_values=cache,
                          row_steps=[5] * 3 + [2] * 3 + [1] * 3, max_new_tokens=6, do_sample=False, pad_token_id=0)
     outs = []
@@ -98,18 +104,39 @@ def tiny_with_prompts(tok):
     return model.eval(), tok, [gsm8k_prompt(q, "1shot") for q in questions]
 
 
-def test_eval_generation_sweep_equals_generation_per_r(smollm2_tokenizer):
+def spy_row_steps(model, monkeypatch):
+    """The `row_steps` of every forward the model runs (the real forward runs)."""
+    seen, forward = [], model.forward
+
+    def recording(*args, **kwargs):
+        seen.append(kwargs.get("row_steps"))
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(model, "forward", recording)
+    return seen
+
+
+def test_eval_generation_sweep_equals_generation_per_r(smollm2_tokenizer, monkeypatch):
     """`generate_sweep` (and so `loopfit eval`'s accuracy sweep) gives, at every r, the completions `generate`
     gives at that r: real tokenizer, 1-shot GSM8K prompts sharing the exemplar, 3 prompts in batches of 2, a stop
-    string. The completions differ across r, so rows given the wrong r would fail."""
+    string. The completions differ across r, so rows given the wrong r would fail. The r's of a prompt start as
+    one shared row and split where their tokens differ; r = 4 and 5 agree on some prompts for a while, so rows
+    that share loops past the first token are exercised too."""
     model, tok, prompts = tiny_with_prompts(smollm2_tokenizer)
     ids = tok(prompts)["input_ids"]
     assert shared_prefix(ids) > 50  # the exemplar is cached once
-    swept = generate_sweep(model, tok, prompts, [1, 4, 2], max_new_tokens=8, stop=["\n\n"], batch_size=2)
-    for r in (1, 2, 4):
+    seen = spy_row_steps(model, monkeypatch)
+    swept = generate_sweep(model, tok, prompts, [1, 4, 5, 2], max_new_tokens=8, stop=["\n\n"], batch_size=2)
+    monkeypatch.undo()
+    for r in (1, 2, 4, 5):
         assert swept[r] == generate(model, tok, prompts, num_steps=r, max_new_tokens=8, stop=["\n\n"],
                                     batch_size=2), r
     assert swept[1] != swept[4]
+    decoding = [steps for steps in seen if steps is not None]
+    assert decoding[0] == [(5, 4, 2, 1)] * 2  # first step of the first batch: one row per prompt, read at every r
+    shared_later = [steps for steps in decoding[1:] if any(isinstance(s, tuple) and len(s) > 1 for s in steps)]
+    split = [steps for steps in decoding if len(steps) > 2]
+    assert shared_later and split, decoding
     rows, samples = accuracy.evaluate(model, tok, "gsm8k_1shot", [4, 1], items=[
         {"id": i, "question": q, "answer": "4"} for i, q in enumerate(["What is 2 + 2?", "A"])], max_new_tokens=8)
     per_r = {r: generate_at(model, tok, [gsm8k_prompt(q, "1shot") for q in ("What is 2 + 2?", "A")], r, "t", 8,
@@ -136,7 +163,9 @@ def test_eval_loss_sweep_equals_loss_per_r():
 def test_bad_settings_are_refused():
     model = model_of("llama")
     ids, _ = padded_batch()
-    for bad, match in (({"row_steps": [1, 2, 2]}, "deepest rows first"), ({"row_steps": [2, 2]}, "one r >= 1 per row"),
+    for bad, match in (({"row_steps": [1, 2, 2]}, "deepest rows first"), ({"row_steps": [2, 2]}, "one r >= 1"),
+                       ({"row_steps": [(2, 2), 1, 1]}, "distinct r, deepest first"),
+                       ({"row_steps": [(1, 2), 2, 1]}, "distinct r, deepest first"), ({"row_steps": [0, 0, 0]}, ">= 1"),
                        ({"sweep": [1, 2]}, "deepest first"), ({"sweep": [2, 2]}, "distinct"),
                        ({"sweep": [2, 1], "row_steps": [2, 2, 2]}, "inference alone")):
         with pytest.raises(ValueError, match=match):

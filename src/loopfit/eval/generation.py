@@ -100,8 +100,10 @@ def generate_sweep(model, tokenizer, prompts, loops, max_new_tokens=256, stop=()
     `generate` gives at each r, for much less. Loops 0..t of a token are the same whatever r, so each prompt runs
     the deepest r once and the coda reads every r (`sweep`); the prompt prefix all prompts share (a task's
     few-shot exemplars) runs once, and every batch starts from its cache; then every (r, prompt) pair decodes in
-    one batch, deepest rows first (`row_steps`), so each weight read of a decoding step serves every r, and a row
-    leaves the batch as soon as it ends (EOS or a stop string), so finished rows cost nothing."""
+    one batch (`row_steps`), so each weight read of a decoding step serves every r. A prompt's r's that have
+    picked the same tokens so far are one row that runs the deepest of them and is read at each, and the row
+    splits where their tokens differ; an (r, prompt) pair leaves the batch as soon as it ends (EOS or a stop
+    string), so finished pairs cost nothing."""
     depths = sorted({int(r) for r in loops}, reverse=True)
     ids = tokenizer(list(prompts))["input_ids"]
     common = shared_prefix(ids)
@@ -125,27 +127,37 @@ def generate_sweep(model, tokenizer, prompts, loops, max_new_tokens=256, stop=()
         if n - 1 > common:  # the prompts' own tokens but the last, which the first decoding step feeds
             model(input_ids[:, common:-1], attention_mask=mask[:, :-1], past_key_values=cache, use_cache=True,
                   sweep=depths, logits_to_keep=1)
-        cache.unfold_sweep(depths)
-        rows = [(r, i) for r in depths for i in batch]  # r-major, deepest first: cache.unfold_sweep's layout
-        alive, new = list(range(len(rows))), [[] for _ in rows]
-        token, mask = input_ids[:, -1:].repeat(len(depths), 1), mask.repeat(len(depths), 1)
+        # one decoding row per prompt, read at every r: the r's of a prompt share their loops for as long as their
+        # tokens agree (a converged model's deep r's often agree throughout), and a row splits where they differ
+        rows, b = [(i, tuple(depths)) for i in batch], len(batch)
+        cache.select_rows(range(b), [k * b + i for i in range(b) for k in range(len(depths))], [depths[0]] * b)
+        token, new = input_ids[:, -1:], {(r, i): [] for r in depths for i in batch}
         for _ in range(max_new_tokens):
             logits = model(token, attention_mask=mask, past_key_values=cache, use_cache=True,
-                           row_steps=[rows[a][0] for a in alive]).logits[:, -1]
-            token = logits.argmax(-1, keepdim=True)
-            ended = []
-            for a, t in zip(alive, token[:, 0].tolist()):
-                new[a].append(t)
-                tail = tokenizer.decode(new[a][-STOP_TAIL_TOKENS:], skip_special_tokens=False)
-                ended.append(t in eos or any(s in tail for s in stop))
-            keep = ~torch.tensor(ended, device=device)
-            if not keep.any():
+                           row_steps=[reads for _, reads in rows]).logits[:, -1]
+            picked = iter(enumerate(logits.argmax(-1).tolist()))
+            after = []  # (prompt, reads, token, old row, old outputs) of the rows that go on
+            for a, (i, reads) in enumerate(rows):
+                by_token = {}
+                for r in reads:
+                    o, t = next(picked)
+                    new[(r, i)].append(t)
+                    by_token.setdefault(t, []).append((r, o))
+                for t, members in by_token.items():  # r's that picked the same token keep sharing their loops
+                    tail = tokenizer.decode(new[(members[0][0], i)][-STOP_TAIL_TOKENS:], skip_special_tokens=False)
+                    if not (t in eos or any(s in tail for s in stop)):  # ended r's leave the batch and the cache
+                        after.append((i, tuple(r for r, _ in members), t, a, [o for _, o in members]))
+            if not after:
                 break
-            if not keep.all():  # ended rows leave the batch and the cache
-                cache.keep_rows(keep)
-                alive, token, mask = [a for a, k in zip(alive, keep.tolist()) if k], token[keep], mask[keep]
-            mask = torch.cat([mask, mask.new_ones(len(alive), 1)], 1)
-        for (r, i), tokens in zip(rows, new):
+            after.sort(key=lambda row: -row[1][0])  # deepest rows first (stable)
+            old, outputs = [row[3] for row in after], [o for row in after for o in row[4]]
+            if old != list(range(len(rows))) or outputs != list(range(len(outputs))) or len(outputs) < len(logits):
+                cache.select_rows(old, outputs, [row[1][0] for row in after])
+                mask = mask[torch.tensor(old, device=device)]
+            rows = [(i, reads) for i, reads, *_ in after]
+            token = torch.tensor([[row[2]] for row in after], device=device)
+            mask = torch.cat([mask, mask.new_ones(len(rows), 1)], 1)
+        for (r, i), tokens in new.items():
             out[r][i] = cut_at_stop(tokenizer.decode(tokens, skip_special_tokens=True), stop)
     return out
 
