@@ -43,6 +43,8 @@ def main():
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--device", default="cpu", help="cpu or cuda (fp32 on both, so cached and speculative decoding "
                     "can agree token for token)")
+    ap.add_argument("--model", help="a trained loopfit folder (e.g. quickstart/runs/recurrent/final) instead of "
+                    "the untrained SmolLM2 conversion; the plain base model stays SmolLM2-135M")
     ap.add_argument("--layers", default="all", help="all: every layer, core 24-25 (default); or P,K,C such as "
                     "4,8,4: the paper's slice, whose core is most of a token's cost")
     ap.add_argument("--gsm8k", type=int, default=0, help="instead: GSM8K 1-shot eval of this many items at r = "
@@ -55,13 +57,21 @@ def main():
                     "vs speculative (--draft-loops, first --tokens) vs exit at the first --loops and --batch")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    base, tok = load_base("smollm2-135m")
-    plan = LayerPlan(list(range(24)), [24, 25], [26, 27, 28, 29], 30) if args.layers == "all" else \
-        plan_layers(30, tuple(ints(args.layers)))
-    model = build_loopfit(base, plan, adapter_init="mean", state_init="embed", recurrence=8).eval()
-    args.model = f"smollm2-135m {'all layers (24,2,4)' if args.layers == 'all' else f'({args.layers})'} mean adapter"
-    base.eval()
-    model.to(args.device), base.to(args.device)
+    base, tok = load_base("smollm2-135m") if not args.model or not (args.interleaved or args.gsm8k) else (None, None)
+    if args.model:  # a trained loopfit folder (e.g. the quickstart's), its tokenizer SmolLM2's
+        from loopfit.loading import load
+
+        model, tok = load(args.model)
+        model.eval()
+    else:
+        plan = LayerPlan(list(range(24)), [24, 25], [26, 27, 28, 29], 30) if args.layers == "all" else \
+            plan_layers(30, tuple(ints(args.layers)))
+        model = build_loopfit(base, plan, adapter_init="mean", state_init="embed", recurrence=8).eval()
+        args.model = f"smollm2-135m {'all layers (24,2,4)' if args.layers == 'all' else f'({args.layers})'} " \
+            "mean adapter"
+    model.to(args.device)
+    if base is not None:
+        base.eval().to(args.device)
     tok.pad_token = tok.pad_token or tok.eos_token
     if args.gsm8k:
         return gsm8k_sweep(model, tok, args)
@@ -145,12 +155,17 @@ def interleaved_check(model, tok, args):
         t = interleaved({"cached": run("cached"), "speculative": run("spec", draft_steps=d, draft_tokens=k),
                          "exit": run("exit", exit_criterion=args.exit_rule)}, repeats=args.interleaved, warmup=0)
     assert all(torch.equal(a, b) for a, b in zip(outs["cached"], outs["spec"]))
+    with torch.no_grad():  # how much depth past d changes the tokens (0 would make drafts trivially right)
+        shallow = [model.generate(**batch, **{**kw, "num_steps": d}) for batch in batches]
+    differ = torch.cat([(s[:, batch.input_ids.shape[1]:] != c[:, batch.input_ids.shape[1]:]).float().flatten()
+                        for s, c, batch in zip(shallow, outs["cached"], batches)]).mean().item()
     agree = [(e[:, batch.input_ids.shape[1]:] == c[:, batch.input_ids.shape[1]:]).float()
              for e, c, batch in zip(outs["exit"], outs["cached"], batches)]
     emit("speculative_decoding_interleaved", model=args.model, loops=r, batch=b, prompts=len(questions),
          new_tokens=args.new, draft_loops=d, draft_tokens=k, repeats=args.interleaved, cached_s=round(t["cached"], 1),
          speculative_s=round(t["speculative"], 1),
-         speedup=round(t["cached"] / t["speculative"], 2), identical_output=True, exit_rule=args.exit_rule,
+         speedup=round(t["cached"] / t["speculative"], 2), identical_output=True,
+         fraction_differing_r_d_vs_r=round(differ, 3), exit_rule=args.exit_rule,
          exit_time_ratio=round(t["exit"] / t["cached"], 3),
          exit_token_agreement=round(torch.cat([a.flatten() for a in agree]).mean().item(), 3))
 

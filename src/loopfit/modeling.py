@@ -26,6 +26,7 @@ ADAPTER_INITS = ("random", "passthrough", "state", "mean")
 STATE_INITS = ("normal", "zeros", "embed")
 CACHE_POLICIES = ("exact", "ring")
 EXIT_CANDIDATES = 256  # tokens an adaptive exit's later looks score (see `exit_rule`)
+EXIT_LOOK_AGAIN = 2  # latent:T:M: a near-tie found at loop t is looked at again at loop 2t
 DRAFT_TOKENS = 4  # tokens a speculative round drafts by default (see `speculative_generate`)
 # This file ships inside converted folders and meets whatever transformers the user has. transformers moves its
 # cache plumbing between releases (5.24 renamed `past_key_values` to `cache`), so the model never hands its cache
@@ -661,8 +662,16 @@ class LoopfitModel(LoopfitPreTrainedModel):
                 logits = torch.einsum("bh,bkh->bk", x, head.weight[candidates]).float()
             return torch.log_softmax(logits, dim=-1)
 
+        def margin(state):  # one look: top-1 minus top-2 next-token logit (a near-tie flips with a little more depth)
+            x = state
+            for j, layer in enumerate(self.coda):
+                x = layer(x, rope, mask, peek, cache.key("coda", 0, j))
+            top = head(self.norm(x)[:, -1]).float().topk(2, -1).values
+            return top[:, 0] - top[:, 1]
+
         b = s.shape[0]
         done = torch.zeros(b, dtype=torch.bool, device=s.device)
+        next_look = torch.zeros(b, dtype=torch.long, device=s.device)  # when a near-tie may look again
         loops = torch.full((b,), max_loops, dtype=torch.long, device=s.device)
         prev, history = None, []
         for t in range(max_loops):
@@ -671,6 +680,13 @@ class LoopfitModel(LoopfitPreTrainedModel):
             logp = next_token_logprobs(new)
             if prev is not None:
                 stop = rule(prev_logp=prev[0], logp=logp, prev_state=prev[1], state=new, history=history) & ~done
+                if rule.margin is not None:
+                    stop = stop & (next_look <= t + 1) & (t + 1 < max_loops)  # a look at the last loop saves nothing
+                    if bool(stop.any()):
+                        sure = margin(new) >= rule.margin
+                        again = torch.full_like(next_look, EXIT_LOOK_AGAIN * (t + 1))
+                        next_look = torch.where(stop & ~sure, again, next_look)
+                        stop = stop & sure
                 loops = torch.where(stop, torch.full_like(loops, t + 1), loops)
                 done = done | stop
             if logp is not None:
@@ -713,6 +729,10 @@ def exit_rule(spec):
       kl:5e-4       KL(p_t || p_t-1) of the next-token distributions below the threshold (Huginn's default rule)
       entropy:1e-3  |H(p_t) - H(p_t-1)| below the threshold
       latent:0.03   ||s_t - s_t-1|| / ||s_t|| below the threshold
+      latent:0.005:1  the same, confirmed by a look at the next token: the row stops only if its top logit leads
+                    the runner-up by at least 1; a near-tie (where a little more depth may flip the token) loops on
+                    and looks again once it has run twice the loops. A look (coda + head) is paid only once the
+                    state has settled, and at most log2(r) times a token
       argmax:5      the argmax has not changed for this many loops
 
     What a look costs: kl, entropy and argmax run the coda each loop, and the head on the whole vocabulary only at
@@ -721,10 +741,14 @@ def exit_rule(spec):
     a decision far cheaper than a loop, which makes it the rule that saves wall time.
     """
     kind, _, value = str(spec).partition(":")
+    value, _, margin = value.partition(":")
     try:
-        thr = float(value)
+        thr, margin = float(value), float(margin) if margin else None
     except ValueError:
-        raise ValueError(f"exit rule {spec!r} must look like kl:5e-4, entropy:1e-3, latent:0.03 or argmax:5") from None
+        raise ValueError(f"exit rule {spec!r} must look like kl:5e-4, entropy:1e-3, latent:0.03, latent:0.005:2 or "
+                         "argmax:5") from None
+    if margin is not None and kind != "latent":
+        raise ValueError(f"exit rule {spec!r}: only latent takes a margin (latent:T:M)")
 
     def kl(prev_logp, logp, **_):
         return (logp.exp() * (logp - prev_logp)).sum(-1) < thr
@@ -746,7 +770,7 @@ def exit_rule(spec):
     rules = {"kl": kl, "entropy": entropy, "latent": latent, "argmax": argmax}
     if kind not in rules:
         raise ValueError(f"unknown exit rule {kind!r}: choose one of {', '.join(rules)} (e.g. kl:5e-4)")
-    rules[kind].reads_logits = kind != "latent"
+    rules[kind].reads_logits, rules[kind].margin = kind != "latent", margin
     return rules[kind]
 
 
@@ -835,6 +859,9 @@ class LoopfitForCausalLM(LoopfitPreTrainedModel, GenerationMixin):
         cache = find_cache(kwargs)
         for name in CACHE_NAMES:
             kwargs.pop(name, None)
+        if any(isinstance(r, (tuple, list)) and len(r) > 1 for r in kwargs.get("row_steps") or ()):
+            raise ValueError("row_steps with several r for a row gives one output row per r, which generate cannot "
+                             "follow: decode such rows with forward calls (see eval.generation.generate_sweep)")
         if draft_steps is not None:
             inputs = inputs if inputs is not None else kwargs.pop("input_ids", None)
             return self.speculative_generate(inputs, draft_steps, draft_tokens, generation_config, cache, **kwargs)

@@ -273,7 +273,7 @@ def test_config_rejects_empty_core_and_bad_recurrence():
         LoopfitConfig(mean_recurrence=0)
 
 
-@pytest.mark.parametrize("rule", ["kl:1e-3", "entropy:1e-2", "latent:0.05", "argmax:2"])
+@pytest.mark.parametrize("rule", ["kl:1e-3", "entropy:1e-2", "latent:0.05", "latent:0.05:0.03", "argmax:2"])
 def test_adaptive_exit_in_a_batch_equals_each_row_alone(rule):
     """Rows stop looping independently; with the cache falling back to each token's latest loop, a batch with
     left padding decodes exactly what each row decodes alone."""
@@ -299,6 +299,35 @@ def test_adaptive_exit_saves_loops_and_a_zero_threshold_changes_nothing():
     assert torch.stack(cache.loops_used).float().mean() == 2  # the earliest a rule can fire: after loop 2
     with pytest.raises(ValueError, match="unknown exit rule"):
         model.generate(ids, exit_criterion="bogus:1", **kw)
+
+
+def test_latent_exit_with_a_margin_stops_only_where_the_next_token_is_clear():
+    """latent:T:M stops a row once its state settles and its top next-token logit leads the runner-up by M. Every
+    state 'settles' at once under T = 1e9: with M = 0 that is latent alone (2 loops, the earliest), with an
+    unreachable M every token runs all 6 loops and decodes exactly what fixed r does, and in between some tokens
+    stop and the near-ties look again at twice the loops. A margin on another rule, or a malformed one, is refused."""
+    model = tiny_loopfit(adapter_init="mean", state_init="zeros")
+    ids, mask = padded_batch(length=8)
+    kw = dict(num_steps=6, max_new_tokens=6, do_sample=False, pad_token_id=0)
+
+    def run(rule):
+        cache = model.new_cache()
+        out = model.generate(ids, attention_mask=mask, exit_criterion=rule, past_key_values=cache, **kw)
+        return out, torch.stack(cache.loops_used)
+
+    latent, latent_loops = run("latent:1e9")
+    assert (latent_loops == 2).all()
+    gated, gated_loops = run("latent:1e9:0")
+    assert torch.equal(gated, latent) and torch.equal(gated_loops, latent_loops)
+    never, never_loops = run("latent:1e9:1e9")
+    assert torch.equal(never, model.generate(ids, attention_mask=mask, **kw)) and (never_loops == 6).all()
+    assert not torch.equal(never, latent)  # the earliest exit changes tokens, so the margin's effect shows
+    _, mixed_loops = run("latent:1e9:0.03")  # this tiny model's margins at loop 2 straddle 0.03
+    # clear tokens stop at 2; a near-tie looks again at 4 (twice the loops), then runs to 6 (its next look, 8, > r)
+    assert set(mixed_loops.flatten().tolist()) == {2, 4, 6}
+    for bad, match in (("kl:1e-3:2", "only latent takes a margin"), ("latent:0.1:x", "must look like")):
+        with pytest.raises(ValueError, match=match):
+            model.generate(ids, exit_criterion=bad, **kw)
 
 
 def test_warm_start_carries_the_state_between_tokens():

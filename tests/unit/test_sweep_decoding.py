@@ -170,6 +170,8 @@ def test_bad_settings_are_refused():
                        ({"sweep": [2, 1], "row_steps": [2, 2, 2]}, "inference alone")):
         with pytest.raises(ValueError, match=match):
             model(ids, **bad)
+    with pytest.raises(ValueError, match="generate cannot follow"):
+        model.generate(ids, row_steps=[(2, 1)] * 3, max_new_tokens=2)
     model.train()
     with pytest.raises(ValueError, match="inference alone"):
         model(ids, sweep=[2, 1])
