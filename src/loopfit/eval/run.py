@@ -177,7 +177,8 @@ def add_arguments(parser):
     option("--seq-len", type=int, help="loss sequence length (default %(default)s)")
     option("--max-tokens", type=int, help="loss tokens in all (default %(default)s)")
     parser.add_argument("--exit", dest="exit_criterion", metavar="RULE",
-                        help="adaptive exit while generating, e.g. kl:5e-4 (adds a mean_loops row per r)")
+                        help="adaptive exit while generating, e.g. latent:0.005:1 (the rule that saves time; see "
+                        "`loopfit generate --help`) or kl:5e-4; adds a mean_loops row per r")
     parser.add_argument("--draft-loops", type=int, metavar="D", help="decode generations at each r > D by exact "
                         "self-speculation, drafting at D loops, each r on its own (same completions; pays for "
                         "one deep r, not a sweep; try 2)")
