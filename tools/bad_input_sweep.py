@@ -257,6 +257,9 @@ def cases(w):
     add("generate: --loops 0", ["generate", loop, "--prompt", "hi", "--loops", "0", *G], "--loops")
     add("generate: --exit kl:abc", ["generate", loop, "--prompt", "hi", "--exit", "kl:abc", *G], "exit")
     add("generate: --exit foo:1", ["generate", loop, "--prompt", "hi", "--exit", "foo:1", *G], "exit")
+    add("generate: --exit kl:1e-3:2 (a margin on kl)", ["generate", loop, "--prompt", "hi", "--exit", "kl:1e-3:2", *G],
+        "margin")
+    add("generate: --exit latent:0.01:x", ["generate", loop, "--prompt", "hi", "--exit", "latent:0.01:x", *G], "exit")
     add("generate: --exit on plain", ["generate", plain, "--prompt", "hi", "--exit", "kl:1e-3", *G], "plain")
     add("generate: missing model", ["generate", str(w / "nope"), "--prompt", "hi"], "does not exist")
     add("generate: --prompt-file missing", ["generate", loop, "--prompt-file", str(w / "nope.txt")], "nope.txt")

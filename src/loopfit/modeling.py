@@ -745,7 +745,7 @@ def exit_rule(spec):
     try:
         thr, margin = float(value), float(margin) if margin else None
     except ValueError:
-        raise ValueError(f"exit rule {spec!r} must look like kl:5e-4, entropy:1e-3, latent:0.03, latent:0.005:2 or "
+        raise ValueError(f"exit rule {spec!r} must look like kl:5e-4, entropy:1e-3, latent:0.03, latent:0.005:1 or "
                          "argmax:5") from None
     if margin is not None and kind != "latent":
         raise ValueError(f"exit rule {spec!r}: only latent takes a margin (latent:T:M)")
