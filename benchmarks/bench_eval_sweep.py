@@ -5,7 +5,8 @@ quickstart's eval stage) and its held-out loss at r = 1, 2, 4, 8, 16. Prints one
            cache's update then was `torch.cat`, reproduced here as `copying_update`)
   per_r    one run per r, the in-place cache
   sweep    what `loopfit eval` does now: one run of the deepest r with the coda read at every r (`sweep`), the
-           shared few-shot prefix cached once, every (r, prompt) pair decoded in one batch (`row_steps`)
+           shared few-shot prefix cached once, every (r, prompt) pair decoded in one batch (`row_steps`), the r's
+           of a prompt that agree so far sharing one row's loops
 Completions and losses must agree across the three (asserted: identical completions, losses to 1e-4).
 
 Model: SmolLM2-135M in the quickstart's shape (5,10,5) with the `mean` adapter and `embed` state, whose greedy
