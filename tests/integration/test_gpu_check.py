@@ -32,9 +32,11 @@ def test_every_check_runs_on_tiny_models_on_the_cpu():
                "--warmup", "1", "--steps", "1", "--new-tokens", "4")
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = [json.loads(line) for line in proc.stdout.splitlines()]
-    assert [x["check"] for x in lines] == ["train_r32_k8", "fsdp_one_rank", "transformers_r1", "generation"]
-    for x in lines[:3]:
+    assert [x["check"] for x in lines] == ["train_r32_k8", "fsdp_one_rank", "transformers_r1", "loopfit_r1",
+                                           "generation"]
+    for x in lines[:4]:
         assert x["tokens_per_s"] > 0 and x["peak_memory_gib"] > 0 and x["loss_finite"]
         assert 0 < x["mfu_paper"] <= x["mfu_full"]
     assert lines[0]["mfu_paper"] < lines[0]["mfu_full"]  # the adapter and final norm count only in the full count
-    assert lines[3]["new_tokens"] == 4 and lines[3]["tokens_per_s"] > 0
+    assert (lines[0]["r"], lines[0]["k"]) == (4, 2) and (lines[3]["r"], lines[3]["k"]) == (1, 1)
+    assert lines[4]["new_tokens"] == 4 and lines[4]["tokens_per_s"] > 0
