@@ -34,6 +34,12 @@ def interleaved(fns, repeats=3, warmup=1):
     return {k: statistics.median(v) for k, v in times.items()}
 
 
+def sync(device):
+    """Wait for a GPU's queued work, so a timer read after it counts that work."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
 def emit(name, **figures):
     record = {"benchmark": name, "date": date.today().isoformat(), "machine": platform.machine(),
               "threads": torch.get_num_threads(), "torch": torch.__version__,

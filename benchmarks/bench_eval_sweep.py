@@ -22,7 +22,7 @@ import time
 from contextlib import contextmanager
 
 import torch
-from _common import emit
+from _common import emit, sync
 
 from loopfit.convert import build_loopfit, plan_layers
 from loopfit.eval import accuracy, items
@@ -57,11 +57,6 @@ def copying_cache():
         yield
     finally:
         LoopfitCache.update = inplace
-
-
-def sync(device):
-    if device == "cuda":
-        torch.cuda.synchronize()
 
 
 def ints(text):

@@ -8,23 +8,19 @@ the largest r is reported), so drafts are really checked. Prompts: GSM8K test qu
 asserted identical to cached decoding; the exit's token agreement with it is reported.
 
 Usage: OMP_NUM_THREADS=1 python benchmarks/bench_speculative.py [--loops 8,32] [--batch 1,8] [--new 128]
-       [--drafts 1,2,4] [--tokens 4,8] [--exit latent:0.03] [--part spec,exit,gsm8k]
+       [--drafts 1,2,4] [--tokens 4,8] [--exit latent:0.005:1] [--model FOLDER] [--device cuda]
+       [--interleaved N --prompts N | --gsm8k N]
 """
 
 import argparse
 import time
 
 import torch
-from _common import emit
+from _common import emit, sync
 
 from loopfit.convert import LayerPlan, build_loopfit, plan_layers
 from loopfit.eval import items
 from loopfit.loading import load_base
-
-
-def sync(device):
-    if device == "cuda":
-        torch.cuda.synchronize()
 
 
 def ints(text):

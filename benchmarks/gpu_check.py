@@ -63,15 +63,15 @@ def real_models(root, layers):
 
 def every_layer_model(root, tiny):
     """The conversion that keeps every layer (4, n - 8, 4), passthrough adapter: at r = 1 it is the original."""
-    from loopfit.convert import LayerPlan, build_loopfit
+    from loopfit.convert import build_loopfit, plan_layers
     from loopfit.loading import load_base
 
     if tiny:
         return root / "loopfit"
     base, tok = load_base("smollm2-135m")
     n = base.config.num_hidden_layers
-    plan = LayerPlan([0, 1, 2, 3], list(range(4, n - 4)), list(range(n - 4, n)), n)
-    build_loopfit(base, plan, adapter_init="passthrough", recurrence=1).save_pretrained(root / "every-layer")
+    build_loopfit(base, plan_layers(n, (4, n - 8, 4)), adapter_init="passthrough", recurrence=1
+                  ).save_pretrained(root / "every-layer")
     return root / "every-layer"
 
 

@@ -9,10 +9,11 @@ examples:
 
 --exit stops a token's loops once its next-token distribution settles: kl:T (KL between successive loops
 below T; 5e-4 to 1e-3 works for Huginn), entropy:T, latent:T (relative state change, e.g. 0.03), argmax:N
-(unchanged for N loops). latent:T:M also looks once at the next token when the state settles and stops only if
-its top logit leads the runner-up by M (near-ties run every loop). latent decides on the state alone, so it is
-the rule that saves wall time. The mean number of loops used is reported. --warm-start starts each new token's
-state from the previous token's final state (continuous chain of thought) instead of noise.
+(unchanged for N loops). latent:T:M also looks at the next token when the state settles and stops only if its
+top logit leads the runner-up by M; a near-tie loops on and looks again at twice the loops. latent decides on
+the state, so it is the rule that saves wall time. The mean number of loops used is reported. --warm-start
+starts each new token's state from the previous token's final state (continuous chain of thought) instead of
+noise.
 
 --draft-loops D decodes by exact self-speculation: each round drafts --draft-tokens K tokens at D loops (the
 first D of the --loops r loops), then verifies all K in one pass that runs only loops D..r-1, keeping the tokens

@@ -151,7 +151,7 @@ def generate_sweep(model, tokenizer, prompts, loops, max_new_tokens=256, stop=()
                 break
             after.sort(key=lambda row: -row[1][0])  # deepest rows first (stable)
             old, outputs = [row[3] for row in after], [o for row in after for o in row[4]]
-            if old != list(range(len(rows))) or outputs != list(range(len(outputs))) or len(outputs) < len(logits):
+            if old != list(range(len(rows))) or outputs != list(range(len(logits))):  # a split or an ending
                 cache.select_rows(old, outputs, [row[1][0] for row in after])
                 mask = mask[torch.tensor(old, device=device)]
             rows = [(i, reads) for i, reads, *_ in after]
