@@ -10,6 +10,7 @@ exactly as the base computes it; the family's differences are a handful of confi
 torch and transformers, so a converted folder loads with `trust_remote_code=True` where loopfit is not installed.
 """
 
+import itertools
 import math
 
 import torch
@@ -330,12 +331,20 @@ class LoopfitCache:
 
     def update(self, key, k, v):
         """Write this forward's keys/values at positions [start, start + q) and return all up to there. Slots are
-        views of buffers with room to grow, so a decoded token writes in place instead of copying the whole cache."""
-        start, end = self.start, self.start + k.shape[2]
+        views of buffers with room to grow, so a decoded token writes in place instead of copying the whole cache.
+        A forward may run only the first rows of a slot (a speculative sweep verifies its deep rows alone): it
+        writes and reads those rows, and the others must already hold these positions."""
+        start, end, n = self.start, self.start + k.shape[2], k.shape[0]
         old, buf = self.slots.get(key), self.buffers.get(key)
         have = 0 if old is None else old[0].shape[2]
+        if old is not None and n < old[0].shape[0]:
+            if have < end or buf is None or buf[0].data_ptr() != old[0].data_ptr():
+                raise RuntimeError(f"a forward over the first {n} of {old[0].shape[0]} cached rows needs the other "
+                                   f"rows to hold positions up to {end} already (slot {key} has {have})")
+            buf[0][:n, :, start:end], buf[1][:n, :, start:end] = k, v
+            return buf[0][:n, :, :end], buf[1][:n, :, :end]
         if buf is None or old is None or buf[0].data_ptr() != old[0].data_ptr() or buf[0].shape[2] < end \
-                or buf[0].shape[0] != k.shape[0]:
+                or buf[0].shape[0] != n:
             room = end + max(128, end // 4)  # geometric growth: copies amortise to O(1) per token
             buf = (k.new_empty(*k.shape[:2], room, k.shape[3]), v.new_empty(*v.shape[:2], room, v.shape[3]))
             keep = min(have, start)
@@ -367,6 +376,26 @@ class LoopfitCache:
 
         self.slots = {key: (pick(key[0], key[1], k), pick(key[0], key[1], v)) for key, (k, v) in self.slots.items()}
         self.buffers = {}
+        self.last_state = self.last_embed = None
+        return self
+
+    def unpack(self, lengths, length):
+        """A packed prefill -> a left-padded batch. The cache holds one row: a prefix, then segments of `lengths`
+        tokens one after another (a coda slot holds one such row per swept r). Row i becomes the prefix, left
+        padding, then segment i, `length` positions in all; a coda slot's rows become r-major (row j * b + i for
+        the j-th r), as a `sweep` prefill of the padded batch leaves them. Returns the cache."""
+        b = len(lengths)
+
+        def spread(x):
+            common = x.shape[2] - sum(lengths)
+            out = x.new_zeros(x.shape[0] * b, x.shape[1], length, x.shape[3])
+            out[:, :, :common] = x[:, :, :common].repeat_interleave(b, 0)
+            for i, (start, n) in enumerate(zip(itertools.accumulate([common, *lengths]), lengths)):
+                out[i::b, :, length - n:] = x[:, :, start:start + n]
+            return out
+
+        self.slots = {key: (spread(k), spread(v)) for key, (k, v) in self.slots.items()}
+        self.buffers, self.seen = {}, length
         self.last_state = self.last_embed = None
         return self
 
@@ -455,8 +484,8 @@ def check_row_steps(row_steps, batch, unsupported):
     reads = [tuple(_ints(r)) if isinstance(r, (tuple, list, torch.Tensor)) else (int(r),) for r in row_steps]
     depth = [rs[0] if rs else 0 for rs in reads]
     if len(reads) != batch or min(depth, default=0) < 1 or any(a < b for a, b in zip(depth, depth[1:])) \
-            or any(a <= b for rs in reads for a, b in zip(rs, rs[1:])) or min(min(rs) for rs in reads) < 1:
-        raise ValueError(f"row_steps must give one r >= 1 (or distinct r, deepest first) per row, deepest rows first "
+            or any(a < b for rs in reads for a, b in zip(rs, rs[1:])) or min(min(rs) for rs in reads) < 1:
+        raise ValueError(f"row_steps must give one r >= 1 (or several r, deepest first) per row, deepest rows first "
                          f"(got {[rs[0] if len(rs) == 1 else list(rs) for rs in reads]} for {batch} rows)")
     if unsupported:
         raise ValueError("row_steps is for inference alone: not with training, sweep, exit_criterion, warm_start, "
@@ -504,11 +533,21 @@ class LoopfitModel(LoopfitPreTrainedModel):
             out[t] = (emb.cos().to(dtype), emb.sin().to(dtype))
         return out
 
-    def masks(self, attention_mask, q_len, past, device):
-        """Attention masks by window size (None = full causal). None means plain causal attention (fast path)."""
+    def masks(self, attention_mask, q_len, past, device, position_ids=None):
+        """Attention masks by window size (None = full causal). None means plain causal attention (fast path).
+        A 4D boolean `attention_mask` [b, 1, q, past + q] says itself which keys each query sees (packed
+        sequences); sliding windows then count by `position_ids`, the cached tokens before it being unpadded."""
         windows = {None} | {self.config.sliding_window} if "sliding_attention" in self.config.layer_types else {None}
-        padded = attention_mask is not None and not bool(attention_mask.all())
         out = {}
+        if attention_mask is not None and attention_mask.dim() == 4:
+            keys = torch.cat([torch.arange(past, device=device)[None].expand(len(position_ids), -1), position_ids], 1)
+            for w in windows:
+                allowed = attention_mask.bool()
+                if w is not None:
+                    allowed = allowed & (keys[:, None, None, :] > position_ids[:, None, :, None] - w)
+                out[w] = allowed | ~allowed.any(-1, keepdim=True)
+            return out
+        padded = attention_mask is not None and not bool(attention_mask.all())
         for w in windows:
             if w is None and not padded and (past == 0 or q_len == 1):
                 out[w] = None
@@ -517,11 +556,15 @@ class LoopfitModel(LoopfitPreTrainedModel):
             qi = torch.arange(past, kv_len, device=device)[:, None]
             ki = torch.arange(kv_len, device=device)[None, :]
             allowed = ki <= qi
-            if w is not None:
+            if w is not None and not padded:
                 allowed = allowed & (ki > qi - w)
             allowed = allowed[None, None]
             if padded:
-                allowed = allowed & attention_mask[:, None, None, :kv_len].bool()
+                real = attention_mask[:, :kv_len].bool()
+                allowed = allowed & real[:, None, None, :]
+                if w is not None:  # the window counts tokens, not cache slots: padding or holes may sit inside it
+                    pos = real.long().cumsum(-1)
+                    allowed = allowed & (pos[:, None, None, :] > pos[:, None, past:, None] - w)
             # rows with nothing to attend to (left padding) attend everywhere: finite, and never read
             out[w] = allowed | ~allowed.any(-1, keepdim=True)
         return out
@@ -572,7 +615,9 @@ class LoopfitModel(LoopfitPreTrainedModel):
             else:
                 position_ids = torch.arange(past, past + q_len, device=x.device)[None].expand(b, -1)
         rope = self.rope(position_ids, x.dtype)
-        mask = self.masks(attention_mask, q_len, past, x.device)
+        if attention_mask is not None and attention_mask.dim() == 4 and position_ids is None:
+            raise ValueError("a 4D attention_mask (packed sequences) needs position_ids")
+        mask = self.masks(attention_mask, q_len, past, x.device, position_ids)
         hidden = [] if output_hidden_states else None
         if cache is not None:
             cache.begin(q_len)
@@ -598,10 +643,11 @@ class LoopfitModel(LoopfitPreTrainedModel):
             else:
                 s = self.initial_state(e, position_ids)
         n, k = resolve_steps(num_steps, self.config.mean_recurrence)
-        inference_only = self.training or exit_rule is not None or resume is not None or warm_start \
-            or hidden is not None or (row_steps is not None and sweep is not None)
+        inference_only = self.training or exit_rule is not None or warm_start or hidden is not None \
+            or (row_steps is not None and sweep is not None)
         if sweep is not None:  # loops 0..t are the same whatever r: run the deepest r once, keep s_r for each r
-            depth, states = check_sweep(sweep, inference_only, cache.policy if cache is not None else "exact"), {}
+            depth, states = check_sweep(sweep, inference_only or resume is not None,
+                                        cache.policy if cache is not None else "exact"), {}
             for t in range(depth[0]):
                 s = run("core", self.core, self.adapter(torch.cat([s, e], dim=-1)), loop=t)
                 states[t + 1] = s
@@ -610,8 +656,12 @@ class LoopfitModel(LoopfitPreTrainedModel):
             mask = {w: m if m is None or m.shape[0] == 1 else m.repeat(g, 1, 1, 1) for w, m in mask.items()}
         elif row_steps is not None:  # row i runs its deepest r; deepest rows first, so loop t runs rows [:m]
             reads = check_row_steps(row_steps, b, inference_only)
+            if min(rs[-1] for rs in reads) < first_loop:
+                raise ValueError(f"a row_steps pass resumed at loop {first_loop} reads only r >= {first_loop}")
             depth, wanted, after = [rs[0] for rs in reads], {r for rs in reads for r in rs[1:]}, {}
-            for t in range(depth[0]):
+            if first_loop in wanted:  # a resumed row read at its first loop: the state it resumes from
+                after[first_loop] = s
+            for t in range(first_loop, depth[0]):  # a resumed row (speculative verification) starts at its loop
                 m = sum(r > t for r in depth)
                 new = run("core", self.core, self.adapter(torch.cat([s[:m], e[:m]], dim=-1)), loop=t, rows=m)
                 s = new if m == b else torch.cat([new, s[m:]])

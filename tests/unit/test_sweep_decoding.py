@@ -95,24 +95,26 @@ def test_sweep_loss_equals_loss_per_r():
     assert abs(out.loss[0] - out.loss[2]) > 1e-3
 
 
-def tiny_with_prompts(tok):
-    """A tiny `mean`-adapter model with the real tokenizer, and three 1-shot GSM8K prompts sharing the exemplar."""
+def tiny_with_prompts(tok, family="llama"):
+    """A tiny `mean`-adapter model of `family` (tiny_models.FAMILIES) with the real tokenizer, and three 1-shot
+    GSM8K prompts sharing the exemplar."""
     tok.pad_token = tok.pad_token or tok.eos_token
     torch.manual_seed(0)
-    model = tiny_models.recurrent(len(tok), adapter_init="mean", state_init="zeros", eos_token_id=tok.eos_token_id)
+    model = tiny_models.recurrent_family(family, vocab_size=len(tok), adapter_init="mean", state_init="zeros",
+                                         eos_token_id=tok.eos_token_id)
     questions = ("What is 2 + 2?", "Tom has 3 cats and buys 12 more. How many?", "A")
     return model.eval(), tok, [gsm8k_prompt(q, "1shot") for q in questions]
 
 
 def spy_row_steps(model, monkeypatch):
-    """The `row_steps` of every forward the model runs (the real forward runs)."""
-    seen, forward = [], model.forward
+    """The `row_steps` of every forward the model's body runs (the real forward runs)."""
+    seen, forward = [], model.model.forward
 
     def recording(*args, **kwargs):
         seen.append(kwargs.get("row_steps"))
         return forward(*args, **kwargs)
 
-    monkeypatch.setattr(model, "forward", recording)
+    monkeypatch.setattr(model.model, "forward", recording)
     return seen
 
 
@@ -144,6 +146,37 @@ def test_eval_generation_sweep_equals_generation_per_r(smollm2_tokenizer, monkey
     assert [s["completion"] for s in samples] == per_r[4] + per_r[1]
 
 
+
+@pytest.mark.parametrize("family", ["llama", "gemma3", "mistral"])
+def test_speculative_sweep_equals_generation_per_r(smollm2_tokenizer, family, monkeypatch):
+    """`generate_sweep(draft_loops=D)`: each r > D drafts at D loops inside the sweep's batch and is verified
+    `draft_tokens` at a time; every (r, prompt) pair keeps its own agreeing prefix, the rest of the round left in
+    the cache as holes the mask hides. The completions equal `generate` at each r, for D = 1, 2, 4 (real
+    tokenizer, 3 prompts in batches of 2, a stop string, 12 new tokens; Gemma's and Mistral's sliding windows
+    count tokens across the holes). The spy checks that verification passes ran and that holes were left."""
+    model, tok, prompts = tiny_with_prompts(smollm2_tokenizer, family)
+    per_r = {r: generate(model, tok, prompts, num_steps=r, max_new_tokens=12, stop=["\n\n"], batch_size=2)
+             for r in (1, 2, 4, 5)}
+    assert per_r[1] != per_r[5]
+    holes = {}
+    for d in (1, 2, 4):
+        calls, forward = [], model.model.forward
+
+        def recording(*args, **kwargs):
+            calls.append((kwargs.get("resume") is not None, args[1]))  # (a verification?, the attention mask)
+            return forward(*args, **kwargs)
+
+        monkeypatch.setattr(model.model, "forward", recording)
+        swept = generate_sweep(model, tok, prompts, [1, 4, 5, 2], max_new_tokens=12, stop=["\n\n"], batch_size=2,
+                               draft_loops=d, draft_tokens=3)
+        monkeypatch.undo()
+        assert swept == per_r, (family, d)
+        verifications = [mask for verify, mask in calls if verify]
+        assert verifications, d
+        padding = int((verifications[0][:, :-3] == 0).sum(1).max())
+        holes[d] = max(int((mask == 0).sum(1).max()) for mask in verifications) > padding
+    assert holes[1] or holes[2], holes  # some pair kept fewer than it was fed: a hole the mask hides
+
 @torch.no_grad()
 def test_eval_loss_sweep_equals_loss_per_r():
     """`loopfit eval`'s held-out loss reads every r from one run of the deepest: equal to each r run alone."""
@@ -164,8 +197,8 @@ def test_bad_settings_are_refused():
     model = model_of("llama")
     ids, _ = padded_batch()
     for bad, match in (({"row_steps": [1, 2, 2]}, "deepest rows first"), ({"row_steps": [2, 2]}, "one r >= 1"),
-                       ({"row_steps": [(2, 2), 1, 1]}, "distinct r, deepest first"),
-                       ({"row_steps": [(1, 2), 2, 1]}, "distinct r, deepest first"), ({"row_steps": [0, 0, 0]}, ">= 1"),
+                       ({"row_steps": [(2, 3), 2, 1]}, "several r, deepest first"),
+                       ({"row_steps": [(1, 2), 2, 1]}, "several r, deepest first"), ({"row_steps": [0, 0, 0]}, ">= 1"),
                        ({"sweep": [1, 2]}, "deepest first"), ({"sweep": [2, 2]}, "distinct"),
                        ({"sweep": [2, 1], "row_steps": [2, 2, 2]}, "inference alone")):
         with pytest.raises(ValueError, match=match):

@@ -14,6 +14,7 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 
 from .. import LoopfitError
 from ..loading import is_recurrent
+from ..modeling import DRAFT_TOKENS
 from .loading import steps_kwargs
 
 STOP_TAIL_TOKENS = 24  # stop strings are looked for in the text of a row's latest tokens
@@ -95,7 +96,8 @@ def shared_prefix(sequences):
 
 
 @torch.no_grad()
-def generate_sweep(model, tokenizer, prompts, loops, max_new_tokens=256, stop=(), batch_size=8, desc="generate"):
+def generate_sweep(model, tokenizer, prompts, loops, max_new_tokens=256, stop=(), batch_size=8, desc="generate",
+                   draft_loops=None, draft_tokens=DRAFT_TOKENS):
     """{r: greedy completions of `prompts`} for every r in `loops` at once, for a recurrent model: the completions
     `generate` gives at each r, for much less. Loops 0..t of a token are the same whatever r, so each prompt runs
     the deepest r once and the coda reads every r (`sweep`); the prompt prefix all prompts share (a task's
@@ -103,8 +105,21 @@ def generate_sweep(model, tokenizer, prompts, loops, max_new_tokens=256, stop=()
     one batch (`row_steps`), so each weight read of a decoding step serves every r. A prompt's r's that have
     picked the same tokens so far are one row that runs the deepest of them and is read at each, and the row
     splits where their tokens differ; an (r, prompt) pair leaves the batch as soon as it ends (EOS or a stop
-    string), so finished pairs cost nothing."""
+    string), so finished pairs cost nothing.
+
+    With `draft_loops` D, each r > D decodes by exact self-speculation inside the same batch: every round feeds
+    `draft_tokens` tokens a row, one forward each, in which an r > D row runs only its first D loops (a draft)
+    while the rows of r <= D decode as above; one more forward then verifies the deep rows' drafts, all at once,
+    from their D-loop states (loops D..r-1, see `speculative_generate`). Each (r, prompt) pair keeps its own
+    longest agreeing prefix plus one token: positions it did not keep stay in the cache as holes the attention
+    mask hides, so no row waits for another. Deep loops then read their weights once for many tokens, which is
+    what a decoding step is bound by (memory on a CPU, kernel launches on a GPU)."""
     depths = sorted({int(r) for r in loops}, reverse=True)
+    d = int(draft_loops) if draft_loops is not None and 0 < int(draft_loops) < depths[0] else None
+    # decoding rows: one per prompt read at every r >= d (its r's share their loops while their tokens agree; the
+    # r > d among them draft at d and are verified), and one for the r < d (no draft: they decode as they are)
+    low = tuple(r for r in depths if d is not None and r < d)
+    high = tuple(r for r in depths if r not in low)
     ids = tokenizer(list(prompts))["input_ids"]
     common = shared_prefix(ids)
     pad = tokenizer.pad_token_id
@@ -113,6 +128,11 @@ def generate_sweep(model, tokenizer, prompts, loops, max_new_tokens=256, stop=()
     device = next(model.parameters()).device
     order = sorted(range(len(prompts)), key=lambda i: -len(ids[i]))
     out = {r: [None] * len(prompts) for r in depths}
+
+    def finished(tokens):  # an (r, prompt) pair ends at EOS, a stop string or the token budget
+        tail = tokenizer.decode(tokens[-STOP_TAIL_TOKENS:], skip_special_tokens=False)
+        return tokens[-1] in eos or any(s in tail for s in stop) or len(tokens) >= max_new_tokens
+
     prefix = model.new_cache()
     if common:
         model(torch.tensor([ids[0][:common]], device=device), past_key_values=prefix, use_cache=True, sweep=depths,
@@ -123,42 +143,84 @@ def generate_sweep(model, tokenizer, prompts, loops, max_new_tokens=256, stop=()
                                  device=device)
         mask = torch.tensor([[1] * common + [0] * (n - len(ids[i])) + [1] * (len(ids[i]) - common) for i in batch],
                             device=device)
-        cache = copy.copy(prefix).repeat_rows(len(batch))  # the copy gets new slots; the prefix stays as it is
-        if n - 1 > common:  # the prompts' own tokens but the last, which the first decoding step feeds
-            model(input_ids[:, common:-1], attention_mask=mask[:, :-1], past_key_values=cache, use_cache=True,
-                  sweep=depths, logits_to_keep=1)
-        # one decoding row per prompt, read at every r: the r's of a prompt share their loops for as long as their
-        # tokens agree (a converged model's deep r's often agree throughout), and a row splits where they differ
-        rows, b = [(i, tuple(depths)) for i in batch], len(batch)
-        cache.select_rows(range(b), [k * b + i for i in range(b) for k in range(len(depths))], [depths[0]] * b)
-        token, new = input_ids[:, -1:], {(r, i): [] for r in depths for i in batch}
-        for _ in range(max_new_tokens):
-            logits = model(token, attention_mask=mask, past_key_values=cache, use_cache=True,
-                           row_steps=[reads for _, reads in rows]).logits[:, -1]
-            picked = iter(enumerate(logits.argmax(-1).tolist()))
-            after = []  # (prompt, reads, token, old row, old outputs) of the rows that go on
-            for a, (i, reads) in enumerate(rows):
-                by_token = {}
-                for r in reads:
-                    o, t = next(picked)
-                    new[(r, i)].append(t)
-                    by_token.setdefault(t, []).append((r, o))
-                for t, members in by_token.items():  # r's that picked the same token keep sharing their loops
-                    tail = tokenizer.decode(new[(members[0][0], i)][-STOP_TAIL_TOKENS:], skip_special_tokens=False)
-                    if not (t in eos or any(s in tail for s in stop)):  # ended r's leave the batch and the cache
-                        after.append((i, tuple(r for r, _ in members), t, a, [o for _, o in members]))
+        # the prompts' own tokens but the last (the first decoding step feeds it), packed into one row without
+        # padding: each sees the prefix and its own prompt's earlier tokens; then unpacked into the padded batch
+        own = [ids[i][common:-1] for i in batch]
+        cache = copy.copy(prefix).repeat_rows(1)  # the copy gets new slots; the prefix stays as it is
+        if any(own):
+            segment = torch.tensor([k for k, x in enumerate(own) for _ in x], device=device)
+            causal = torch.ones(len(segment), len(segment), dtype=torch.bool, device=device).tril()
+            sees = torch.cat([causal.new_ones(len(segment), common), causal & (segment[:, None] == segment)], 1)
+            positions = torch.tensor([[common + j for x in own for j in range(len(x))]], device=device)
+            model(torch.tensor([sum(own, [])], device=device), attention_mask=sees[None, None],
+                  position_ids=positions, past_key_values=cache, use_cache=True, sweep=depths, logits_to_keep=1)
+        cache.unpack([len(x) for x in own], n - 1)
+        # decoding rows (prompt, the r's it is read at, the token it feeds next), deepest first; a row splits
+        # where its r's tokens differ, and an (r, prompt) pair leaves as soon as it ends
+        b, last = len(batch), input_ids[:, -1].tolist()
+        rows = [(k, high) for k in range(b)] + ([(k, low) for k in range(b)] if low else [])
+        cache.select_rows([k for k, _ in rows], [depths.index(r) * b + k for k, reads in rows for r in reads],
+                          [reads[0] for _, reads in rows])
+        mask = mask[torch.tensor([k for k, _ in rows], device=device)]
+        rows, new = [(k, reads, last[k]) for k, reads in rows], {(r, k): [] for r in depths for k in range(b)}
+        while rows:
+            n_deep = sum(reads[0] > (d or depths[0]) for _, reads, _ in rows)
+            left = max_new_tokens - min(len(new[(r, k)]) for k, reads, _ in rows for r in reads)
+            q, start = min(draft_tokens, left) if n_deep else 1, cache.seen
+            first = [0]  # output index of each row's first read
+            for _, reads, _ in rows:
+                first.append(first[-1] + len(reads))
+            # an r > d runs its first d loops: a draft, read from its row's first output (the coda there sees the
+            # deepest r's earlier tokens); the r <= d are read as they are, and the other drafts need no head
+            drafting = [tuple(min(r, d or r) for r in reads) for _, reads, _ in rows]
+            heads = sorted({*first[:-1], *(o for a, (_, reads, _) in enumerate(rows)
+                                          for o, r in enumerate(reads, first[a]) if r <= (d or r))})
+            token = torch.tensor([[t] for *_, t in rows], device=device)
+            fed, picks, embeds, states = [token[:, 0].tolist()], [], [], []
+            for _ in range(q):  # the deep rows draft; the others decode at their own r
+                x, _, _ = model.model(token, mask, None, cache, None, None, False, True, row_steps=drafting)
+                mask = torch.cat([mask, mask.new_ones(len(rows), 1)], 1)  # the mask covers the token fed next
+                picks.append(dict(zip(heads, model.head_logits(x[heads, -1]).argmax(-1).tolist())))
+                if n_deep:
+                    embeds.append(cache.last_embed[:n_deep])
+                    states.append(cache.last_state[torch.tensor(first[:n_deep], device=device)])
+                fed.append([picks[-1][o] for o in first[:-1]])
+                token = torch.tensor([[t] for t in fed[-1]], device=device)
+            verified = {}
+            if n_deep:  # loops d..r-1 of every drafted token of the deep rows, in one forward
+                cache.seen = start
+                x, _, _ = model.model(None, mask[:n_deep, :start + q], None, cache, None, None, False, True,
+                                      row_steps=[reads for _, reads, _ in rows[:n_deep]],
+                                      resume=(torch.cat(embeds, 1), torch.cat(states, 1), d))
+                deep = [o for a, (_, reads, _) in enumerate(rows[:n_deep]) for o, r in enumerate(reads, first[a])
+                        if r > d]  # a deep row's r = d output was its draft: no second head
+                verified = dict(zip(deep, model.head_logits(x[deep]).argmax(-1).tolist()))
+            after = []  # (prompt, reads, next token, old row, old outputs, positions kept this round)
+            for a, (k, reads, _) in enumerate(rows):
+                groups = {}
+                for o, r in enumerate(reads, first[a]):
+                    picked = verified[o] if r > (d or r) else [p[o] for p in picks]
+                    kept = next((j for j in range(q - 1) if picked[j] != fed[j + 1][a]), q - 1)
+                    for t in picked[:kept + 1]:
+                        new[(r, k)].append(t)
+                        if finished(new[(r, k)]):  # an ended pair leaves the batch and the cache
+                            break
+                    else:  # r's that kept as many tokens and picked the same one go on sharing their loops
+                        groups.setdefault((kept, picked[kept]), []).append((r, o))
+                for (kept, t), members in groups.items():
+                    after.append((k, tuple(r for r, _ in members), t, a, [o for _, o in members], kept + 1))
             if not after:
                 break
             after.sort(key=lambda row: -row[1][0])  # deepest rows first (stable)
             old, outputs = [row[3] for row in after], [o for row in after for o in row[4]]
-            if old != list(range(len(rows))) or outputs != list(range(len(logits))):  # a split or an ending
+            if old != list(range(len(rows))) or outputs != list(range(first[-1])):  # a split or an ending
                 cache.select_rows(old, outputs, [row[1][0] for row in after])
                 mask = mask[torch.tensor(old, device=device)]
-            rows = [(i, reads) for i, reads, *_ in after]
-            token = torch.tensor([[row[2]] for row in after], device=device)
-            mask = torch.cat([mask, mask.new_ones(len(rows), 1)], 1)
-        for (r, i), tokens in new.items():
-            out[r][i] = cut_at_stop(tokenizer.decode(tokens, skip_special_tokens=True), stop)
+            for i, row in enumerate(after):  # positions a row did not keep become holes
+                mask[i, start + row[5]:start + q] = 0
+            rows = [(k, reads, t) for k, reads, t, *_ in after]
+        for (r, k), tokens in new.items():
+            out[r][batch[k]] = cut_at_stop(tokenizer.decode(tokens, skip_special_tokens=True), stop)
     return out
 
 
