@@ -4,17 +4,21 @@ quickstart's eval stage) and its held-out loss at r = 1, 2, 4, 8, 16. Prints one
   before   one run per r, and a KV cache that copies itself at every token (loopfit before the sweep: the
            cache's update then was `torch.cat`, reproduced here as `copying_update`)
   per_r    one run per r, the in-place cache
-  sweep    what `loopfit eval` does now: one run of the deepest r with the coda read at every r (`sweep`), the
-           shared few-shot prefix cached once, every (r, prompt) pair decoded in one batch (`row_steps`), the r's
-           of a prompt that agree so far sharing one row's loops
-Completions and losses must agree across the three (asserted: identical completions, losses to 1e-4).
+  sweep    what `loopfit eval` does without --draft-loops: one run of the deepest r with the coda read at every r
+           (`sweep`), the shared few-shot prefix cached once, the prompts' own tokens packed without padding,
+           every (r, prompt) pair decoded in one batch (`row_steps`), the r's of a prompt that agree so far
+           sharing one row's loops
+  speculative  the same sweep with --draft-loops D (default 2): the r > D draft at D loops in the same batch and
+           are verified --draft-tokens at a time, each pair keeping its own agreeing prefix
+Completions and losses must agree across the four (asserted: identical completions, losses to 1e-4).
 
 Model: SmolLM2-135M in the quickstart's shape (5,10,5) with the `mean` adapter and `embed` state, whose greedy
 tokens change with r (the fraction of completions that differ between r = 1 and the deepest r is reported), or
 --model FOLDER (e.g. a quickstart's trained model, `quickstart/runs/recurrent/final`).
 
 Usage: cd benchmarks && OMP_NUM_THREADS=1 python bench_eval_sweep.py [--items 8] [--loops 1,2,4,8] [--new 64]
-       [--loss-loops 1,2,4,8,16] [--loss-tokens 2048] [--model FOLDER] [--parts gsm8k,loss]
+       [--draft-loops 2] [--draft-tokens 4] [--loss-loops 1,2,4,8,16] [--loss-tokens 2048] [--model FOLDER]
+       [--parts gsm8k,loss] [--device cpu]
 """
 
 import argparse
@@ -30,7 +34,7 @@ from loopfit.eval.generation import generate_at
 from loopfit.eval.loss import evaluate as loss_sweep
 from loopfit.eval.loss import pack, read_texts
 from loopfit.loading import load, load_base
-from loopfit.modeling import LoopfitCache
+from loopfit.modeling import DRAFT_TOKENS, LoopfitCache
 
 
 def copying_update(self, key, k, v):
@@ -70,13 +74,17 @@ def gsm8k(model, tok, args):
     def per_r():
         return {r: generate_at(model, tok, prompts, r, "gsm8k_1shot", args.new, task.stop, 8)[0] for r in args.loops}
 
-    def sweep():
+    def sweep(draft_loops=None):
         _, samples = accuracy.evaluate(model, tok, "gsm8k_1shot", args.loops, limit=args.items, seed=1234,
-                                       max_new_tokens=args.new, batch_size=8)
+                                       max_new_tokens=args.new, batch_size=8, draft_loops=draft_loops,
+                                       draft_tokens=args.draft_tokens)
         return {r: [s["completion"] for s in samples if s["loops"] == r] for r in args.loops}
 
+    def speculative():
+        return sweep(args.draft_loops)
+
     seconds, outs = {}, {}
-    for name, run in (("before", per_r), ("per_r", per_r), ("sweep", sweep)):
+    for name, run in (("before", per_r), ("per_r", per_r), ("sweep", sweep), ("speculative", speculative)):
         sync(args.device)
         t0 = time.perf_counter()
         if name == "before":
@@ -87,7 +95,8 @@ def gsm8k(model, tok, args):
         sync(args.device)
         seconds[name] = time.perf_counter() - t0
         print(name, round(seconds[name], 1), "s", flush=True)
-    same = [a == b == c for r in args.loops for a, b, c in zip(outs["before"][r], outs["per_r"][r], outs["sweep"][r])]
+    same = [a == b == c == e for r in args.loops
+            for a, b, c, e in zip(outs["before"][r], outs["per_r"][r], outs["sweep"][r], outs["speculative"][r])]
     # on the CPU every row's arithmetic is the same in any batch; a GPU's kernels may reduce in another order for
     # another batch shape, and an fp32 rounding difference can flip a near-tie: there the agreement is reported
     assert all(same) or args.device != "cpu", "the sweep changed a completion"
@@ -95,7 +104,11 @@ def gsm8k(model, tok, args):
     emit("eval_sweep_gsm8k", model=args.model_name, items=args.items, loops=args.loops, max_new_tokens=args.new,
          before_seconds=round(seconds["before"], 1), per_r_seconds=round(seconds["per_r"], 1),
          sweep_seconds=round(seconds["sweep"], 1), speedup_vs_before=round(seconds["before"] / seconds["sweep"], 2),
-         speedup_vs_per_r=round(seconds["per_r"] / seconds["sweep"], 2), identical_completions=sum(same) / len(same),
+         speedup_vs_per_r=round(seconds["per_r"] / seconds["sweep"], 2), draft_loops=args.draft_loops,
+         draft_tokens=args.draft_tokens, speculative_seconds=round(seconds["speculative"], 1),
+         speculative_speedup_vs_before=round(seconds["before"] / seconds["speculative"], 2),
+         speculative_speedup_vs_sweep=round(seconds["sweep"] / seconds["speculative"], 2),
+         identical_completions=sum(same) / len(same),
          differ_low_vs_high_r=sum(a != b for a, b in zip(outs["sweep"][low], outs["sweep"][high])) / args.items)
 
 
@@ -127,6 +140,8 @@ def main():
     ap.add_argument("--items", type=int, default=8)
     ap.add_argument("--loops", type=ints, default=[1, 2, 4, 8])
     ap.add_argument("--new", type=int, default=64, help="new tokens at most (the quickstart's default)")
+    ap.add_argument("--draft-loops", type=int, default=2, help="D of the speculative sweep")
+    ap.add_argument("--draft-tokens", type=int, default=DRAFT_TOKENS, help="tokens a speculative round drafts, at most")
     ap.add_argument("--loss-loops", type=ints, default=[1, 2, 4, 8, 16])
     ap.add_argument("--loss-tokens", type=int, default=2048)
     ap.add_argument("--model", help="a loopfit folder instead of the untrained (5,10,5) SmolLM2")

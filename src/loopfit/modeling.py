@@ -609,14 +609,14 @@ class LoopfitModel(LoopfitPreTrainedModel):
         b, q_len, _ = x.shape
         cache = past_key_values if use_cache or past_key_values is not None else None
         past = cache.seen if cache is not None else 0
+        if attention_mask is not None and attention_mask.dim() == 4 and position_ids is None:
+            raise ValueError("a 4D attention_mask (packed sequences) needs position_ids")
         if position_ids is None:
             if attention_mask is not None:
                 position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:past + q_len]
             else:
                 position_ids = torch.arange(past, past + q_len, device=x.device)[None].expand(b, -1)
         rope = self.rope(position_ids, x.dtype)
-        if attention_mask is not None and attention_mask.dim() == 4 and position_ids is None:
-            raise ValueError("a 4D attention_mask (packed sequences) needs position_ids")
         mask = self.masks(attention_mask, q_len, past, x.device, position_ids)
         hidden = [] if output_hidden_states else None
         if cache is not None:

@@ -24,7 +24,8 @@ Stages (each prints one summary line; a finished stage is reused when re-run wit
               pretrained layers buys (--no-control skips it).
   4. eval     held-out math loss at each --eval-loops r, and a fixed --gsm8k subset of GSM8K (1-shot prompt,
               greedy, --max-new-tokens), for every model (the plain one ignores r); the recurrent models run
-              each sweep at the price of its deepest r (loopfit eval's sweep decoding).
+              each sweep at the price of its deepest r (loopfit eval's sweep decoding), their GSM8K with
+              exact self-speculation inside it (--draft-loops).
   5. report   OUT/REPORT.md: the table at equal FLOPs, plots (OUT/compare/*.png, the recurrent r sweep) and
               what these numbers do and do not show.
 
@@ -82,9 +83,9 @@ def add_arguments(parser):
     option("--gsm8k-loops", metavar="R,...", help="test-time loops r for GSM8K (default %(default)s)")
     option("--max-new-tokens", type=int, help="GSM8K generation budget (default %(default)s)")
     option("--draft-loops", type=int, metavar="D",
-           help="GSM8K of the recurrent model decodes each r > D on its own by exact self-speculation, drafting at D "
-           "loops: the same completions (default 0: every r decodes in one batch, which costs about the deepest r "
-           "alone and beats speculation on the quickstart's batches)")
+           help="GSM8K of the recurrent models speculates inside the sweep: each r > D drafts at D loops and is "
+           "verified several tokens a pass, for the same completions (default %(default)s: 1.4x on the trained "
+           "model; 0 decodes without drafts; a batch whose drafts are mostly rejected stops drafting)")
     option("--device", choices=("auto", "cpu", "cuda"), help="auto: a GPU when there is one (default %(default)s)")
     option("--recipe", help="training recipe file or shipped name (default %(default)s)")
     parser.add_argument("--no-control", dest="control", action="store_false",
@@ -516,7 +517,7 @@ def stage_report(s, out, state, device, seconds, recipe):
 
 def quickstart(model="smollm2-135m", out="quickstart", minutes=DEFAULT_MINUTES, steps=None, layers=None,
                adapter_init="passthrough", limit=2000, eval_loops=(1, 2, 4, 8, 16), eval_tokens=2048, gsm8k=8,
-               gsm8k_loops=(1, 2, 4, 8), max_new_tokens=64, draft_loops=None, device="auto", recipe="quickstart",
+               gsm8k_loops=(1, 2, 4, 8), max_new_tokens=64, draft_loops=2, device="auto", recipe="quickstart",
                control=True, force=False):
     """Run (or finish) the quickstart; returns the state dict (settings and each stage's summary). The arguments
     are `loopfit quickstart`'s options (see its --help); lists of r may be given as '1,2,4' or (1, 2, 4)."""

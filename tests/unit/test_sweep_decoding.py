@@ -54,6 +54,45 @@ def test_sweep_and_row_steps_equal_one_run_per_r(family):
     assert (swept[:3] - swept[6:]).abs().max() > 1e-2  # r changes the output, so a mix-up would show
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+@torch.no_grad()
+def test_packed_prompts_equal_each_prompt_alone_and_unpack_into_a_padded_batch(family):
+    """Three prompts after a shared cached prefix, packed into one row (a 4D mask: each token sees the prefix and
+    its own prompt's earlier tokens; positions continue the prefix) and swept at r = 5, 3, 1: the logits of every
+    packed token equal its prompt run alone (2e-5), sliding windows included. `LoopfitCache.unpack` then lays the
+    cache out as a left-padded batch, and one decoding step read at every r equals each prompt alone."""
+    model, sweep = model_of(family), [5, 3, 1]
+    g = torch.Generator().manual_seed(4)
+    prefix, own = torch.randint(0, VOCAB, (6,), generator=g), [torch.randint(0, VOCAB, (n,), generator=g)
+                                                               for n in (4, 9, 2)]
+    cache = model.new_cache()
+    model(prefix[None], past_key_values=cache, use_cache=True, sweep=sweep)
+    segment = torch.cat([torch.full((len(x),), i) for i, x in enumerate(own)])
+    sees = torch.cat([torch.ones(len(segment), 6, dtype=torch.bool),
+                      torch.ones(len(segment), len(segment), dtype=torch.bool).tril()
+                      & (segment[:, None] == segment)], 1)
+    positions = torch.cat([torch.arange(6, 6 + len(x)) for x in own])[None]
+    packed = model(torch.cat(own)[None], attention_mask=sees[None, None], position_ids=positions,
+                   past_key_values=cache, use_cache=True, sweep=sweep).logits  # [r, tokens, vocab]
+    starts = [0, 4, 13]
+    for j, r in enumerate(sweep):
+        for i, x in enumerate(own):
+            ref = model(torch.cat([prefix, x])[None], num_steps=r).logits[0, 6:]
+            assert (packed[j, starts[i]:starts[i] + len(x)] - ref).abs().max() < TOL, (family, r, i)
+    n = 6 + 9
+    cache.unpack([len(x) for x in own], n)
+    nxt = torch.randint(0, VOCAB, (3, 1), generator=g)
+    mask = torch.tensor([[1] * 6 + [0] * (9 - len(x)) + [1] * (len(x) + 1) for x in own])
+    cache.select_rows(range(3), [j * 3 + i for i in range(3) for j in range(3)], [5] * 3)
+    step = model(nxt, attention_mask=mask, past_key_values=cache, use_cache=True, row_steps=[tuple(sweep)] * 3).logits
+    for i, x in enumerate(own):
+        for j, r in enumerate(sweep):
+            ref = model(torch.cat([prefix, x, nxt[i]])[None], num_steps=r).logits[0, -1]
+            assert (step[i * 3 + j, -1] - ref).abs().max() < TOL, (family, r, i)
+    with pytest.raises(ValueError, match="needs position_ids"):
+        model(torch.cat(own)[None], attention_mask=sees[None, None])
+
+
 @pytest.mark.parametrize("family", ["llama", "gemma3", "mistral-window"])
 @torch.no_grad()
 def test_sweep_prefill_then_row_steps_decoding_equals_cached_decoding_per_r(family):
@@ -118,6 +157,18 @@ def spy_row_steps(model, monkeypatch):
     return seen
 
 
+def record_forwards(model, monkeypatch):
+    """(a verification?, the attention mask) of every forward the model's body runs (the real forward runs)."""
+    calls, forward = [], model.model.forward
+
+    def recording(*args, **kwargs):
+        calls.append((kwargs.get("resume") is not None, args[1]))
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(model.model, "forward", recording)
+    return calls
+
+
 def test_eval_generation_sweep_equals_generation_per_r(smollm2_tokenizer, monkeypatch):
     """`generate_sweep` (and so `loopfit eval`'s accuracy sweep) gives, at every r, the completions `generate`
     gives at that r: real tokenizer, 1-shot GSM8K prompts sharing the exemplar, 3 prompts in batches of 2, a stop
@@ -160,13 +211,7 @@ def test_speculative_sweep_equals_generation_per_r(smollm2_tokenizer, family, mo
     assert per_r[1] != per_r[5]
     holes = {}
     for d in (1, 2, 4):
-        calls, forward = [], model.model.forward
-
-        def recording(*args, **kwargs):
-            calls.append((kwargs.get("resume") is not None, args[1]))  # (a verification?, the attention mask)
-            return forward(*args, **kwargs)
-
-        monkeypatch.setattr(model.model, "forward", recording)
+        calls = record_forwards(model, monkeypatch)
         swept = generate_sweep(model, tok, prompts, [1, 4, 5, 2], max_new_tokens=12, stop=["\n\n"], batch_size=2,
                                draft_loops=d, draft_tokens=3)
         monkeypatch.undo()
@@ -176,6 +221,28 @@ def test_speculative_sweep_equals_generation_per_r(smollm2_tokenizer, family, mo
         padding = int((verifications[0][:, :-3] == 0).sum(1).max())
         holes[d] = max(int((mask == 0).sum(1).max()) for mask in verifications) > padding
     assert holes[1] or holes[2], holes  # some pair kept fewer than it was fed: a hole the mask hides
+
+
+def test_speculative_sweep_stops_drafting_where_drafts_are_rejected(smollm2_tokenizer, monkeypatch):
+    """A batch that has kept under MIN_DRAFTS_KEPT of at least MIN_DRAFTS_JUDGED drafts decodes on without drafts:
+    with a share no batch can reach, each of the two batches verifies once and then decodes plainly; with a share of
+    0 it keeps drafting. The completions are each r's own either way."""
+    from loopfit.eval import generation
+
+    model, tok, prompts = tiny_with_prompts(smollm2_tokenizer)
+    per_r = {r: generate(model, tok, prompts, num_steps=r, max_new_tokens=12, stop=["\n\n"], batch_size=2)
+             for r in (1, 2, 5)}
+    verifications = {}
+    for share in (0.0, 1.01):
+        calls = record_forwards(model, monkeypatch)
+        monkeypatch.setattr(generation, "MIN_DRAFTS_JUDGED", 1)
+        monkeypatch.setattr(generation, "MIN_DRAFTS_KEPT", share)
+        swept = generate_sweep(model, tok, prompts, [1, 2, 5], max_new_tokens=12, stop=["\n\n"], batch_size=2,
+                               draft_loops=2, draft_tokens=3)
+        monkeypatch.undo()
+        assert swept == per_r, share
+        verifications[share] = sum(verify for verify, _ in calls)
+    assert verifications[1.01] == 2 and verifications[0.0] > 2, verifications
 
 @torch.no_grad()
 def test_eval_loss_sweep_equals_loss_per_r():

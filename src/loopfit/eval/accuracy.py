@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from functools import partial
 
 from ..loading import is_recurrent
+from ..modeling import DRAFT_TOKENS
 from . import items as test_sets
 from .extract import flexible_answer, math_answer, math_equal, strict_answer
 from .generation import generate_at, generate_sweep
@@ -71,16 +72,18 @@ def evaluate(model, tokenizer, task, loops, limit=None, seed=1234, max_new_token
     """(rows, samples) of a task of TASKS at each r in `loops`: one row per (r, metric), every completion in
     samples. `items` replaces the task's test set; `limit` takes a fixed random subset (`seed`). With
     `exit_criterion` (adaptive exit, r the most loops a token may use) a 'mean_loops' row is added per r.
-    `draft_loops` D decodes each r > D by exact self-speculation (the same completions)."""
+    `draft_loops` D decodes each r > D by exact self-speculation (the same completions): inside the sweep, or
+    for each r on its own where there is no sweep."""
     spec = TASKS[task]
     items = test_sets.subset(items or spec.items(), limit, seed)
     prompts = [spec.prompt(it["question"]) for it in items]
     max_new_tokens = max_new_tokens or spec.max_new_tokens
     swept = None
-    if is_recurrent(model) and exit_criterion is None and draft_loops is None \
+    if is_recurrent(model) and exit_criterion is None \
             and model.config.cache_policy == "exact":  # every r in one pass (the same completions, far faster)
         swept = generate_sweep(model, tokenizer, prompts, loops, max_new_tokens, spec.stop, batch_size,
-                               f"{task} r={','.join(map(str, loops))}")
+                               f"{task} r={','.join(map(str, loops))}", draft_loops,
+                               draft_tokens or DRAFT_TOKENS)
     rows, samples = [], []
     for r in loops:
         completions, loop_rows = (swept[int(r)], []) if swept else generate_at(

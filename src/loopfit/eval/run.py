@@ -19,9 +19,10 @@ a `mean_loops` row per generation task and r.
 A recurrent model's sweep costs about its deepest r alone: each prompt runs once at the deepest r with the output
 read at every r, the shared few-shot prefix once, and every (r, prompt) pair decodes in one batch (the same
 completions as one run per r).
---draft-loops D decodes GSM8K / MATH / lm: generations of each r > D on its own by exact self-speculation (the same
-completions; r <= D decodes plainly): draft D loops, verify r. It pays for one deep r at batch 1 (try D = 2),
-not for a sweep.
+--draft-loops D adds exact self-speculation (the same completions): in the GSM8K / MATH sweep, every r > D drafts
+at D loops in the same batch and is verified --draft-tokens at a time, so its deep loops read their weights once
+for several tokens (try D = 2: 1.4x on the quickstart's model); lm: generations decode each r > D on its own
+(worth it for one deep r at batch 1). r <= D decode plainly.
 Writes OUT/results.json (one row per task, metric and r), OUT/samples.jsonl (every completion) and
 OUT/sweep.png (metric vs r); OUT defaults to MODEL/eval. Generation is greedy, batched, with the KV cache;
 --limit takes the same fixed random subset (--seed) for every r and every model.
@@ -180,8 +181,8 @@ def add_arguments(parser):
                         help="adaptive exit while generating, e.g. latent:0.005:1 (the rule that saves time; see "
                         "`loopfit generate --help`) or kl:5e-4; adds a mean_loops row per r")
     parser.add_argument("--draft-loops", type=int, metavar="D", help="decode generations at each r > D by exact "
-                        "self-speculation, drafting at D loops, each r on its own (same completions; pays for "
-                        "one deep r, not a sweep; try 2)")
+                        "self-speculation, drafting at D loops: inside the GSM8K / MATH sweep, each r on its own "
+                        "for lm: tasks (same completions; try 2)")
     option("--draft-tokens", type=int, metavar="K", help="tokens drafted per round with --draft-loops "
            "(default %(default)s)")
     parser.add_argument("--out", help="output folder (default MODEL/eval for a folder, else eval-NAME); must be "
