@@ -99,6 +99,22 @@ def shared_prefix(sequences):
     return max(n, 0)
 
 
+def packed_prefill(model, prefix, own, depths, length):
+    """A new cache: `prefix` (one row, unpadded) followed by each prompt's `own` tokens, swept at `depths` and laid
+    out as a left-padded batch of `length` positions. The prompts run packed into one row, each token seeing the
+    prefix and its own prompt's earlier tokens (a 4D mask), so padding costs no arithmetic."""
+    cache, common = copy.copy(prefix).repeat_rows(1), prefix.seen  # the copy gets new slots; the prefix stays
+    if any(own):
+        device = next(model.parameters()).device
+        segment = torch.tensor([k for k, x in enumerate(own) for _ in x], device=device)
+        causal = torch.ones(len(segment), len(segment), dtype=torch.bool, device=device).tril()
+        sees = torch.cat([causal.new_ones(len(segment), common), causal & (segment[:, None] == segment)], 1)
+        positions = torch.tensor([[common + j for x in own for j in range(len(x))]], device=device)
+        model(torch.tensor([sum(own, [])], device=device), attention_mask=sees[None, None], position_ids=positions,
+              past_key_values=cache, use_cache=True, sweep=depths, logits_to_keep=1)
+    return cache.unpack([len(x) for x in own], length)
+
+
 @torch.no_grad()
 def generate_sweep(model, tokenizer, prompts, loops, max_new_tokens=256, stop=(), batch_size=8, desc="generate",
                    draft_loops=None, draft_tokens=DRAFT_TOKENS):
@@ -147,18 +163,8 @@ def generate_sweep(model, tokenizer, prompts, loops, max_new_tokens=256, stop=()
                                  device=device)
         mask = torch.tensor([[1] * common + [0] * (n - len(ids[i])) + [1] * (len(ids[i]) - common) for i in batch],
                             device=device)
-        # the prompts' own tokens but the last (the first decoding step feeds it), packed into one row without
-        # padding: each sees the prefix and its own prompt's earlier tokens; then unpacked into the padded batch
-        own = [ids[i][common:-1] for i in batch]
-        cache = copy.copy(prefix).repeat_rows(1)  # the copy gets new slots; the prefix stays as it is
-        if any(own):
-            segment = torch.tensor([k for k, x in enumerate(own) for _ in x], device=device)
-            causal = torch.ones(len(segment), len(segment), dtype=torch.bool, device=device).tril()
-            sees = torch.cat([causal.new_ones(len(segment), common), causal & (segment[:, None] == segment)], 1)
-            positions = torch.tensor([[common + j for x in own for j in range(len(x))]], device=device)
-            model(torch.tensor([sum(own, [])], device=device), attention_mask=sees[None, None],
-                  position_ids=positions, past_key_values=cache, use_cache=True, sweep=depths, logits_to_keep=1)
-        cache.unpack([len(x) for x in own], n - 1)
+        # the prompts' own tokens but the last (the first decoding step feeds it), without padding
+        cache = packed_prefill(model, prefix, [ids[i][common:-1] for i in batch], depths, n - 1)
         # decoding rows (prompt, the r's it is read at, the token it feeds next), deepest first; a row splits
         # where its r's tokens differ, and an (r, prompt) pair leaves as soon as it ends
         b, last = len(batch), input_ids[:, -1].tolist()
