@@ -128,12 +128,13 @@ def generate_sweep(model, tokenizer, prompts, loops, max_new_tokens=256, stop=()
     string), so finished pairs cost nothing.
 
     With `draft_loops` D, each r > D decodes by exact self-speculation inside the same batch: every round feeds
-    `draft_tokens` tokens a row, one forward each, in which an r > D row runs only its first D loops (a draft)
-    while the rows of r <= D decode as above; one more forward then verifies the deep rows' drafts, all at once,
-    from their D-loop states (loops D..r-1, see `speculative_generate`). Each (r, prompt) pair keeps its own
-    longest agreeing prefix plus one token: positions it did not keep stay in the cache as holes the attention
-    mask hides, so no row waits for another. Deep loops then read their weights once for many tokens, which is
-    what a decoding step is bound by (memory on a CPU, kernel launches on a GPU)."""
+    up to `draft_tokens` tokens a row, one forward each, in which an r > D runs only its first D loops (a draft)
+    while the r <= D decode as above; one more forward then verifies the deep rows' drafts, all at once, from
+    their D-loop states (loops D..r-1, see `speculative_generate`). Each (r, prompt) pair keeps its own longest
+    agreeing prefix plus one token: positions it did not keep stay in the cache as holes the attention mask
+    hides, so no row waits for another. Deep loops then read their weights once for many tokens, and reading is
+    what a decoding step is bound by (memory on a CPU, kernel launches on a GPU). A round drafts what the best
+    pair kept last time and two more; a batch that keeps under MIN_DRAFTS_KEPT of its drafts stops drafting."""
     depths = sorted({int(r) for r in loops}, reverse=True)
     d = int(draft_loops) if draft_loops is not None and 0 < int(draft_loops) < depths[0] else None
     # decoding rows: one per prompt read at every r >= d (its r's share their loops while their tokens agree; the
