@@ -488,8 +488,8 @@ def check_row_steps(row_steps, batch, unsupported):
         raise ValueError(f"row_steps must give one r >= 1 (or several r, deepest first) per row, deepest rows first "
                          f"(got {[rs[0] if len(rs) == 1 else list(rs) for rs in reads]} for {batch} rows)")
     if unsupported:
-        raise ValueError("row_steps is for inference alone: not with training, sweep, exit_criterion, warm_start, "
-                         "drafts or output_hidden_states")
+        raise ValueError("row_steps is for inference alone: not with training, sweep, exit_criterion, warm_start "
+                         "or output_hidden_states")
     return reads
 
 

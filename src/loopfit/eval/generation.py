@@ -125,7 +125,8 @@ def generate_sweep(model, tokenizer, prompts, loops, max_new_tokens=256, stop=()
     one batch (`row_steps`), so each weight read of a decoding step serves every r. A prompt's r's that have
     picked the same tokens so far are one row that runs the deepest of them and is read at each, and the row
     splits where their tokens differ; an (r, prompt) pair leaves the batch as soon as it ends (EOS or a stop
-    string), so finished pairs cost nothing.
+    string), so finished pairs cost nothing. The prompts' own tokens are prefilled packed, without padding
+    (`packed_prefill`).
 
     With `draft_loops` D, each r > D decodes by exact self-speculation inside the same batch: every round feeds
     up to `draft_tokens` tokens a row, one forward each, in which an r > D runs only its first D loops (a draft)
@@ -176,7 +177,8 @@ def generate_sweep(model, tokenizer, prompts, loops, max_new_tokens=256, stop=()
         rows, new = [(k, reads, last[k]) for k, reads in rows], {(r, k): [] for r in depths for k in range(b)}
         drafts, length, checked, kept_drafts = d, draft_tokens, 0, 0
         while rows:
-            n_deep = sum(reads[0] > (drafts or depths[0]) for _, reads, _ in rows)
+            verify_above = drafts or depths[0]  # the r's this round drafts at d loops and verifies
+            n_deep = sum(reads[0] > verify_above for _, reads, _ in rows)
             left = max_new_tokens - min(len(new[(r, k)]) for k, reads, _ in rows for r in reads)
             q, start, best = min(length, left) if n_deep else 1, cache.seen, 0
             first = [0]  # output index of each row's first read
@@ -186,7 +188,7 @@ def generate_sweep(model, tokenizer, prompts, loops, max_new_tokens=256, stop=()
             # deepest r's earlier tokens); the r <= d are read as they are, and the other drafts need no head
             drafting = [tuple(min(r, drafts or r) for r in reads) for _, reads, _ in rows]
             heads = sorted({*first[:-1], *(o for a, (_, reads, _) in enumerate(rows)
-                                          for o, r in enumerate(reads, first[a]) if r <= (drafts or r))})
+                                          for o, r in enumerate(reads, first[a]) if r <= verify_above)})
             token = torch.tensor([[t] for *_, t in rows], device=device)
             fed, picks, embeds, states = [token[:, 0].tolist()], [], [], []
             for _ in range(q):  # the deep rows draft; the others decode at their own r
@@ -205,15 +207,15 @@ def generate_sweep(model, tokenizer, prompts, loops, max_new_tokens=256, stop=()
                                       row_steps=[reads for _, reads, _ in rows[:n_deep]],
                                       resume=(torch.cat(embeds, 1), torch.cat(states, 1), drafts))
                 deep = [o for a, (_, reads, _) in enumerate(rows[:n_deep]) for o, r in enumerate(reads, first[a])
-                        if r > drafts]  # a deep row's r = d output was its draft: no second head
+                        if r > verify_above]  # a deep row's r = d output was its draft: no second head
                 verified = dict(zip(deep, model.head_logits(x[deep]).argmax(-1).tolist()))
             after = []  # (prompt, reads, next token, old row, old outputs, positions kept this round)
             for a, (k, reads, _) in enumerate(rows):
                 groups = {}
                 for o, r in enumerate(reads, first[a]):
-                    picked = verified[o] if r > (drafts or r) else [p[o] for p in picks]
+                    picked = verified[o] if r > verify_above else [p[o] for p in picks]
                     kept = next((j for j in range(q - 1) if picked[j] != fed[j + 1][a]), q - 1)
-                    if r > (drafts or r):
+                    if r > verify_above:
                         checked, kept_drafts, best = checked + q - 1, kept_drafts + kept, max(best, kept)
                     for t in picked[:kept + 1]:
                         new[(r, k)].append(t)
