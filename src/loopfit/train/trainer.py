@@ -40,7 +40,7 @@ import yaml
 from .. import LoopfitError, __version__
 from ..io import atomic_dir, atomic_file, check_writable
 from ..loading import OFFLINE_MODELS, from_pretrained, is_recurrent, offline_folder
-from ..modeling import causal_lm_loss
+from ..model import causal_lm_loss
 from . import checkpoint, distributed
 from .config import describe_keys, load_recipe
 from .flops import param_counts, peak_flops, train_flops
