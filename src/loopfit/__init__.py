@@ -1,6 +1,6 @@
 """loopfit: retrofit depth recurrence into pretrained language models and train them to think deeper."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 
 class LoopfitError(Exception):
