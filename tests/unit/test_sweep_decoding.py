@@ -146,14 +146,16 @@ def tiny_with_prompts(tok, family="llama"):
 
 
 def spy_row_steps(model, monkeypatch):
-    """The `row_steps` of every forward the model's body runs (the real forward runs)."""
-    seen, forward = [], model.model.forward
+    """The `row_steps` of every per-row depth plan the model's forwards run (the real plans are built)."""
+    from loopfit.model import DepthPlan
 
-    def recording(*args, **kwargs):
-        seen.append(kwargs.get("row_steps"))
-        return forward(*args, **kwargs)
+    seen, per_row = [], DepthPlan.per_row.__func__
 
-    monkeypatch.setattr(model.model, "forward", recording)
+    def recording(cls, row_steps, *args, **kwargs):
+        seen.append(row_steps)
+        return per_row(cls, row_steps, *args, **kwargs)
+
+    monkeypatch.setattr(DepthPlan, "per_row", classmethod(recording))
     return seen
 
 
@@ -162,7 +164,7 @@ def record_forwards(model, monkeypatch):
     calls, forward = [], model.model.forward
 
     def recording(*args, **kwargs):
-        calls.append((kwargs.get("resume") is not None, args[1]))
+        calls.append((kwargs.get("resume_from") is not None, kwargs["attention_mask"]))
         return forward(*args, **kwargs)
 
     monkeypatch.setattr(model.model, "forward", recording)

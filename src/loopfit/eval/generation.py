@@ -14,7 +14,7 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 
 from .. import LoopfitError
 from ..loading import is_recurrent
-from ..model import DRAFT_TOKENS
+from ..model import DRAFT_TOKENS, DepthPlan
 from .loading import steps_kwargs
 
 STOP_TAIL_TOKENS = 24  # stop strings are looked for in the text of a row's latest tokens
@@ -192,20 +192,20 @@ def generate_sweep(model, tokenizer, prompts, loops, max_new_tokens=256, stop=()
             token = torch.tensor([[t] for *_, t in rows], device=device)
             fed, picks, embeds, states = [token[:, 0].tolist()], [], [], []
             for _ in range(q):  # the deep rows draft; the others decode at their own r
-                x, _, _ = model.model(token, mask, None, cache, None, None, False, True, row_steps=drafting)
+                fwd = model.model(token, attention_mask=mask, cache=cache, plan=DepthPlan.per_row(drafting, len(rows)))
                 mask = torch.cat([mask, mask.new_ones(len(rows), 1)], 1)  # the mask covers the token fed next
-                picks.append(dict(zip(heads, model.head_logits(x[heads, -1]).argmax(-1).tolist())))
+                picks.append(dict(zip(heads, model.head_logits(fwd.last_hidden_state[heads, -1]).argmax(-1).tolist())))
                 if n_deep:
-                    embeds.append(cache.last_embed[:n_deep])
-                    states.append(cache.last_state[torch.tensor(first[:n_deep], device=device)])
+                    embeds.append(fwd.prelude_output[:n_deep, -1:])
+                    states.append(fwd.final_state[torch.tensor(first[:n_deep], device=device), -1:])
                 fed.append([picks[-1][o] for o in first[:-1]])
                 token = torch.tensor([[t] for t in fed[-1]], device=device)
             verified = {}
             if n_deep:  # loops d..r-1 of every drafted token of the deep rows, in one forward
-                cache.seen = start
-                x, _, _ = model.model(None, mask[:n_deep, :start + q], None, cache, None, None, False, True,
-                                      row_steps=[reads for _, reads, _ in rows[:n_deep]],
-                                      resume=(torch.cat(embeds, 1), torch.cat(states, 1), drafts))
+                cache.rewind(start)
+                plan = DepthPlan.per_row([reads for _, reads, _ in rows[:n_deep]], n_deep, first_loop=drafts)
+                x = model.model(attention_mask=mask[:n_deep, :start + q], cache=cache, plan=plan,
+                                resume_from=(torch.cat(embeds, 1), torch.cat(states, 1))).last_hidden_state
                 deep = [o for a, (_, reads, _) in enumerate(rows[:n_deep]) for o, r in enumerate(reads, first[a])
                         if r > verify_above]  # a deep row's r = d output was its draft: no second head
                 verified = dict(zip(deep, model.head_logits(x[deep]).argmax(-1).tolist()))

@@ -3,8 +3,7 @@ sampling warps. Functions here take the model as their first argument; `LoopfitF
 
 import torch
 
-from .cache import _ReadOnlyCache
-from .configuration import resolve_steps
+from .depth import DepthPlan, resolve_steps
 
 EXIT_CANDIDATES = 256  # tokens an adaptive exit's later looks score (see `exit_rule`)
 EXIT_LOOK_AGAIN = 2  # latent:T:M: a near-tie found at loop t is looked at again at loop 2t
@@ -12,34 +11,29 @@ DRAFT_TOKENS = 4  # tokens a speculative round drafts by default (see `speculati
 
 
 @torch.no_grad()
-def loop_with_exit(model, s, e, max_loops, run, rule, head, rope, mask, cache):
-    """Decode one token per row, each row stopping its loops once `rule` says its next-token distribution has
-    settled. Rows that stopped keep their state; the loop ends when every row has stopped. Afterwards each
-    cache slot of a loop a row skipped holds that row's latest loop (Huginn's fallback), so later tokens
-    read what an unbatched run would have left there."""
-    peek, candidates = _ReadOnlyCache(cache), None
+def loop_with_exit(lm, step, s, e, max_loops, rule):
+    """The core loop of a decoding step under an adaptive exit: each row stops looping once `rule` says its
+    next-token distribution has settled, up to `max_loops`. Rows that stopped keep their state; the loop ends
+    when every row has stopped. Afterwards each cache slot of a loop a row skipped holds that row's latest loop
+    (Huginn's fallback), so later tokens read what an unbatched run would have left there. `lm` is the
+    LoopfitForCausalLM (its head scores a look). Returns (state, loops each row ran)."""
+    inner, candidates = lm.model, None
 
     def next_token_logprobs(state):  # None for a rule on the state alone (no coda, no head: nearly free)
         nonlocal candidates
         if not rule.reads_logits:
             return None
-        x = state
-        for j, layer in enumerate(model.coda):
-            x = layer(x, rope, mask, peek, cache.key("coda", 0, j))
-        x = model.norm(x)[:, -1]
+        x = inner.read_coda(step, state)[:, -1]
         if candidates is None:  # first look: the whole vocabulary; later looks: its top candidates only
-            logits = head(x).float()
+            logits = lm.lm_head(x).float()
             candidates = logits.topk(min(EXIT_CANDIDATES, logits.shape[-1]), -1).indices
             logits = logits.gather(-1, candidates)
         else:
-            logits = torch.einsum("bh,bkh->bk", x, head.weight[candidates]).float()
+            logits = torch.einsum("bh,bkh->bk", x, lm.lm_head.weight[candidates]).float()
         return torch.log_softmax(logits, dim=-1)
 
     def margin(state):  # one look: top-1 minus top-2 next-token logit (a near-tie flips with a little more depth)
-        x = state
-        for j, layer in enumerate(model.coda):
-            x = layer(x, rope, mask, peek, cache.key("coda", 0, j))
-        top = head(model.norm(x)[:, -1]).float().topk(2, -1).values
+        top = lm.lm_head(inner.read_coda(step, state)[:, -1]).float().topk(2, -1).values
         return top[:, 0] - top[:, 1]
 
     b = s.shape[0]
@@ -48,7 +42,7 @@ def loop_with_exit(model, s, e, max_loops, run, rule, head, rope, mask, cache):
     loops = torch.full((b,), max_loops, dtype=torch.long, device=s.device)
     prev, history = None, []
     for t in range(max_loops):
-        new = run("core", model.core, model.adapter(torch.cat([s, e], dim=-1)), loop=t)
+        new = inner.core_step(step, s, e, t)
         new = torch.where(done[:, None, None], s, new)
         logp = next_token_logprobs(new)
         if prev is not None:
@@ -68,19 +62,10 @@ def loop_with_exit(model, s, e, max_loops, run, rule, head, rope, mask, cache):
         if bool(done.all()):
             break
     used = loops.cpu()
-    last = min(max_loops, t + 1)
-    if cache.policy == "exact":  # rows that stopped early: later loops' slots fall back to their last loop
-        # only the loops past the earliest stop have such rows (none when every row ran to the end or stopped
-        # together, e.g. batch 1): thousands of small kernels saved per token, which a GPU feels
-        for j in range(len(model.core)):
-            for u in range(max(1, int(used.min())), last):
-                k_u, v_u = cache.slots[("core", u, j)]
-                k_p, v_p = cache.slots[("core", u - 1, j)]
-                skip = (loops <= u)[:, None, None, None]
-                k_u[:, :, -1:] = torch.where(skip, k_p[:, :, -1:], k_u[:, :, -1:])
-                v_u[:, :, -1:] = torch.where(skip, v_p[:, :, -1:], v_u[:, :, -1:])
-    cache.loops_used.append(used)
-    return s
+    # only the loops past the earliest stop have rows that skipped them (none when every row ran to the end or
+    # stopped together, e.g. batch 1): the fallback is skipped for the rest
+    step.cache.fall_back_to_earlier_loops(loops, max(1, int(used.min())), min(max_loops, t + 1), len(inner.core))
+    return s, used
 
 
 def exit_rule(spec):
@@ -231,21 +216,24 @@ def speculative_generate(model, input_ids, draft_steps, draft_tokens=DRAFT_TOKEN
 
     if max_new <= 0:
         return input_ids
-    x, _, _ = model.model(input_ids, mask[:, :prompt_len], None, cache, None, r, False, True)
+    draft, verify = DepthPlan.fixed(d, d, b), DepthPlan.fixed(r, r, b, first_loop=d)
+    x = model.model(input_ids, attention_mask=mask[:, :prompt_len], cache=cache,
+                    plan=DepthPlan.fixed(r, r, b)).last_hidden_state
     done, generated, length = emit(pick(scores(model.head_logits(x[:, -1:]), 0))), 1, k
     while not done and generated < max_new:
         q, start, active = min(length, max_new - generated), cache.seen, ~finished
         token, embeds, states, drafted, draft_scores = out[:, -1:], [], [], [], []
         for i in range(q):  # draft at d loops; the cache keeps loops < d of these tokens, which are exact
-            x, _, _ = model.model(token, mask[:, :start + i + 1], None, cache, None, d, False, True)
-            embeds.append(cache.last_embed)
-            states.append(cache.last_state)
+            drafting = model.model(token, attention_mask=mask[:, :start + i + 1], cache=cache, plan=draft)
+            x = drafting.last_hidden_state
+            embeds.append(drafting.prelude_output[:, -1:])
+            states.append(drafting.final_state[:, -1:])
             draft_scores.append(scores(model.head_logits(x), generated + i))
             token = pick(draft_scores[-1])
             drafted.append(token)
-        cache.seen = start  # verify: loops d..r-1 and the coda of all q tokens in one pass
-        x, _, _ = model.model(None, mask[:, :start + q], None, cache, None, r, False, True,
-                             resume=(torch.cat(embeds, 1), torch.cat(states, 1), d))
+        cache.rewind(start)  # verify: loops d..r-1 and the coda of all q tokens in one pass
+        x = model.model(attention_mask=mask[:, :start + q], cache=cache, plan=verify,
+                        resume_from=(torch.cat(embeds, 1), torch.cat(states, 1))).last_hidden_state
         target, drafted = scores(model.head_logits(x), generated), torch.cat(drafted, 1)
         if sample:
             p, p_draft = target.softmax(-1), torch.cat(draft_scores, 1).softmax(-1)
@@ -265,7 +253,7 @@ def speculative_generate(model, input_ids, draft_steps, draft_tokens=DRAFT_TOKEN
         released = (finished | ends) if len(eos) else torch.zeros_like(finished)
         step = int(torch.where(released, q, usable).min())
         cache.crop(start + step)
-        cache.drafts.append((q, step, min(step, int(kept[active].min()))))
+        cache.record_round(q, step, min(step, int(kept[active].min())))
         # draft what the last round kept and one more, up to k: rejected drafts are the loss, so a batch
         # whose rows disagree early drafts little, and one that agrees drafts k again
         length = min(k, step + 1)
