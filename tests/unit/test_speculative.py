@@ -172,6 +172,27 @@ def test_ring_cache_is_refused():
         model.generate(padded_batch()[0], num_steps=6, max_new_tokens=2, draft_steps=2, pad_token_id=0)
 
 
+def test_speculative_generate_stops_drafting_by_the_sweeps_rule(monkeypatch):
+    """`generate(draft_steps=d)` follows the one drafting rule (DraftPolicy) the eval's sweep follows: with a kept
+    share no batch can reach, one round is judged and the rest decodes plainly; with a share of 0 it drafts to the
+    end. The tokens are r-loop greedy decoding's either way."""
+    from loopfit.model import generation
+
+    model = tiny()
+    ids, mask = padded_batch(length=10)
+    kw = dict(attention_mask=mask, num_steps=6, max_new_tokens=16, **GREEDY)
+    plain = model.generate(ids, **kw)
+    rounds = {}
+    for share in (0.0, 1.01):
+        monkeypatch.setattr(generation, "MIN_DRAFTS_JUDGED", 1)
+        monkeypatch.setattr(generation, "MIN_DRAFTS_KEPT", share)
+        cache = model.new_cache()
+        assert torch.equal(model.generate(ids, draft_steps=2, draft_tokens=3, cache=cache, **kw), plain), share
+        monkeypatch.undo()
+        rounds[share] = len(cache.drafts)
+    assert rounds[1.01] == 1 and rounds[0.0] > 1, rounds
+
+
 @pytest.mark.real
 def test_real_smollm2_speculative_equals_plain_greedy():
     """Converted SmolLM2-135M, every layer kept (prelude 0-23, core 24-25, coda 26-29, `mean` adapter, `embed`

@@ -229,7 +229,7 @@ def test_speculative_sweep_stops_drafting_where_drafts_are_rejected(smollm2_toke
     """A batch that has kept under MIN_DRAFTS_KEPT of at least MIN_DRAFTS_JUDGED drafts decodes on without drafts:
     with a share no batch can reach, each of the two batches verifies once and then decodes plainly; with a share of
     0 it keeps drafting. The completions are each r's own either way."""
-    from loopfit.eval import generation
+    from loopfit.model import generation  # the rule every self-speculative loop follows (DraftPolicy)
 
     model, tok, prompts = tiny_with_prompts(smollm2_tokenizer)
     per_r = {r: generate(model, tok, prompts, num_steps=r, max_new_tokens=12, stop=["\n\n"], batch_size=2)

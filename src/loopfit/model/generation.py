@@ -8,6 +8,9 @@ from .depth import DepthPlan, resolve_steps
 EXIT_CANDIDATES = 256  # tokens an adaptive exit's later looks score (see `exit_rule`)
 EXIT_LOOK_AGAIN = 2  # latent:T:M: a near-tie found at loop t is looked at again at loop 2t
 DRAFT_TOKENS = 4  # tokens a speculative round drafts by default (see `speculative_generate`)
+# speculation stops once at least MIN_DRAFTS_JUDGED drafts have been judged and under MIN_DRAFTS_KEPT of them were
+# kept: a round costs its drafts and a verification, which a low share does not pay back
+MIN_DRAFTS_JUDGED, MIN_DRAFTS_KEPT = 32, 0.7
 
 
 @torch.no_grad()
@@ -119,6 +122,40 @@ def exit_rule(spec):
     return rules[kind]
 
 
+class DraftPolicy:
+    """When and how much a self-speculative decoding loop drafts; `speculative_generate` and the eval's sweep both
+    follow it. A round drafts what the best row kept last round and one more, up to `max_tokens` (rejected drafts
+    are the loss, so rows that disagree early draft little, and rows that agree draft `max_tokens` again); once
+    MIN_DRAFTS_JUDGED drafts have been judged and under MIN_DRAFTS_KEPT of them were kept, drafting stops and
+    decoding goes on plainly."""
+
+    def __init__(self, max_tokens):
+        self.max_tokens, self.length, self.judged, self.kept, self.drafting = max_tokens, max_tokens, 0, 0, True
+
+    def update(self, judged, kept, best):
+        """After a round: `judged` drafts were checked, `kept` of them kept, `best` by the row that kept most."""
+        self.judged, self.kept = self.judged + judged, self.kept + kept
+        self.length = min(self.max_tokens, best + 2)
+        if self.judged >= MIN_DRAFTS_JUDGED and self.kept < MIN_DRAFTS_KEPT * self.judged:
+            self.drafting = False
+
+
+def draft_step(model, token, attention_mask, cache, plan, inputs=slice(None), outputs=slice(None)):
+    """One drafted token a row: a forward at the draft's depth (its loops < d enter the cache, exact for any r).
+    Returns (hidden, e, s): the coda's output, then the prelude output of input rows `inputs` and the state of
+    output rows `outputs` (what the verification resumes the rows it checks from)."""
+    fwd = model.model(token, attention_mask=attention_mask, cache=cache, plan=plan)
+    return fwd.last_hidden_state, fwd.prelude_output[inputs, -1:], fwd.final_state[outputs, -1:]
+
+
+def verify(model, cache, start, attention_mask, embeds, states, plan):
+    """One forward over all the drafted tokens (from cache position `start`) that runs only loops
+    `plan.first_loop`.. and the coda, resuming from the states the drafts left. Returns the coda's output."""
+    cache.rewind(start)
+    return model.model(attention_mask=attention_mask, cache=cache, plan=plan,
+                       resume_from=(torch.cat(embeds, 1), torch.cat(states, 1))).last_hidden_state
+
+
 SPECULATIVE_SETTINGS = ("max_new_tokens", "max_length", "min_new_tokens", "do_sample", "temperature", "top_k",
                         "top_p", "eos_token_id", "pad_token_id")
 
@@ -216,24 +253,25 @@ def speculative_generate(model, input_ids, draft_steps, draft_tokens=DRAFT_TOKEN
 
     if max_new <= 0:
         return input_ids
-    draft, verify = DepthPlan.fixed(d, d, b), DepthPlan.fixed(r, r, b, first_loop=d)
-    x = model.model(input_ids, attention_mask=mask[:, :prompt_len], cache=cache,
-                    plan=DepthPlan.fixed(r, r, b)).last_hidden_state
-    done, generated, length = emit(pick(scores(model.head_logits(x[:, -1:]), 0))), 1, k
+    full, draft_plan = DepthPlan.fixed(r, r, b), DepthPlan.fixed(d, d, b)
+    verify_plan = DepthPlan.fixed(r, r, b, first_loop=d)
+    x = model.model(input_ids, attention_mask=mask[:, :prompt_len], cache=cache, plan=full).last_hidden_state
+    done, generated, policy = emit(pick(scores(model.head_logits(x[:, -1:]), 0))), 1, DraftPolicy(k)
     while not done and generated < max_new:
-        q, start, active = min(length, max_new - generated), cache.seen, ~finished
+        q, start, active = min(policy.length, max_new - generated), cache.seen, ~finished
+        if not policy.drafting:  # a plain r-loop step
+            x = model.model(out[:, -1:], attention_mask=mask[:, :start + 1], cache=cache, plan=full).last_hidden_state
+            done, generated = emit(pick(scores(model.head_logits(x), generated))), generated + 1
+            continue
         token, embeds, states, drafted, draft_scores = out[:, -1:], [], [], [], []
         for i in range(q):  # draft at d loops; the cache keeps loops < d of these tokens, which are exact
-            drafting = model.model(token, attention_mask=mask[:, :start + i + 1], cache=cache, plan=draft)
-            x = drafting.last_hidden_state
-            embeds.append(drafting.prelude_output[:, -1:])
-            states.append(drafting.final_state[:, -1:])
+            x, e, s = draft_step(model, token, mask[:, :start + i + 1], cache, draft_plan)
+            embeds.append(e)
+            states.append(s)
             draft_scores.append(scores(model.head_logits(x), generated + i))
             token = pick(draft_scores[-1])
             drafted.append(token)
-        cache.rewind(start)  # verify: loops d..r-1 and the coda of all q tokens in one pass
-        x = model.model(attention_mask=mask[:, :start + q], cache=cache, plan=verify,
-                        resume_from=(torch.cat(embeds, 1), torch.cat(states, 1))).last_hidden_state
+        x = verify(model, cache, start, mask[:, :start + q], embeds, states, verify_plan)
         target, drafted = scores(model.head_logits(x), generated), torch.cat(drafted, 1)
         if sample:
             p, p_draft = target.softmax(-1), torch.cat(draft_scores, 1).softmax(-1)
@@ -253,10 +291,9 @@ def speculative_generate(model, input_ids, draft_steps, draft_tokens=DRAFT_TOKEN
         released = (finished | ends) if len(eos) else torch.zeros_like(finished)
         step = int(torch.where(released, q, usable).min())
         cache.crop(start + step)
-        cache.record_round(q, step, min(step, int(kept[active].min())))
-        # draft what the last round kept and one more, up to k: rejected drafts are the loss, so a batch
-        # whose rows disagree early drafts little, and one that agrees drafts k again
-        length = min(k, step + 1)
+        accepted = min(step, int(kept[active].min()))
+        cache.record_round(q, step, accepted)
+        policy.update(judged=q, kept=accepted, best=step - 1)  # the batch advances by its shortest kept prefix
         done, generated = emit(tokens[:, :step]), generated + step
     return out
 
