@@ -510,6 +510,24 @@ class LoopfitForCausalLM(LoopfitPreTrainedModel, GenerationMixin):
         return CausalLMOutputWithPast(loss=loss, logits=logits, hidden_states=hidden,
                                       **{OUTPUT_CACHE_FIELD: cache})
 
+    def flop_groups(self):
+        """Non-embedding parameters by how often a token's forward uses them: the prelude, the coda and the final
+        norm once, the core and the adapter once per loop (the training FLOPs count reads these)."""
+        inner = self.model
+
+        def count(*modules):
+            return sum(p.numel() for m in modules for p in m.parameters())
+
+        return {"prelude": count(inner.prelude), "core": count(inner.core), "coda": count(inner.coda),
+                "adapter": count(inner.adapter), "final_norm": count(inner.norm)}
+
+    def fsdp_units(self):
+        """(part, block) for every transformer block, the units FSDP shards one by one; the core's blocks run every
+        loop, so a caller keeps them unsharded between loops."""
+        inner = self.model
+        return ([("prelude", b) for b in inner.prelude] + [("core", b) for b in inner.core]
+                + [("coda", b) for b in inner.coda])
+
     def head_logits(self, x):
         logits = self.lm_head(x)
         if self.config.final_logit_softcapping:
