@@ -99,8 +99,8 @@ def add_arguments(parser):
 
 def _settings(args):
     """Validated settings that decide the results (a change of any needs a fresh --out)."""
-    from .eval.loading import parse_loops
     from .loading import OFFLINE_MODELS
+    from .loops import parse_loops
 
     if args.model not in OFFLINE_MODELS:
         raise LoopfitError(f"unknown model '{args.model}': the quickstart runs offline on {', '.join(OFFLINE_MODELS)}")
