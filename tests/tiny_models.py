@@ -93,3 +93,26 @@ def padded_batch(seed=0, length=14):
     mask[1, :3] = 0
     mask[2, :6] = 0
     return ids, mask
+
+
+WORDS = ("the a an and or of to in on at by for with from as is was are be has have had he she it they we you i "
+         "what how many much more less plus minus times so then story river ran past old mill mills bridge town "
+         "tom apples buys q a answer question total each").split()
+
+
+def tokenizer():
+    """A small word-level tokenizer built in-process, so unit tests need no downloaded model: the words above,
+    single digits, letters and ASCII punctuation, lower-cased; an unknown word is <unk>, and <|endoftext|> is
+    EOS and padding."""
+    import string
+
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    symbols = ["<|endoftext|>", "<unk>", *dict.fromkeys([*WORDS, *string.ascii_letters, *string.digits,
+                                                          *string.punctuation])]
+    tok = Tokenizer(models.WordLevel({s: i for i, s in enumerate(symbols)}, unk_token="<unk>"))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Whitespace(), pre_tokenizers.Digits(True)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>",
+                                   unk_token="<unk>")
