@@ -166,13 +166,21 @@ def _eval_loss(run):
         return None
     r = cfg.recurrence.eval_loops or cfg.recurrence.mean
     kwargs = {"num_steps": r} if run.recurrent else {}
+    batches = list(run.source.eval_batches(cfg.train.eval_batches))
+    # every rank runs as many forwards as the busiest one: DDP and FSDP forwards are collectives, and ranks may
+    # hold unequal numbers of held-out batches (round-robin over a small split); the extra ones count nothing
+    (most,) = distributed.all_max([len(batches)], d.device)
     model.eval()
     total = count = 0.0
     with torch.no_grad(), run.autocast():
-        for b in run.source.eval_batches(cfg.train.eval_batches):
-            ids, labels = b["input_ids"].to(d.device), b.get("labels", b["input_ids"]).to(d.device)
-            total += _loss_sum(model, ids, labels, run.recurrent, kwargs).item()
-            count += (labels[:, 1:] != -100).sum().item()
+        for i in range(int(most)):
+            b = batches[i] if i < len(batches) else None
+            ids = b["input_ids"] if b is not None else torch.zeros((1, 2), dtype=torch.long)
+            labels = b.get("labels", b["input_ids"]) if b is not None else ids
+            loss = _loss_sum(model, ids.to(d.device), labels.to(d.device), run.recurrent, kwargs).item()
+            if b is not None:
+                total += loss
+                count += (labels[:, 1:] != -100).sum().item()
     model.train()
     total, count = distributed.all_sum([total, count], d.device)
     return total / max(count, 1.0)
