@@ -262,6 +262,46 @@ def _schedule(cfg):
     return (lambda step: lr_factor(step, total, *args)), (lambda step: lr_fraction(step, total, *args))
 
 
+SCHEDULE_KEYS = ("optim.lr", "optim.adamw_lr", "train.steps", "schedule.name", "schedule.warmup", "schedule.decay",
+                 "schedule.decay_shape", "schedule.floor")
+
+
+def _resume_changes(ckpt_path, cfg, step):
+    """One line naming the lr and schedule keys that differ from the checkpoint's recipe, and the lr at `step`
+    before and after (None if nothing that moves the lr changed)."""
+    import json
+
+    try:
+        saved = json.loads((Path(ckpt_path) / "trainer.json").read_text()).get("recipe") or {}
+    except (OSError, ValueError):
+        return None
+    now = cfg.to_dict()
+
+    def value(recipe, dotted):
+        section, _, name = dotted.partition(".")
+        return (recipe.get(section) or {}).get(name)
+
+    changed = [k for k in SCHEDULE_KEYS if value(saved, k) is not None and value(saved, k) != value(now, k)]
+    if not changed:
+        return None
+
+    def lr(recipe, which):
+        s = recipe["schedule"]
+        factor = lr_factor(step, recipe["train"]["steps"], s["name"], s["warmup"], s["decay"], s["decay_shape"],
+                           s["floor"])
+        base = recipe["optim"]["adamw_lr" if which == "adamw" or recipe["optim"]["name"] == "adamw" else "lr"]
+        return base * factor
+
+    which = "adamw" if now["optim"]["name"] == "adamw" else "muon"
+    try:
+        before, after = lr(saved, which), lr(now, which)
+    except (KeyError, TypeError, ValueError):
+        before = after = None
+    moves = "" if before is None else f"; the {which} lr at step {step + 1} is {after:.3g} (it was {before:.3g})"
+    return ("resuming with a changed schedule: " + ", ".join(f"{k} {value(saved, k)} -> {value(now, k)}"
+                                                             for k in changed) + moves)
+
+
 def _depths(cfg, step, accum, recurrent):
     """(n, k, rbar) of each micro-batch of `step`: one draw per micro-batch, or one per step (depth_per=step)."""
     if not recurrent:
@@ -297,6 +337,7 @@ class _Run:
     last_saved: int = -1  # the step of the newest checkpoint this run holds
     loss: float = math.nan
     eval_loss: float = None
+    skipped: int = 0  # steps dropped by train.on_nonfinite=skip in this process
 
     def autocast(self):
         return torch.autocast(self.d.device.type, dtype=torch.bfloat16, enabled=self.bf16)
@@ -340,12 +381,19 @@ def _setup(cfg, d, resume, data):
 
     start, tokens, flops, flops_full = 0, 0, 0.0, 0.0
     if ckpt_path is not None:
+        base_lrs = [[g["base_lr"] for g in opt.param_groups] for opt in optimizers]
         state = checkpoint.load(ckpt_path, model, optimizers, d)
+        for opt, lrs in zip(optimizers, base_lrs):  # the recipe's lr, not the one the checkpoint was made with
+            for group, lr in zip(opt.param_groups, lrs):
+                group["base_lr"] = lr
         start, tokens, flops = state["step"], state["tokens"], state["flops"]
         flops_full = state.get("flops_full", flops)
         source.load_state_dict(state.get("data", {}))
         _say(d, f"resumed from {ckpt_path} at step {start}" + ("" if state["rng_restored"] else
              f" (saved with {state['world']} ranks, now {d.world}: RNG reseeded, not bit-exact)"))
+        note = _resume_changes(ckpt_path, cfg, start)
+        if note:
+            _say(d, note)
     if d.main:
         out_dir.mkdir(parents=True, exist_ok=True)
         with atomic_file(out_dir / "recipe.yaml", "w") as f:
@@ -452,28 +500,61 @@ def _step(run, step, stop):
 
 
 def _nonfinite(run, step, what, lrs):
-    """A non-finite loss or gradient: drop the step (train.on_nonfinite=skip) or save the last good state and stop."""
+    """A non-finite loss or gradient: drop the step (train.on_nonfinite=skip), or stop and name the newest
+    checkpoint from before the update that diverged (the weights after it are the ones that gave `what`)."""
     for opt in run.optimizers:
         opt.zero_grad(set_to_none=True)
     if run.cfg.train.on_nonfinite == "skip":
         _say(run.d, f"step {step + 1}: non-finite ({what}); skipped (train.on_nonfinite=skip)")
         run.metrics.log({"step": step + 1, "skipped": 1, "loss": None, "lr": lrs[0]})
+        run.skipped += 1
         if run.bar:
             run.bar.update(1)
         return
-    path = run.save(step) if run.last_saved != step else run.saved_path(step)
     if run.bar:
         run.bar.close()
     run.metrics.close()
+    poisoned = run.saved_path(step)
+    if run.d.main and poisoned.is_dir():  # kept for inspection, out of --resume's way
+        poisoned.rename(poisoned.with_name(f"nonfinite-{poisoned.name}"))
+    distributed.barrier()
+    good = [(s, p) for s, p in checkpoint.list_checkpoints(run.out_dir) if s < step and checkpoint.verify(p) is None]
+    head = f"non-finite training signal at step {step + 1} ({what}): stopped; "
+    fix = "Lower optim.lr / optim.adamw_lr or optim.grad_clip, check the data"
+    if good:
+        raise LoopfitError(
+            f"{head}the last good state is {good[0][1]} (step {good[0][0]}, before the update that diverged). "
+            f"{fix}, then continue with --resume (or set train.on_nonfinite=skip to drop such steps)")
     raise LoopfitError(
-        f"non-finite training signal at step {step + 1} ({what}): stopped; the last good state (after step "
-        f"{step}) is saved in {path}. Lower optim.lr / optim.adamw_lr or optim.grad_clip, check the data, "
-        "then continue with --resume (or set train.on_nonfinite=skip to drop such steps)")
+        f"{head}no checkpoint precedes the update that diverged (step {step}), so none is kept. {fix}, then start "
+        "again from model.init_from in a new train.out_dir (a smaller checkpoint.every keeps one nearer)")
+
+
+def _check_trained(run):
+    """Refuse to export a model that no step trained or whose weights are not all finite."""
+    problem = None
+    if run.skipped and run.skipped >= run.cfg.train.steps - run.start:
+        problem = (f"every step of the run was non-finite and skipped (train.on_nonfinite=skip): nothing was "
+                   f"trained, so {run.out_dir / 'final'} is not written. Check model.init_from's weights and the "
+                   "data, or lower optim.lr / optim.adamw_lr")
+    bad = sum(int(not torch.isfinite(p.to_local() if hasattr(p, "to_local") else p).all())
+              for p in run.model.parameters())
+    (bad,) = distributed.all_sum([float(bad)], run.d.device)
+    if bad and problem is None:
+        problem = (f"the trained weights hold non-finite values: {run.out_dir / 'final'} is not written. Lower "
+                   "optim.lr / optim.adamw_lr or optim.grad_clip and train again")
+    if problem:
+        if run.bar:
+            run.bar.close()
+        run.metrics.close()
+        raise LoopfitError(problem)
 
 
 def _finish(run, done, stopped):
     """Checkpoint the last step; unless a signal stopped the run, the final held-out loss and the final/ folder."""
     cfg, d, t, metrics = run.cfg, run.d, run.cfg.train, run.metrics
+    if not stopped:
+        _check_trained(run)
     path = run.save(done) if run.last_saved != done else run.saved_path(done)
     if run.bar:
         run.bar.close()
