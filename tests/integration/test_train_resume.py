@@ -146,3 +146,28 @@ def test_kill_9_while_exporting_final_then_resume_logs_the_end_once(recipe_path,
             and f"held-out loss {evals[0]['eval_loss']:.4f}" in done)
     assert (out / "final/model.safetensors").exists()
     assert not any(p.name.startswith(".final.tmp") for p in out.iterdir())  # the killed export's leftovers are gone
+
+
+def test_a_second_run_in_a_held_out_dir_is_refused_and_a_killed_run_leaves_no_lock(recipe_path, tmp_path):
+    out = tmp_path / "run"
+    first = launch(recipe_path, out, pause=60.0)  # it holds the folder while it sleeps in its first checkpoint
+    try:
+        t0 = time.time()
+        while not (out / "checkpoints").exists():  # the first run holds the folder and is training
+            assert first.poll() is None and time.time() - t0 < 120, first.stderr.read()[-2000:]
+            time.sleep(0.05)
+        second = subprocess.run([sys.executable, "-m", "loopfit.cli", "train", str(recipe_path),
+                                 f"--train.out_dir={out}", "--resume"], capture_output=True, text=True,
+                                env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=120)
+        assert second.returncode == 2 and "Traceback" not in second.stderr
+        assert f"train.out_dir {out} is in use by a running loopfit (pid {first.pid})" in second.stderr
+        kill_when(first, lambda: any(p.name.startswith(".step-") for p in (out / "checkpoints").iterdir()))
+    finally:
+        if first.poll() is None:
+            first.kill()
+    # the kernel released the killed run's lock (it died in its first checkpoint: nothing to resume, so the
+    # next run starts afresh); the killed write's hidden temporary folder goes at that start
+    assert not list((out / "checkpoints").glob("step-*"))
+    err = finish(launch(recipe_path, out))
+    assert "removed the temporary files of an interrupted write" in err and (out / "final").is_dir()
+    assert not [p.name for p in out.rglob(".*") if ".tmp-" in p.name or ".old-" in p.name]

@@ -43,11 +43,12 @@ def list_checkpoints(out_dir):
 
 
 def remove_partial(out_dir):
-    """Delete the temporary folders of checkpoint (and final/) writes that were killed midway; returns how many."""
-    stale = [p for p in checkpoint_dir(out_dir).glob(".step-*.tmp-*") if p.is_dir()]
-    stale += [p for p in Path(out_dir).glob(".final.tmp-*") if p.is_dir()]  # killed while exporting final/
+    """Delete the hidden temporary files and folders of writes that were killed midway (checkpoints, final/,
+    metrics, recipe); returns how many. Called with the run's lock on out_dir held: no live writer owns them."""
+    stale = [p for folder in (Path(out_dir), checkpoint_dir(out_dir)) for pattern in (".*.tmp-*", ".*.old-*")
+             for p in folder.glob(pattern)]
     for p in stale:
-        shutil.rmtree(p, ignore_errors=True)
+        shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
     return len(stale)
 
 

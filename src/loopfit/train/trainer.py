@@ -26,6 +26,7 @@ steps, at the end, and on SIGTERM/SIGINT), and final/, a folder from_pretrained 
 the run with a checkpoint of the last good state (or, with train.on_nonfinite=skip, drops that step).
 """
 
+import contextlib
 import math
 import signal
 import sys
@@ -38,7 +39,7 @@ import torch
 import yaml
 
 from .. import LoopfitError, __version__
-from ..io import atomic_dir, atomic_file, check_writable
+from ..io import atomic_dir, atomic_file, check_writable, folder_lock
 from ..loading import OFFLINE_MODELS, from_pretrained, is_recurrent, offline_folder
 from ..modeling import causal_lm_loss
 from . import checkpoint, distributed
@@ -232,6 +233,8 @@ def train(recipe=None, overrides=(), resume=None, data=None):
 
 def _start_state(cfg, d, resume, out_dir):
     """Checkpoint path to resume from (or None), after the explicit start/resume checks."""
+    if d.main and checkpoint.remove_partial(out_dir):
+        _say(d, "removed the temporary files of an interrupted write")
     existing = checkpoint.list_checkpoints(out_dir)
     if resume is None:
         if existing:
@@ -245,8 +248,6 @@ def _start_state(cfg, d, resume, out_dir):
         if reason:
             raise LoopfitError(f"cannot resume from {path}: {reason}")
         return path
-    if d.main and checkpoint.remove_partial(out_dir):
-        _say(d, "removed the partial checkpoint of an interrupted write")
     path, skipped = checkpoint.latest_good(out_dir)
     for msg in skipped:
         _say(d, msg)
@@ -582,6 +583,15 @@ def _finish(run, done, stopped):
 
 
 def _train(cfg, d, resume, data):
+    with contextlib.ExitStack() as held:
+        if d.main:  # one run at a time in train.out_dir; the lock dies with its process
+            check_writable(Path(cfg.train.out_dir), "train.out_dir")
+            held.enter_context(folder_lock(cfg.train.out_dir, "train.out_dir"))
+        distributed.barrier()
+        return _run(cfg, d, resume, data)
+
+
+def _run(cfg, d, resume, data):
     run = _setup(cfg, d, resume, data)
     done, stopped = cfg.train.steps, None
     with StopSignal() as stop:
