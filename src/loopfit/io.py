@@ -1,6 +1,7 @@
 """Atomic writes (a crash never leaves a half-written file or folder in place of a good one) and file checksums."""
 
 import contextlib
+import errno
 import hashlib
 import os
 import re
@@ -54,8 +55,11 @@ def atomic_dir(dest, force=False):
     tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(dest), dir=dest.parent))
     os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private; the result is an ordinary folder
     try:
-        yield tmp
-        _fsync_tree(tmp)
+        try:
+            yield tmp
+            _fsync_tree(tmp)
+        except Exception as e:
+            raise _write_failed(dest, e) from e
         if dest.exists():
             if not force:
                 raise FileExistsError(dest)
@@ -79,10 +83,13 @@ def atomic_file(dest, mode="wb"):
     fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(dest), dir=dest.parent)
     os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private; the result follows the user's umask
     try:
-        with os.fdopen(fd, mode) as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
+        try:
+            with os.fdopen(fd, mode) as f:
+                yield f
+                f.flush()
+                os.fsync(f.fileno())
+        except Exception as e:
+            raise _write_failed(dest, e) from e
         os.replace(tmp, dest)
     finally:
         if os.path.exists(tmp):
@@ -90,10 +97,31 @@ def atomic_file(dest, mode="wb"):
 
 
 def _fsync_tree(root):
+    mode = 0o666 & ~_umask()  # some writers (safetensors) create private files: the result follows the umask
     for path in Path(root).rglob("*"):
         if path.is_file():
+            os.chmod(path, mode)
             with open(path, "rb") as f:
                 os.fsync(f.fileno())
+
+
+FULL_ERRNOS = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT}
+FULL_MESSAGES = ("unexpected pos", "No space left", "File too large", "Disk quota exceeded")
+
+
+def _write_failed(dest, e):
+    """A write that failed for want of space (the OS's error, or torch's and safetensors' wrapping of it) as one
+    LoopfitError naming the folder; any other exception as it is. The partial write is removed by the caller."""
+    from . import LoopfitError
+
+    if isinstance(e, LoopfitError):
+        return e
+    full = (isinstance(e, OSError) and e.errno in FULL_ERRNOS) or any(m in str(e) for m in FULL_MESSAGES)
+    if not full:
+        return e
+    return LoopfitError(f"cannot write {dest}: the disk holding {dest.parent} is full or over its quota "
+                        f"({(str(e).splitlines() or [type(e).__name__])[0][:100]}); free space there, or write "
+                        "elsewhere, and run again (what was written before is intact)")
 
 
 def sha256_file(path):

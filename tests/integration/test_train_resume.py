@@ -171,3 +171,26 @@ def test_a_second_run_in_a_held_out_dir_is_refused_and_a_killed_run_leaves_no_lo
     err = finish(launch(recipe_path, out))
     assert "removed the temporary files of an interrupted write" in err and (out / "final").is_dir()
     assert not [p.name for p in out.rglob(".*") if ".tmp-" in p.name or ".old-" in p.name]
+
+
+def test_a_full_disk_mid_checkpoint_is_one_line_and_the_previous_checkpoint_resumes(recipe_path, tmp_path):
+    """The file-size limit makes every write past 500 kB fail as a full disk does (EFBIG): the weights of the
+    second checkpoint no longer fit."""
+    import resource
+
+    out = tmp_path / "run"
+    finish(launch(recipe_path, out, "--train.steps=4"))
+
+    def small_disk():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (500_000, 500_000))
+
+    cmd = [sys.executable, "-m", "loopfit.cli", "train", str(recipe_path), f"--train.out_dir={out}", "--resume",
+           "--train.steps=8"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                          preexec_fn=small_disk, timeout=300)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    (line,) = [x for x in proc.stderr.splitlines() if "error:" in x]
+    assert f"cannot write {out}/checkpoints/step-00000008: the disk holding {out}/checkpoints is full" in line
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-00000004"]  # intact, no temporaries
+    err = finish(launch(recipe_path, out, "--resume", "--train.steps=8"))
+    assert "step-00000004 at step 4" in err and (out / "final/model.safetensors").is_file()

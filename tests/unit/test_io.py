@@ -20,6 +20,8 @@ def test_written_files_and_folders_follow_the_umask(tmp_path, umask_027):
         f.write("x")
     with atomic_dir(tmp_path / "folder") as tmp:
         (tmp / "b.txt").write_text("y")
+        os.chmod(tmp / "b.txt", 0o600)  # as safetensors creates its files
+    assert (tmp_path / "folder/b.txt").stat().st_mode & 0o777 == 0o640
     assert (tmp_path / "a.txt").stat().st_mode & 0o777 == 0o640
     assert (tmp_path / "folder").stat().st_mode & 0o777 == 0o750
 
