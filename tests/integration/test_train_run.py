@@ -263,3 +263,26 @@ def test_data_from_another_tokenizer_is_refused(tmp_path, smollm2_tokenizer):
     with pytest.raises(LoopfitError,
                        match="another tokenizer .* re-run `loopfit prepare` with the model's --tokenizer"):
         train(r)
+
+
+def test_data_eval_without_a_val_split_is_refused_at_set_up(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from loopfit.data import prepare
+
+    torch.manual_seed(0)
+    tiny_models.recurrent().save_pretrained(tmp_path / "tiny")
+    words = {"<eos>": 0, "[UNK]": 1, **{f"w{i}": i + 2 for i in range(20)}}
+    raw = Tokenizer(models.WordLevel(words, unk_token="[UNK]"))
+    raw.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok = PreTrainedTokenizerFast(tokenizer_object=raw, eos_token="<eos>", unk_token="[UNK]")
+    tok.save_pretrained(tmp_path / "tiny")
+    (tmp_path / "text.txt").write_text(" ".join(f"w{i % 20}" for i in range(400)))
+    prepare([f"general={tmp_path / 'text.txt'}"], str(tmp_path / "tiny"), tmp_path / "data", progress=False)
+    r = recipe(tmp_path / "tiny", tmp_path / "run")
+    r["data"] = {"root": str(tmp_path / "data"), "weights": {"general": 1.0}, "seq_len": 16, "eval": "general"}
+    with pytest.raises(LoopfitError, match=r"data.eval general: .*general has no 'val' split \(prepare it with "
+                                           r"--holdout 0.01\)"):
+        train(r)
+    assert not (tmp_path / "run").exists()

@@ -138,9 +138,35 @@ def _test_pause():
         time.sleep(delay)
 
 
+def check_same_model(path, model):
+    """Refuse, before reading it, a checkpoint whose weights (names and shapes) are not this model's."""
+    from safetensors import safe_open
+
+    from .. import LoopfitError
+
+    with safe_open(str(Path(path) / "model.safetensors"), "pt") as f:
+        saved = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    expected = {k: tuple(v.shape) for k, v in distributed.unwrap(model).state_dict().items()}
+    differ = sorted(set(saved) ^ set(expected)) or sorted(k for k in saved if saved[k] != expected[k])
+    if differ:
+        recipe = _saved_init_from(path)
+        raise LoopfitError(
+            f"checkpoint {path} was made for another model than model.init_from ({len(differ)} weight(s) differ in "
+            f"name or shape, e.g. {differ[0]}" + (f"; it was trained from {recipe}" if recipe else "") + "): resume "
+            "with the recipe of that run, or start a new run in another train.out_dir")
+
+
+def _saved_init_from(path):
+    try:
+        return json.loads((Path(path) / "trainer.json").read_text())["recipe"]["model"]["init_from"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def load(path, model, optimizers, d):
     """Restore model, optimizers and this rank's RNG from checkpoint `path`; returns the trainer state dict."""
     path = Path(path)
+    check_same_model(path, model)
     msd = load_file(path / "model.safetensors")
     osd = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
     state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)

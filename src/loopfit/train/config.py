@@ -12,6 +12,7 @@ one-line notice on stderr.
 
 import dataclasses
 import difflib
+import math
 import sys
 import types
 from dataclasses import dataclass, field
@@ -162,9 +163,18 @@ class OptimConfig(Section):
     grad_clip: float = key(1.0, "clip the global gradient norm to this (0 disables)")
 
     def check(self):
+        for name in ("lr", "adamw_lr", "weight_decay", "eps"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise LoopfitError(f"optim.{name} is {value}: it must be a finite number >= 0, e.g. "
+                                   f"--optim.{name}={OptimConfig.__dataclass_fields__[name].default}")
         if len(self.betas) != 2:
             raise LoopfitError(f"optim.betas is {self.betas}: give two numbers, e.g. --optim.betas=[0.9,0.95]")
-        if self.grad_clip < 0:
+        if not all(0 <= b < 1 for b in self.betas):
+            raise LoopfitError(f"optim.betas is {self.betas}: each must lie in [0, 1), e.g. --optim.betas=[0.9,0.95]")
+        if not 0 <= self.muon_momentum < 1:
+            raise LoopfitError(f"optim.muon_momentum is {self.muon_momentum}: it must lie in [0, 1), e.g. 0.95")
+        if not self.grad_clip >= 0:
             raise LoopfitError(f"optim.grad_clip is {self.grad_clip}: use a positive norm, or 0 to disable clipping")
 
 
@@ -417,6 +427,21 @@ def parse_override(text):
     return name, yaml.safe_load(raw) if raw else ""
 
 
+class UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.safe_load that refuses a key given twice in one mapping (plain YAML keeps the last one silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            name = self.construct_object(key_node, deep=deep)
+            if name in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {name!r} is given twice (line {key_node.start_mark.line + 1}): keep one",
+                    key_node.start_mark)
+            seen.add(name)
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_recipe(source=None, overrides=()):
     """Recipe from a YAML path or dict (or defaults), then `overrides`: strings like '--train.steps=10' or pairs."""
     if isinstance(source, (str, Path)):
@@ -425,7 +450,7 @@ def load_recipe(source=None, overrides=()):
             raise LoopfitError(f"recipe {path} not found: pass a YAML file or a shipped recipe "
                                f"({', '.join(recipes.shipped())})")
         try:
-            data = yaml.safe_load(path.read_text()) or {}
+            data = yaml.load(path.read_text(), Loader=UniqueKeyLoader) or {}
         except yaml.YAMLError as e:
             raise LoopfitError(f"recipe {path} is not valid YAML: {str(e).splitlines()[0]}") from None
     else:

@@ -363,12 +363,13 @@ def _setup(cfg, d, resume, data):
     ckpt_path = _start_state(cfg, d, resume, out_dir)
     torch.manual_seed(t.seed * 1000 + d.rank)
 
+    lr_at, blend_lr_at = _schedule(cfg)
+    # the data first: its refusals (a missing split, bad token ids) come before the weights load
+    source = data if data is not None else build_source(cfg.data, t.batch_size, d.rank, d.world, t.seed, t.steps,
+                                                        blend_lr_at, t.micro_batch_size)
     model = _load_model(cfg)
     recurrent = is_recurrent(model)
     counts = param_counts(model)
-    lr_at, blend_lr_at = _schedule(cfg)
-    source = data if data is not None else build_source(cfg.data, t.batch_size, d.rank, d.world, t.seed, t.steps,
-                                                        blend_lr_at, t.micro_batch_size)
     _check_data(source, model)
 
     checkpointed = set_activation_checkpointing(model, t.activation_checkpointing)
