@@ -133,6 +133,26 @@ def test_generate_arguments_are_checked_before_the_model_loads(fx, model, args, 
     one_line(loopfit("generate", fx / model, *args), *words)
 
 
+def test_generate_conflicts_chat_templates_and_long_prompts_are_refused_before_the_weights_load(fx, tmp_path):
+    """The weights are truncated: a refusal that names the prompt or flag came before they loaded."""
+    one_line(loopfit("generate", fx / "loop-cut", "--prompt", "hi", "--draft-loops", "2", "--exit", "kl:5e-4"),
+             "--draft-loops does not combine with --exit")
+    one_line(loopfit("generate", fx / "loop-cut", "--prompt", "hi", "--draft-loops", "4", "--loops", "4"),
+             "--draft-loops 4 must be below --loops 4")
+    long = tmp_path / "long.txt"
+    long.write_text("short prompt\n" + "word " * 200_000 + "\n")  # one 1 MB line
+    one_line(loopfit("generate", fx / "loop-cut", "--prompt-file", long), "prompt 2 has", "does not fit the "
+             "model's context of 8192 tokens")
+    cut = tmp_path / "cut"
+    shutil.copytree(fx / "loop-cut", cut)
+    config = json.loads((cut / "tokenizer_config.json").read_text())
+    config["chat_template"] = "{{ ().__class__.__base__.__subclasses__() }}"  # the sandbox refuses it
+    (cut / "tokenizer_config.json").write_text(json.dumps(config))
+    (cut / "chat_template.jinja").unlink(missing_ok=True)
+    one_line(loopfit("generate", cut, "--prompt", "hi", "--chat"), "--chat: the tokenizer's chat template cannot be "
+             "rendered (SecurityError: access to attribute '__class__'", "drop --chat")
+
+
 def test_generate_refuses_an_empty_prompt_from_python_too(fx):
     from loopfit import LoopfitError
     from loopfit.generate import generate
