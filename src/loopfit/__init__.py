@@ -4,7 +4,7 @@ import importlib.abc
 import importlib.util
 import sys
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 
 class LoopfitError(Exception):
@@ -45,7 +45,7 @@ def _register_with_auto_classes():
     _REGISTERED = True
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from .modeling import LoopfitConfig, LoopfitForCausalLM
+    from .model import LoopfitConfig, LoopfitForCausalLM
 
     try:
         AutoConfig.register("loopfit", LoopfitConfig)
@@ -59,7 +59,7 @@ class _RegisterWhenTransformersLoads(importlib.abc.MetaPathFinder):
     the Auto classes know the "loopfit" model type as soon as transformers or loopfit's model code is imported,
     whichever comes first (the model code imports transformers: it registers once it is complete)."""
 
-    NAMES = ("transformers", "loopfit.modeling")
+    NAMES = ("transformers", "loopfit.model")
 
     def find_spec(self, name, path=None, target=None):
         if name not in self.NAMES or getattr(self, "_busy", False):
@@ -75,7 +75,7 @@ class _RegisterWhenTransformersLoads(importlib.abc.MetaPathFinder):
 
         def exec_module(module):
             load(module)
-            if "loopfit.modeling" in sys.modules and not hasattr(sys.modules["loopfit.modeling"], "LoopfitConfig"):
+            if "loopfit.model" in sys.modules and not hasattr(sys.modules["loopfit.model"], "LoopfitForCausalLM"):
                 return  # transformers loaded for the model code, which is still importing: it registers when done
             if sys.meta_path.count(self):
                 sys.meta_path.remove(self)
@@ -89,9 +89,9 @@ def __getattr__(name):
     if name in ("LoopfitConfig", "LoopfitForCausalLM"):
         if TRANSFORMERS_PROBLEM:
             raise ImportError(TRANSFORMERS_PROBLEM)
-        from . import modeling
+        from . import model
 
-        return getattr(modeling, name)
+        return getattr(model, name)
     raise AttributeError(f"module 'loopfit' has no attribute {name!r}")
 
 

@@ -31,7 +31,7 @@ import time
 import torch
 
 from . import LoopfitError
-from .modeling import DRAFT_TOKENS
+from .model import DRAFT_TOKENS
 
 RENAMED_FLAGS = {"--steps": "--loops", "--draft-steps": "--draft-loops"}  # old names, accepted for one release
 
@@ -86,7 +86,7 @@ def check_arguments(prompts, loops=None, exit_criterion=None, max_new_tokens=64,
                     draft_loops=None, draft_tokens=DRAFT_TOKENS, warm_start=False):
     """Refuse bad generation settings with one line, before any model is loaded (what needs the model is
     `check_speculation`'s)."""
-    from .modeling import exit_rule
+    from .model import exit_rule
 
     if draft_loops is not None:
         if exit_criterion or warm_start:

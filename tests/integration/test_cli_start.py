@@ -26,7 +26,7 @@ def test_top_level_help_and_version_import_neither_torch_nor_transformers(argv):
 
 @pytest.mark.parametrize("first", ["import loopfit; import transformers",
                                    "import transformers; import loopfit",
-                                   "from loopfit.modeling import LoopfitConfig",
+                                   "from loopfit.model import LoopfitConfig",
                                    "from loopfit import LoopfitForCausalLM"])
 def test_the_auto_classes_know_loopfit_whatever_is_imported_first(first):
     code = (f"{first}\nfrom transformers import AutoConfig, AutoModelForCausalLM\n"
