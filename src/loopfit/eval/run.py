@@ -189,6 +189,9 @@ def add_arguments(parser):
                         "empty or new unless --force")
     parser.add_argument("--force", action="store_true", help="write into a non-empty --out (replacing results.json, "
                         "samples.jsonl, sweep.png)")
+    parser.add_argument("--log-to", metavar="RUN_DIR", help="also add the r-sweep to the training run in RUN_DIR "
+                        "(its train.out_dir): RUN_DIR/sweep.jsonl, its TensorBoard and the trackers of its "
+                        "train.loggers (wandb, mlflow, trackio)")
 
 
 def run(args):
@@ -207,10 +210,18 @@ def run(args):
                        else Path(f"eval-{Path(args.model).stem}"))
     check_writable(out)
     check_empty_or_force(out, args.force)
+    if args.log_to:
+        from ..train.trackers import run_loggers
+
+        loggers, recipe = run_loggers(args.log_to)  # before the model loads
     results = evaluate(args.model, parse_loops(args.loops), parse_tasks(args.tasks), out=out, limit=args.limit,
                        seed=args.seed, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
                        data=args.data, seq_len=args.seq_len, max_tokens=args.max_tokens,
                        exit_criterion=args.exit_criterion, draft_loops=args.draft_loops,
                        draft_tokens=args.draft_tokens)
+    if args.log_to:
+        from ..train.trackers import log_sweep
+
+        log_sweep(args.log_to, results["rows"], loggers, recipe)
     print(table(results["rows"]))
     print(f"wrote {out}/results.json, samples.jsonl, sweep.png ({results['seconds']} s)")

@@ -221,7 +221,10 @@ class TrainConfig(Section):
     eval_every: int = key(0, "held-out loss every N steps (0: only at the end, if the data has a held-out set)")
     eval_batches: int = key(4, "batches of the held-out loss")
     peak_flops: float = key(0.0, "FLOP/s for MFU (0: the datasheet for known GPUs, a measured matmul on CPU)")
-    tensorboard: bool = key(True, "also write TensorBoard logs to out_dir/tb")
+    tensorboard: bool = key(True, "also write TensorBoard logs to out_dir/tb (with tensorboard in train.loggers)")
+    loggers: list[str] = key(["jsonl", "csv", "tensorboard"], "where metrics go: jsonl and csv (always written), "
+                             "tensorboard, wandb, mlflow, trackio (each an extra: pip install 'loopfit[wandb]'); "
+                             "e.g. --train.loggers=[jsonl,csv,wandb]")
     progress: bool = key(True, "show a progress bar")
 
     def check(self):
@@ -229,6 +232,9 @@ class TrainConfig(Section):
             raise LoopfitError("train.steps, train.batch_size and train.micro_batch_size must be >= 1")
         if self.log_every < 1 or self.eval_every < 0 or self.eval_batches < 1:
             raise LoopfitError("train.log_every and train.eval_batches must be >= 1, train.eval_every >= 0")
+        from .trackers import check_loggers
+
+        check_loggers(self.loggers)
         self.check_world(1)
 
     def check_world(self, world):
@@ -371,8 +377,13 @@ def all_keys():
 
 
 def _unknown(name):
+    from .trackers import LOGGERS
+
     close = difflib.get_close_matches(name, all_keys() + list(SECTIONS), n=1, cutoff=0.6)
     hint = f"did you mean '{close[0]}'?" if close else "see `loopfit train --help` for the recipe keys"
+    leaf = name.rpartition(".")[2]
+    if leaf in LOGGERS:
+        hint = f"trackers are listed in train.loggers, e.g. --train.loggers=[jsonl,csv,tensorboard,{leaf}]"
     return LoopfitError(f"unknown recipe key '{name}': {hint}")
 
 

@@ -405,8 +405,11 @@ def _setup(cfg, d, resume, data):
             yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)
 
     from .metrics import Metrics
+    from .trackers import open_trackers
 
-    metrics = Metrics(out_dir, resume_step=start if ckpt_path else None, tensorboard=t.tensorboard, enabled=d.main)
+    trackers = open_trackers(t.loggers, out_dir, cfg.to_dict(), ckpt_path is not None) if d.main else []
+    metrics = Metrics(out_dir, resume_step=start if ckpt_path else None, enabled=d.main, trackers=trackers,
+                      tensorboard=t.tensorboard and "tensorboard" in t.loggers)
     for note in metrics.notes:
         _say(d, note)
     peak, peak_source = peak_flops(d.device, t.peak_flops)
