@@ -15,6 +15,7 @@ import json
 import math
 import os
 import time
+import uuid
 from pathlib import Path
 
 from .. import LoopfitError
@@ -74,7 +75,7 @@ class Wandb:
         import wandb
 
         run_id = _ids(out).get("wandb") if resume else None
-        run_id = run_id or wandb.util.generate_id()
+        run_id = run_id or uuid.uuid4().hex[:12]
         self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", "loopfit"), name=Path(out).name, id=run_id,
                               dir=str(out), config=config, resume="allow", reinit="create_new")
         _save_id(out, "wandb", run_id)
@@ -96,7 +97,10 @@ class Mlflow:
     def __init__(self, out, config, resume):
         from mlflow.tracking import MlflowClient
 
-        uri = os.environ.get("MLFLOW_TRACKING_URI") or (Path(out).resolve() / "mlruns").as_uri()
+        uri = os.environ.get("MLFLOW_TRACKING_URI")
+        if not uri:  # the run's own file store: no server, no database (MLflow asks to be told that is meant)
+            uri = (Path(out).resolve() / "mlruns").as_uri()
+            os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
         self.client = MlflowClient(tracking_uri=uri)
         name = os.environ.get("MLFLOW_EXPERIMENT_NAME", "loopfit")
         experiment = self.client.get_experiment_by_name(name)
