@@ -57,6 +57,17 @@ def parse_tasks(text):
     return tasks
 
 
+def require_extras(tasks):
+    """The optional packages the tasks need ('loopfit[eval]'), checked before the model loads."""
+    from ..extras import require
+
+    for task in tasks:
+        if task.startswith("lm:"):
+            require("lm_eval", f"--tasks {task}")
+        elif task.startswith("math"):
+            require("math_verify", f"--tasks {task}")
+
+
 def run_task(task, model, tok, loops, opts):
     """(rows, samples) of one task at every r."""
     gen = {"limit": opts["limit"], "seed": opts["seed"], "batch_size": opts["batch_size"],
@@ -202,6 +213,7 @@ def run(args):
         if value is not None and value < 1:
             raise LoopfitError(f"--{flag.replace('_', '-')} must be >= 1, got {value}")
     parse_loops(args.loops), parse_tasks(args.tasks)  # malformed lists are refused before the model loads
+    require_extras(parse_tasks(args.tasks))
     if args.exit_criterion:
         check_exit(args.exit_criterion, recurrent=True)  # the rule's syntax; plain models are refused once loaded
     if args.data and not Path(args.data).is_dir():

@@ -107,6 +107,8 @@ class Metrics:
                                         purge_step=None if resume_step is None else resume_step + 1)
             except ImportError:  # tensorboard not installed: JSONL and CSV still work
                 self.tb = None
+                self.notes.append("tensorboard is not installed: no TensorBoard logs in out_dir/tb "
+                                  "(pip install 'loopfit[tensorboard]', or drop tensorboard from train.loggers)")
 
     def last(self, key, default=None):
         """The last logged value of `key` (from the resumed run's records), else `default`."""

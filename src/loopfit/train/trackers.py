@@ -23,8 +23,8 @@ from ..io import atomic_file
 
 FILES = ("jsonl", "csv")  # always written: resume and `loopfit compare` read them
 LOGGERS = ("jsonl", "csv", "tensorboard", "wandb", "mlflow", "trackio")
-EXTRAS = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow", "trackio": "trackio"}
-MODULES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow", "trackio": "trackio"}
+EXTRAS = {"wandb": "wandb", "mlflow": "mlflow", "trackio": "trackio"}
+MODULES = {"wandb": "wandb", "mlflow": "mlflow", "trackio": "trackio"}  # tensorboard: skipped with a note if absent
 IDS = "trackers.json"
 
 
