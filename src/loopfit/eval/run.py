@@ -86,21 +86,29 @@ def run_task(task, model, tok, loops, opts):
         return accuracy.evaluate(model, tok, task, loops, **gen)
     from .harness import run_tasks
 
+    samples = []
     rows, _ = run_tasks(model, tok, [task[3:]], loops, limit=opts["limit"], max_gen_toks=opts.get("max_new_tokens"),
-                        draft_loops=opts.get("draft_loops"), draft_tokens=opts.get("draft_tokens"))
-    return rows, []
+                        draft_loops=opts.get("draft_loops"), draft_tokens=opts.get("draft_tokens"),
+                        include_path=opts.get("include_path"), samples=samples)
+    return rows, samples
 
 
 def evaluate(model, loops=(1, 2, 4, 8), tasks=("loss",), out=None, limit=None, seed=1234, batch_size=8,
              max_new_tokens=None, data=None, seq_len=512, max_tokens=16384, plot=True, exit_criterion=None,
-             draft_loops=None, draft_tokens=DRAFT_TOKENS):
+             draft_loops=None, draft_tokens=DRAFT_TOKENS, include_path=None):
     """Run `tasks` at each r in `loops` on a model folder / name (or a loaded (model, tokenizer) pair).
     `exit_criterion` ('kl:5e-4') lets generated tokens stop looping early (recurrent models); `draft_loops` D
     decodes generations at every r > D by exact self-speculation (`draft_tokens` a round).
+    `include_path`: folders of your own lm-eval task YAMLs for `lm:` tasks.
     Returns the results dict and, when `out` is given, writes results.json, samples.jsonl and sweep.png there."""
     loops = parse_loops(",".join(map(str, loops)) if not isinstance(loops, str) else loops)
     tasks = parse_tasks(",".join(tasks) if not isinstance(tasks, str) else tasks)
     name = str(model) if not isinstance(model, tuple) else getattr(model[0].config, "_name_or_path", "model")
+    lm_tasks = [t[3:] for t in tasks if t.startswith("lm:")]
+    if lm_tasks:  # unknown names are refused before the model loads
+        from .harness import check_tasks
+
+        check_tasks(lm_tasks, include_path)
     model, tok = model if isinstance(model, tuple) else load(model)
     recurrent = is_recurrent(model)
     if exit_criterion:
@@ -112,7 +120,7 @@ def evaluate(model, loops=(1, 2, 4, 8), tasks=("loss",), out=None, limit=None, s
     run_loops = loops if recurrent else loops[:1]  # a plain model ignores r: run once
     opts = dict(limit=limit, seed=seed, batch_size=batch_size, max_new_tokens=max_new_tokens, data=data,
                 seq_len=seq_len, max_tokens=max_tokens, exit_criterion=exit_criterion, draft_loops=draft_loops,
-                draft_tokens=draft_tokens)
+                draft_tokens=draft_tokens, include_path=include_path)
     rows, samples, started = [], [], time.time()
     for task in tasks:
         task_rows, task_samples = run_task(task, model, tok, run_loops, opts)
@@ -200,6 +208,8 @@ def add_arguments(parser):
                         "empty or new unless --force")
     parser.add_argument("--force", action="store_true", help="write into a non-empty --out (replacing results.json, "
                         "samples.jsonl, sweep.png)")
+    parser.add_argument("--include-path", action="append", metavar="DIR", help="a folder of your own lm-eval task "
+                        "YAMLs for --tasks lm:NAME (repeatable)")
     parser.add_argument("--log-to", metavar="RUN_DIR", help="also add the r-sweep to the training run in RUN_DIR "
                         "(its train.out_dir): RUN_DIR/sweep.jsonl, its TensorBoard and the trackers of its "
                         "train.loggers (wandb, mlflow, trackio)")
@@ -230,7 +240,7 @@ def run(args):
                        seed=args.seed, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
                        data=args.data, seq_len=args.seq_len, max_tokens=args.max_tokens,
                        exit_criterion=args.exit_criterion, draft_loops=args.draft_loops,
-                       draft_tokens=args.draft_tokens)
+                       draft_tokens=args.draft_tokens, include_path=args.include_path)
     if args.log_to:
         from ..train.trackers import log_sweep
 
