@@ -264,7 +264,7 @@ class ParityReport:
     identity_max_abs_diff: float
     base_loss: float
     converted_loss: float
-    converted_steps: int
+    converted_loops: int
     tokens: int
     notes: list = field(default_factory=list)
 
@@ -273,7 +273,7 @@ class ParityReport:
             f"identity check (every layer kept, passthrough adapter, r = 1): max |logit diff| = "
             f"{self.identity_max_abs_diff:.2e} over {self.tokens} tokens",
             f"loss on sample text: base {self.base_loss:.4f} (ppl {math.exp(self.base_loss):.1f}), converted at "
-            f"r = {self.converted_steps} {self.converted_loss:.4f} (ppl {math.exp(min(self.converted_loss, 50)):.1f})",
+            f"r = {self.converted_loops} {self.converted_loss:.4f} (ppl {math.exp(min(self.converted_loss, 50)):.1f})",
             *self.notes,
         ]
 

@@ -82,6 +82,11 @@ def test_recurrent_loss_falls_and_final_folder_loads(tiny_dir, tmp_path):
     assert all(torch.equal(model.state_dict()[k], v) for k, v in saved.items())
     assert (out / "metrics.csv").read_text().splitlines()[0].startswith("step,loss,eval_loss")
     assert list((out / "tb").iterdir())
+    # final/ carries a model card of this training, not init_from's
+    card = (out / "final/README.md").read_text()
+    assert f"trained from `{tiny_dir}`" in card and "trained at mean r = 4" in card
+    assert f"| tokens | {30 * 8 * 32:,} |" in card and f"| held-out loss | {result['eval_loss']:.4f} at r = 4 |" in card
+    assert f"{result['flops']:.3g} (the paper's count)" in card
 
 
 def test_final_folder_carries_the_depth_it_was_trained_at(tiny_dir, tmp_path):

@@ -27,6 +27,7 @@ the run with a checkpoint of the last good state (or, with train.on_nonfinite=sk
 """
 
 import contextlib
+import json
 import math
 import signal
 import sys
@@ -138,8 +139,44 @@ def _check_data(source, model):
         source.check_tokenizer(model.config.name_or_path)
 
 
-def _export_final(out_dir, model, cfg, d):
-    """OUT/final: a folder from_pretrained loads (weights, config, and the tokenizer files of init_from)."""
+def _model_card(run):
+    """final/README.md: what this training did (base, conversion, recipe, tokens, FLOPs, held-out loss, r)."""
+    cfg, inner = run.cfg, distributed.unwrap(run.model)
+    config = inner.config
+    src = getattr(config, "source_layers", None) or {}
+    base = getattr(config, "base_model_type", None) or getattr(config, "model_type", "?")
+    lines = ["---", "library_name: transformers", "tags: [loopfit" + (", depth-recurrence" if run.recurrent else "")
+             + "]", "---", "", f"# {Path(cfg.train.out_dir).name}: trained by loopfit {__version__}", ""]
+    if run.recurrent:
+        lines += [f"A depth-recurrent model converted from a {base} model with {src.get('num_base_layers', '?')} "
+                  f"layers (prelude {config.num_prelude_layers}, core {config.num_core_layers} looped, coda "
+                  f"{config.num_coda_layers}), then trained from `{cfg.model.init_from}`. Default loops r = "
+                  f"{config.mean_recurrence}; trained at mean r = {cfg.recurrence.mean} ({cfg.recurrence.mode}, "
+                  f"backprop through the last {cfg.recurrence.backprop} loops, {cfg.recurrence.curriculum} "
+                  "curriculum).", ""]
+    else:
+        lines += [f"A plain {base} model (the baseline), trained from `{cfg.model.init_from}`.", ""]
+    head = "tied to the input embeddings" if getattr(config, "tie_word_embeddings", False) else "its own matrix"
+    data = {k: v for k, v in cfg.to_dict()["data"].items() if v is not None}
+    lines += [
+        "| | |", "|---|---|",
+        f"| steps | {run.cfg.train.steps} of {cfg.train.batch_size} sequences of {cfg.data.seq_len} tokens |",
+        f"| tokens | {run.tokens:,} |",
+        f"| FLOPs | {run.flops:.3g} (the paper's count), {run.flops_full:.3g} (full) |",
+        f"| final training loss | {run.loss:.4f} |",
+        f"| held-out loss | {'n/a' if run.eval_loss is None else f'{run.eval_loss:.4f}'}"
+        + (f" at r = {cfg.recurrence.eval_loops or cfg.recurrence.mean}" if run.recurrent else "") + " |",
+        f"| optimizer | {cfg.optim.name} (lr {cfg.optim.lr:g}, AdamW lr {cfg.optim.adamw_lr:g}), schedule "
+        f"{cfg.schedule.name} |",
+        f"| data | {json.dumps(data)} |", f"| output head | {head} |", "",
+        "The full recipe is `recipe.yaml` in the run folder; metrics are in `metrics.jsonl`.", "",
+    ]
+    return "\n".join(lines)
+
+
+def _export_final(out_dir, model, cfg, d, card=None):
+    """OUT/final: a folder from_pretrained loads (weights, config, the tokenizer files of init_from) with a model
+    card of this training (`card`) in place of the one init_from carried."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
@@ -158,6 +195,8 @@ def _export_final(out_dir, model, cfg, d):
                 if f.is_file() and f.suffix not in (".safetensors", ".bin", ".pt") and f.name not in (
                         "config.json", "model.safetensors.index.json") and not (tmp / f.name).exists():
                     (tmp / f.name).write_bytes(f.read_bytes())
+            if card is not None:
+                (tmp / "README.md").write_text(card)
             checkpoint._test_pause()  # fault injection: the kill-during-export test kills the run here
     distributed.barrier()
     return dest
@@ -273,7 +312,6 @@ SCHEDULE_KEYS = ("optim.lr", "optim.adamw_lr", "train.steps", "schedule.name", "
 def _resume_changes(ckpt_path, cfg, step):
     """One line naming the lr and schedule keys that differ from the checkpoint's recipe, and the lr at `step`
     before and after (None if nothing that moves the lr changed)."""
-    import json
 
     try:
         saved = json.loads((Path(ckpt_path) / "trainer.json").read_text()).get("recipe") or {}
@@ -579,7 +617,7 @@ def _finish(run, done, stopped):
             if run.eval_loss is not None:
                 metrics.log({"step": done, "eval_loss": run.eval_loss, "tokens": run.tokens, "flops": run.flops,
                              "flops_full": run.flops_full})
-        final = _export_final(run.out_dir, run.model, cfg, d)
+        final = _export_final(run.out_dir, run.model, cfg, d, _model_card(run) if d.main else None)
         _say(d, f"done: {done} steps, {run.tokens} tokens, {run.flops:.3g} FLOPs, loss {run.loss:.4f}"
                 + (f", held-out loss {run.eval_loss:.4f}" if run.eval_loss is not None else "")
                 + f"; model in {final}")
