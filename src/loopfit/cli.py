@@ -18,6 +18,7 @@ VERBS = {
     "eval": ("loopfit.eval.run", "loss and GSM8K / MATH accuracy as test-time recurrence grows"),
     "compare": ("loopfit.eval.compare", "equal-FLOPs comparison report of several runs (markdown + PNG)"),
     "generate": ("loopfit.generate", "generate text with a chosen number of loops, optionally exiting early"),
+    "export": ("loopfit.export", "short name, GGUF or plain baseline -> a plain transformers folder"),
     "quickstart": ("loopfit.quickstart", "the whole path on a real small model, offline, on a CPU"),
 }
 
