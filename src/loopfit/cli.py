@@ -24,9 +24,9 @@ VERBS = {
 
 EPILOG = """typical path:
   loopfit convert smollm2-135m --layers 4,8,4 --out runs/smol-484
-  loopfit prepare general math --tokenizer runs/smol-484 --out data/
-  loopfit train quickstart --model.init_from=runs/smol-484
-  loopfit eval runs/smol-484 --loops 1,2,4,8 --tasks loss,gsm8k
+  loopfit prepare general math --tokenizer smollm2-135m --out data/ --holdout 0.01
+  loopfit train quickstart --model.init_from=runs/smol-484 --data.root=data --train.out_dir=runs/smol-484-cpt
+  loopfit eval runs/smol-484-cpt/final --loops 1,2,4,8 --tasks loss,gsm8k --data data/math
 run `loopfit VERB --help` for each verb's options.
 
 vocabulary: r = loops of the core (--loops), d = loops of a speculative draft (--draft-loops),

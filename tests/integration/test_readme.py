@@ -114,3 +114,10 @@ def test_the_path_runs_end_to_end(tmp_path):
                                    "TOKENIZERS_PARALLELISM": "false"})
         assert proc.returncode == 0, f"{shlex.join(argv)} failed:\n{proc.stderr[-3000:]}"
     assert (tmp_path / "report" / "report.md").is_file()
+
+
+def test_the_typical_path_of_loopfit_help_is_the_readmes():
+    from loopfit.cli import EPILOG
+
+    printed = [shlex.split(line) for line in EPILOG.splitlines() if line.strip().startswith("loopfit ")]
+    assert len(printed) == 4 and all(argv in path_block() for argv in printed), printed
