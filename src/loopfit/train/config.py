@@ -454,7 +454,8 @@ class UniqueKeyLoader(yaml.SafeLoader):
 
 
 def load_recipe(source=None, overrides=()):
-    """Recipe from a YAML path or dict (or defaults), then `overrides`: strings like '--train.steps=10' or pairs."""
+    """Recipe from a YAML path or dict (or defaults), then `overrides`: strings like '--train.steps=10', pairs, or
+    a mapping ({'train.steps': 10} or {'train': {'steps': 10}})."""
     if isinstance(source, (str, Path)):
         path = recipes.resolve(source)
         if not path.is_file():
@@ -478,6 +479,10 @@ def load_recipe(source=None, overrides=()):
             raise LoopfitError(f"recipe section '{section}' must be a mapping of keys")
         pairs = _renamed([(f"{section}.{k}", v) for k, v in values.items()], "the recipe")
         raw[section] = {name.partition(".")[2]: v for name, v in pairs}
+    if isinstance(overrides, dict):  # {"train.steps": 10} or {"train": {"steps": 10}}
+        nested = all(isinstance(v, dict) and "." not in k for k, v in overrides.items())
+        overrides = ([(f"{k}.{sub}", value) for k, v in overrides.items() for sub, value in v.items()] if nested
+                     else list(overrides.items()))
     pairs = [parse_override(item) if isinstance(item, str) else tuple(item) for item in overrides]
     for name, value in _renamed(pairs, "the command line"):
         _put(raw, name, value)

@@ -254,7 +254,8 @@ def _mean(values):
 
 
 def train(recipe=None, overrides=(), resume=None, data=None):
-    """Run a recipe (YAML path, dict, or None for defaults) with overrides like '--train.steps=10'.
+    """Run a recipe (YAML path, dict, or None for defaults) with overrides: CLI strings like '--train.steps=10',
+    or a mapping ({'train.steps': 10} or {'train': {'steps': 10}}).
 
     resume: None (start from model.init_from), 'latest' (newest intact checkpoint in out_dir) or a checkpoint
     folder. data: a data source object (see loopfit.train.sources) instead of the recipe's data section.
