@@ -121,3 +121,13 @@ def test_the_typical_path_of_loopfit_help_is_the_readmes():
 
     printed = [shlex.split(line) for line in EPILOG.splitlines() if line.strip().startswith("loopfit ")]
     assert len(printed) == 4 and all(argv in path_block() for argv in printed), printed
+
+
+def test_the_python_api_the_readme_names_exists():
+    import importlib
+
+    names = re.findall(r"`(loopfit(?:\.\w+)+)`", README.split("every verb is also a Python function", 1)[1][:900])
+    assert len(names) >= 10
+    for dotted in names:
+        module, _, attr = dotted.rpartition(".")
+        assert callable(getattr(importlib.import_module(module), attr)), dotted
