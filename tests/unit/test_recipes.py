@@ -7,6 +7,7 @@ import re
 from pathlib import Path
 
 import pytest
+import tiny_models
 
 from loopfit import recipes
 from loopfit.convert import plan_layers
@@ -26,7 +27,7 @@ GPU = {"tinyllama-448": (22, (4, 8, 4), ([0, 1, 2, 3], list(range(10, 18)), [18,
 
 
 @pytest.fixture(scope="module")
-def data_root(tmp_path_factory, smollm2_tokenizer):
+def data_root(tmp_path_factory):
     """Tiny prepared `general` and `math` datasets (what the recipes' blends name), over 2 x 1024 tokens each, with
     a held-out split."""
     root = tmp_path_factory.mktemp("recipe-data")
@@ -34,7 +35,7 @@ def data_root(tmp_path_factory, smollm2_tokenizer):
                        ("math", "Tom has 3 apples and buys 4 more, so he has 3 + 4 = 7 apples. ")):
         src = root.parent / f"{root.name}-{name}.jsonl"  # 100 documents: the recipes' data.eval needs a 'val' split
         src.write_text("".join(json.dumps({"text": line * 3}) + "\n" for _ in range(100)))
-        prepare([f"{name}={src}"], smollm2_tokenizer, root, holdout=0.1, progress=False)
+        prepare([f"{name}={src}"], tiny_models.tokenizer(), root, holdout=0.1, progress=False)
     return root
 
 

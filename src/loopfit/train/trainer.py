@@ -197,7 +197,6 @@ def _export_final(out_dir, model, cfg, d, card=None):
                     (tmp / f.name).write_bytes(f.read_bytes())
             if card is not None:
                 (tmp / "README.md").write_text(card)
-            checkpoint._test_pause()  # fault injection: the kill-during-export test kills the run here
     distributed.barrier()
     return dest
 
