@@ -56,7 +56,8 @@ def add_arguments(parser):
     option("--max-new-tokens", type=int, help="tokens to generate (default %(default)s)")
     option("--temperature", type=float, help="0 = greedy (default %(default)s)")
     option("--top-p", type=float, help="nucleus sampling mass (default %(default)s)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed of torch's random numbers (sampling with --temperature > 0) (default %(default)s)")
     parser.add_argument("--chat", action="store_true", help="wrap each prompt in the tokenizer's chat template")
 
 

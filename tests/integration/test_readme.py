@@ -131,3 +131,10 @@ def test_the_python_api_the_readme_names_exists():
     for dotted in names:
         module, _, attr = dotted.rpartition(".")
         assert callable(getattr(importlib.import_module(module), attr)), dotted
+
+
+def test_every_flag_of_every_verb_is_described():
+    for verb in VERBS:
+        parser, _ = build_parser(verb)
+        bare = [a.option_strings or [a.dest] for a in parser._actions if not a.help and a.dest != "help"]
+        assert not bare, f"loopfit {verb} --help leaves {bare} undescribed"
