@@ -308,3 +308,13 @@ def test_resuming_a_checkpoint_of_another_model_is_one_line(fx, tmp_path):
     one_line(loopfit("train", recipe, f"--model.init_from={fx / 'loop'}", "--train.steps=2", "--resume"),
              f"checkpoint {ckpt} was made for another model than model.init_from",
              f"it was trained from {fx / 'plain'}", "resume with the recipe of that run", progress="Loading weights")
+
+
+def test_new_eval_and_export_flags_refuse_bad_values_in_one_line(fx, tmp_path):
+    one_line(loopfit("eval", fx / "loop-cut", "--log-to", tmp_path / "no-run", "--out", tmp_path / "ev"),
+             "--log-to", "is not a training run (no readable recipe.yaml)")
+    one_line(loopfit("eval", fx / "loop-cut", "--tasks", "lm:gsm8k_loopfit", "--include-path", tmp_path / "nowhere",
+                     "--out", tmp_path / "ev"), "--include-path", "is not a folder")
+    one_line(loopfit("export", fx / "loop", "--out", tmp_path / "hf"), "is a loopfit (recurrent) model",
+             "trust_remote_code=True")
+    nothing_written(tmp_path / "ev", tmp_path / "hf")
