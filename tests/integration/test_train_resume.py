@@ -166,7 +166,11 @@ def test_kill_9_while_exporting_final_then_resume_logs_the_end_once(recipe_path,
     err = finish(launch(recipe_path, out, "--resume", "--train.eval_every=0", "--checkpoint.every=12"))
     records = jsonl_records(out)
     assert [r for r in records if r.get("eval_loss") is not None] == evals
-    assert csv_steps(out) == [r["step"] for r in records] and csv_steps(out).count(STEPS) == 2  # train row + eval row
+    # metrics.csv: one row per step, the end-of-run held-out loss on the last step's row
+    assert csv_steps(out) == sorted({r["step"] for r in records}) and csv_steps(out).count(STEPS) == 1
+    with open(out / "metrics.csv", newline="") as f:
+        last = list(csv.DictReader(f))[-1]
+    assert float(last["eval_loss"]) == pytest.approx(evals[0]["eval_loss"]) and last["loss"]
     last_loss = [r["loss"] for r in records if r.get("loss") is not None][-1]
     done = next(line for line in err.splitlines() if "done:" in line)
     assert ("loss nan" not in done and f"loss {last_loss:.4f}" in done
