@@ -1,5 +1,9 @@
 """loopfit: retrofit depth recurrence into pretrained language models and train them to think deeper."""
 
+import importlib.abc
+import importlib.util
+import sys
+
 __version__ = "0.2.0"
 
 
@@ -30,8 +34,15 @@ def _transformers_problem():
 TRANSFORMERS_PROBLEM = _transformers_problem()
 
 
+_REGISTERED = False
+
+
 def _register_with_auto_classes():
     # With loopfit imported, AutoConfig / AutoModelForCausalLM know the "loopfit" model type: no remote code needed.
+    global _REGISTERED
+    if _REGISTERED:
+        return
+    _REGISTERED = True
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from .model import LoopfitConfig, LoopfitForCausalLM
@@ -43,14 +54,51 @@ def _register_with_auto_classes():
         pass
 
 
-if TRANSFORMERS_PROBLEM is None:
-    _register_with_auto_classes()
-    from .model import LoopfitConfig, LoopfitForCausalLM  # noqa: E402
-else:  # `import loopfit` still works (the CLI prints the problem as one line); the model classes do not
+class _RegisterWhenTransformersLoads(importlib.abc.MetaPathFinder):
+    """`import loopfit` stays light (the CLI's --help and --version import neither torch nor transformers), yet
+    the Auto classes know the "loopfit" model type as soon as transformers or loopfit's model code is imported,
+    whichever comes first (the model code imports transformers: it registers once it is complete)."""
 
-    def __getattr__(name):
-        if name in ("LoopfitConfig", "LoopfitForCausalLM"):
+    NAMES = ("transformers", "loopfit.model")
+
+    def find_spec(self, name, path=None, target=None):
+        if name not in self.NAMES or getattr(self, "_busy", False):
+            return None
+        self._busy = True
+        try:
+            spec = importlib.util.find_spec(name)
+        finally:
+            self._busy = False
+        if spec is None or spec.loader is None or not hasattr(spec.loader, "exec_module"):
+            return spec
+        load = spec.loader.exec_module
+
+        def exec_module(module):
+            load(module)
+            if "loopfit.model" in sys.modules and not hasattr(sys.modules["loopfit.model"], "LoopfitForCausalLM"):
+                return  # transformers loaded for the model code, which is still importing: it registers when done
+            if sys.meta_path.count(self):
+                sys.meta_path.remove(self)
+            _register_with_auto_classes()
+
+        spec.loader.exec_module = exec_module
+        return spec
+
+
+def __getattr__(name):
+    if name in ("LoopfitConfig", "LoopfitForCausalLM"):
+        if TRANSFORMERS_PROBLEM:
             raise ImportError(TRANSFORMERS_PROBLEM)
-        raise AttributeError(f"module 'loopfit' has no attribute {name!r}")
+        from . import model
+
+        return getattr(model, name)
+    raise AttributeError(f"module 'loopfit' has no attribute {name!r}")
+
+
+if TRANSFORMERS_PROBLEM is None:
+    if "transformers" in sys.modules:
+        _register_with_auto_classes()
+    else:
+        sys.meta_path.insert(0, _RegisterWhenTransformersLoads())
 
 __all__ = ["LoopfitConfig", "LoopfitForCausalLM", "LoopfitError", "__version__"]

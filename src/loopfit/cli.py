@@ -18,14 +18,15 @@ VERBS = {
     "eval": ("loopfit.eval.run", "loss and GSM8K / MATH accuracy as test-time recurrence grows"),
     "compare": ("loopfit.eval.compare", "equal-FLOPs comparison report of several runs (markdown + PNG)"),
     "generate": ("loopfit.generate", "generate text with a chosen number of loops, optionally exiting early"),
+    "export": ("loopfit.export", "short name, GGUF or plain baseline -> a plain transformers folder"),
     "quickstart": ("loopfit.quickstart", "the whole path on a real small model, offline, on a CPU"),
 }
 
 EPILOG = """typical path:
   loopfit convert smollm2-135m --layers 4,8,4 --out runs/smol-484
-  loopfit prepare general math --tokenizer runs/smol-484 --out data/
-  loopfit train quickstart --model.init_from=runs/smol-484
-  loopfit eval runs/smol-484 --loops 1,2,4,8 --tasks loss,gsm8k
+  loopfit prepare general math --tokenizer smollm2-135m --out data/ --holdout 0.01
+  loopfit train quickstart --model.init_from=runs/smol-484 --data.root=data --train.out_dir=runs/smol-484-cpt
+  loopfit eval runs/smol-484-cpt/final --loops 1,2,4,8 --tasks loss,gsm8k --data data/math
 run `loopfit VERB --help` for each verb's options.
 
 vocabulary: r = loops of the core (--loops), d = loops of a speculative draft (--draft-loops),

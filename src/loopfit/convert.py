@@ -169,9 +169,12 @@ def plan_layers(num_layers, layers=None, prelude=None, core=None, coda=None):
 # Building the loopfit model
 
 
-def loopfit_config(base_cfg, plan, adapter_init="random", state_init="normal", recurrence=4, **extra):
-    """The loopfit config for a base config and a layer plan."""
+def loopfit_config(base_cfg, plan, adapter_init="random", state_init="normal", recurrence=4, untie_head=False,
+                   **extra):
+    """The loopfit config for a base config and a layer plan; the head stays tied to the embeddings where the
+    base's is, unless `untie_head`."""
     cfg = base_cfg.get_text_config()
+    tied = bool(getattr(base_cfg, "tie_word_embeddings", False) or getattr(cfg, "tie_word_embeddings", False))
     types = _layer_types(cfg)
     kept_types = [types[i] for i in plan.prelude + plan.core + plan.coda]
     hidden_act = getattr(cfg, "hidden_act", None) or getattr(cfg, "hidden_activation", "silu")
@@ -191,7 +194,7 @@ def loopfit_config(base_cfg, plan, adapter_init="random", state_init="normal", r
         source_layers={"prelude": plan.prelude, "core": plan.core, "coda": plan.coda,
                        "num_base_layers": plan.num_base_layers},
         pad_token_id=getattr(cfg, "pad_token_id", None), bos_token_id=getattr(cfg, "bos_token_id", None),
-        eos_token_id=getattr(cfg, "eos_token_id", None),
+        eos_token_id=getattr(cfg, "eos_token_id", None), tie_word_embeddings=tied and not untie_head,
         **_family_flags(cfg), **extra,
     )
 
@@ -228,8 +231,10 @@ def build_loopfit(base_model, plan, **config_kwargs):
     if missing or unexpected:
         raise LoopfitError(f"weights do not map onto the loopfit model (missing {sorted(missing)[:3]}, "
                            f"unexpected {sorted(unexpected)[:3]}): this checkpoint's layout is not supported")
-    # clone: the base keeps its own tensors, and tied embeddings become two independent weights
+    # clone: the base keeps its own tensors; with tie_word_embeddings the head then shares the embedding again
     model.load_state_dict({k: v.detach().clone().float() for k, v in weights.items()}, assign=True)
+    if config.tie_word_embeddings:
+        model.tie_weights()
     init_adapter(model.model.adapter.weight, config.adapter_init)
     model.model.init_rope()  # buffers were created on the meta device
     return model.eval()
@@ -259,7 +264,7 @@ class ParityReport:
     identity_max_abs_diff: float
     base_loss: float
     converted_loss: float
-    converted_steps: int
+    converted_loops: int
     tokens: int
     notes: list = field(default_factory=list)
 
@@ -268,7 +273,7 @@ class ParityReport:
             f"identity check (every layer kept, passthrough adapter, r = 1): max |logit diff| = "
             f"{self.identity_max_abs_diff:.2e} over {self.tokens} tokens",
             f"loss on sample text: base {self.base_loss:.4f} (ppl {math.exp(self.base_loss):.1f}), converted at "
-            f"r = {self.converted_steps} {self.converted_loss:.4f} (ppl {math.exp(min(self.converted_loss, 50)):.1f})",
+            f"r = {self.converted_loops} {self.converted_loss:.4f} (ppl {math.exp(min(self.converted_loss, 50)):.1f})",
             *self.notes,
         ]
 
@@ -293,11 +298,20 @@ def parity_report(base_model, model, tokenizer, plan, text=SAMPLE_TEXT, random_i
                      "the shape, config and tokenizer come from the base model")
     elif model.config.adapter_init == "random":
         notes.append("the random adapter (the paper's init) does not reproduce the base model: train to heal it")
+    notes.append(head_line(model.config))
     return ParityReport(diff, base_loss, conv_loss, r, ids.shape[1], notes)
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Writing the folder
+
+
+def head_line(config):
+    """What the model card and parity report say of the output head."""
+    if config.tie_word_embeddings:
+        return "Output head: tied to the input embeddings (as in the base model)."
+    extra = config.vocab_size * config.hidden_size
+    return f"Output head: its own matrix, not tied to the embeddings ({extra / 1e6:.1f}M parameters)."
 
 
 def model_card(config, plan, source, report, init="pretrained"):
@@ -314,7 +328,7 @@ def model_card(config, plan, source, report, init="pretrained"):
         f"| dropped | {_compact(plan.dropped) or 'none'} | |", "",
         f"Adapter init: `{config.adapter_init}`; state init: `{config.state_init}`"
         + (f" (sigma {config.state_init_std:.7f})" if config.state_init == "normal" else "") + "; "
-        f"KV cache policy: `{config.cache_policy}`.", "",
+        f"KV cache policy: `{config.cache_policy}`.", "", head_line(config), "",
         "```python",
         "from transformers import AutoModelForCausalLM, AutoTokenizer",
         "import loopfit  # or pass trust_remote_code=True to both from_pretrained calls",
@@ -346,9 +360,10 @@ def save_folder(model, tokenizer, out, source, plan, report=None, dtype=None, fo
 
 def convert(source, out, layers=None, prelude=None, core=None, coda=None, adapter_init="random",
             state_init="normal", recurrence=4, dtype="auto", force=False, parity=True, seed=0, init="pretrained",
-            log=print):
+            untie_head=False, log=print):
     """Convert SOURCE into a loopfit folder at OUT; returns (model, ParityReport or None). `init="random"` keeps
-    the planned shape and config but draws every weight afresh (see random_loopfit)."""
+    the planned shape and config but draws every weight afresh (see random_loopfit). A base whose head is tied
+    to its embeddings keeps the tie unless `untie_head` (the head then trains as its own matrix)."""
     if recurrence < 1:
         raise LoopfitError(f"--recurrence must be >= 1 (got {recurrence}): it is the default number of loops")
     if adapter_init not in ADAPTER_INITS or state_init not in STATE_INITS:
@@ -365,7 +380,8 @@ def convert(source, out, layers=None, prelude=None, core=None, coda=None, adapte
     log(f"loaded {base.config.model_type} with {n_layers} layers in {time.time() - t0:.0f}s; {plan.describe()}")
     torch.manual_seed(seed)  # the random inits: same seed, same model
     build = random_loopfit if init == "random" else build_loopfit
-    model = build(base, plan, adapter_init=adapter_init, state_init=state_init, recurrence=recurrence)
+    model = build(base, plan, adapter_init=adapter_init, state_init=state_init, recurrence=recurrence,
+                  untie_head=untie_head)
     report = parity_report(base, model, tokenizer, plan, random_init=init == "random") if parity else None
     for line in report.lines() if report else []:
         log(line)
@@ -440,6 +456,8 @@ def add_arguments(parser):
            "afresh by the model's own init (normal, std initializer_range), a control for what reusing the "
            "pretrained layers buys (default: %(default)s)")
     option("--seed", type=int, help="seed of the random inits (adapter, --init random) (default %(default)s)")
+    parser.add_argument("--untie-head", action="store_true", help="give the output head its own matrix where the "
+                        "base ties it to the input embeddings (more parameters to train; default: keep the tie)")
     parser.add_argument("--force", action="store_true", help="replace --out if it exists")
     parser.add_argument("--no-parity", action="store_true", help="skip the parity report against the original")
     parser.add_argument("--refresh", action="store_true", help="SRC is a loopfit folder: replace its model files "
@@ -460,4 +478,5 @@ def run(args):
         coda=parse_range(args.coda, "coda") if args.coda else None,
         adapter_init=args.adapter_init, state_init=args.state_init, recurrence=args.recurrence,
         dtype=args.dtype, force=args.force, parity=not args.no_parity, seed=args.seed, init=args.init,
+        untie_head=args.untie_head,
     )

@@ -56,13 +56,26 @@ def add_arguments(parser):
     option("--max-new-tokens", type=int, help="tokens to generate (default %(default)s)")
     option("--temperature", type=float, help="0 = greedy (default %(default)s)")
     option("--top-p", type=float, help="nucleus sampling mass (default %(default)s)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed of torch's random numbers (sampling with --temperature > 0) (default %(default)s)")
     parser.add_argument("--chat", action="store_true", help="wrap each prompt in the tokenizer's chat template")
 
 
-def check_arguments(prompts, loops=None, exit_criterion=None, max_new_tokens=64, temperature=0.0, top_p=1.0):
-    """Refuse bad generation settings with one line, before any model is loaded."""
+def check_arguments(prompts, loops=None, exit_criterion=None, max_new_tokens=64, temperature=0.0, top_p=1.0,
+                    draft_loops=None, draft_tokens=DRAFT_TOKENS, warm_start=False):
+    """Refuse bad generation settings with one line, before any model is loaded (what needs the model is
+    `check_speculation`'s)."""
     from .model import exit_rule
+
+    if draft_loops is not None:
+        if exit_criterion or warm_start:
+            raise LoopfitError(f"--draft-loops does not combine with {'--exit' if exit_criterion else '--warm-start'}"
+                               ": choose one")
+        if draft_loops < 1 or draft_tokens < 1:
+            raise LoopfitError(f"--draft-loops and --draft-tokens must be >= 1 (got {draft_loops} and {draft_tokens})")
+        if loops is not None and draft_loops >= loops:
+            raise LoopfitError(f"--draft-loops {draft_loops} must be below --loops {loops}: the draft runs the first D "
+                               "of the r loops")
 
     if not prompts or any(not str(p).strip() for p in prompts):
         raise LoopfitError("a prompt is empty: give some text to continue, e.g. --prompt \"Once upon a time\"")
@@ -81,20 +94,46 @@ def check_arguments(prompts, loops=None, exit_criterion=None, max_new_tokens=64,
             raise LoopfitError(str(e)) from None
 
 
+def chat_prompts(tokenizer, prompts):
+    """Each prompt as a user turn in the tokenizer's chat template (transformers renders it in a jinja sandbox),
+    or one line saying why the template cannot be used."""
+    try:
+        return [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
+                                              add_generation_prompt=True) for p in prompts]
+    except Exception as e:  # jinja2's SecurityError and TemplateError, transformers' ValueError, the sandbox's limits
+        first = (str(e).splitlines() or [""])[0][:160]
+        raise LoopfitError(f"--chat: the tokenizer's chat template cannot be rendered ({type(e).__name__}: {first}): "
+                           "drop --chat, or fix chat_template in the model's tokenizer_config.json") from None
+
+
+def check_context(tokenizer, prompts, max_new_tokens, context):
+    """Refuse prompts that, with max_new_tokens, do not fit the model's context (one line, nothing run)."""
+    if not context:
+        return
+    lengths = [len(ids) for ids in tokenizer(prompts, add_special_tokens=True)["input_ids"]]
+    longest = max(lengths)
+    if longest + max_new_tokens > context:
+        which = lengths.index(longest) + 1
+        raise LoopfitError(f"prompt {which} has {longest} tokens: with --max-new-tokens {max_new_tokens} it does not "
+                           f"fit the model's context of {context} tokens; shorten it (or split the file into more "
+                           "prompts, one per line)")
+
+
 def generate(model, tokenizer, prompts, loops=None, exit_criterion=None, warm_start=False, max_new_tokens=64,
              temperature=0.0, top_p=1.0, chat=False, draft_loops=None, draft_tokens=DRAFT_TOKENS):
     """Generate continuations for a batch of prompts (left padded) at `loops` r per token. Returns (texts, mean
     loops or None). `draft_loops` decodes by exact self-speculation (`draft_tokens` a round)."""
     from .loading import is_recurrent
 
-    check_arguments(prompts, loops, exit_criterion, max_new_tokens, temperature, top_p)
+    check_arguments(prompts, loops, exit_criterion, max_new_tokens, temperature, top_p, draft_loops, draft_tokens,
+                    warm_start)
     check_speculation(model, loops, draft_loops, draft_tokens, exit_criterion, warm_start)
 
     if chat:
-        prompts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
-                                                 add_generation_prompt=True) for p in prompts]
+        prompts = chat_prompts(tokenizer, prompts)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    check_context(tokenizer, prompts, max_new_tokens, getattr(model.config, "max_position_embeddings", None))
     batch = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left")
     kwargs = dict(max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id, do_sample=temperature > 0,
                   **({"temperature": temperature, "top_p": top_p} if temperature > 0 else {}))
@@ -119,8 +158,24 @@ def generate(model, tokenizer, prompts, loops=None, exit_criterion=None, warm_st
     return texts, loops
 
 
+def _context_of(source):
+    """max_position_embeddings from a folder's config.json or a base model's config, without the weights."""
+    import json
+    from pathlib import Path
+
+    from .loading import base_config
+
+    folder = Path(source)
+    if folder.is_dir():
+        try:
+            return json.loads((folder / "config.json").read_text()).get("max_position_embeddings")
+        except (OSError, ValueError):
+            return None
+    return getattr(base_config(source), "max_position_embeddings", None)
+
+
 def run(args):
-    from .loading import load
+    from .loading import load, load_tokenizer
 
     prompts = args.prompt
     if args.prompt_file:
@@ -133,12 +188,17 @@ def run(args):
                                "e.g. `iconv -f latin1 -t utf-8`") from None
         if not prompts:
             raise LoopfitError(f"--prompt-file {args.prompt_file} has no prompts: write one per line")
-    check_arguments(prompts, args.loops, args.exit_criterion, args.max_new_tokens, args.temperature, args.top_p)
+    check_arguments(prompts, args.loops, args.exit_criterion, args.max_new_tokens, args.temperature, args.top_p,
+                    args.draft_loops, args.draft_tokens, args.warm_start)
+    # the prompts against the tokenizer (chat template, context length) before the weights load
+    tokenizer = load_tokenizer(args.model, pad=True)
+    inputs = chat_prompts(tokenizer, prompts) if args.chat else prompts
+    check_context(tokenizer, inputs, args.max_new_tokens, _context_of(args.model))
     torch.manual_seed(args.seed)
     model, tokenizer = load(args.model)
     t0 = time.time()
-    texts, used = generate(model, tokenizer, prompts, args.loops, args.exit_criterion, args.warm_start,
-                           args.max_new_tokens, args.temperature, args.top_p, args.chat, args.draft_loops,
+    texts, used = generate(model, tokenizer, inputs, args.loops, args.exit_criterion, args.warm_start,
+                           args.max_new_tokens, args.temperature, args.top_p, False, args.draft_loops,
                            args.draft_tokens)
     for prompt, text in zip(prompts, texts):
         print(f"{prompt}{text}\n")

@@ -183,12 +183,24 @@ def from_pretrained(folder, dtype=torch.float32, what=None):
     from transformers import AutoModelForCausalLM
 
     check_folder_version(folder)
+    where = f"of {what}" if what else "in"
     try:
-        return AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype)
+        model, info = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype, output_loading_info=True)
     except (OSError, ValueError, RuntimeError, KeyError, SafetensorError) as e:
-        where = f"of {what}" if what else "in"
         raise LoopfitError(f"cannot read the weights {where} {folder} ({type(e).__name__}: {_first_line(e)}): check "
                            "that its model.safetensors is complete (copy, convert or save it again)") from None
+    # a config.json whose layer counts (or sizes) disagree with the weights would load with random or dropped
+    # layers: refuse it rather than train or evaluate a different model
+    for problem, keys in (("the model it describes needs {} weight(s) the weights lack", info.get("missing_keys")),
+                          ("the weights hold {} the model it describes has no place for", info.get("unexpected_keys")),
+                          ("{} weight(s) have another shape than it describes", info.get("mismatched_keys"))):
+        keys = sorted(k if isinstance(k, str) else k[0] for k in keys or ())
+        if keys:
+            shown = ", ".join(keys[:3]) + (f" and {len(keys) - 3} more" if len(keys) > 3 else "")
+            raise LoopfitError(f"the weights {where} {folder} do not match its config.json: "
+                               f"{problem.format(len(keys))} ({shown}); restore the config.json saved with these "
+                               "weights (layer counts, sizes)")
+    return model
 
 
 def _dequantized_copy(model):

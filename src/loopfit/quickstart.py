@@ -196,10 +196,10 @@ def stage_convert(s, out, recipe):
     plan = plan_layers(n_layers, layers)
     summary = {"layers": list(layers), "plan": plan.describe(), "dropped": _compact(plan.dropped) or "none",
                "base_loss": report.base_loss,
-               "converted_loss": report.converted_loss, "converted_steps": report.converted_steps,
+               "converted_loss": report.converted_loss, "converted_loops": report.converted_loops,
                "line": f"{s['model']} -> {plan.describe()}; adapter {s['adapter_init']}; sample-text loss base "
                        f"{report.base_loss:.3f}, converted {report.converted_loss:.3f} at r = "
-                       f"{report.converted_steps}"}
+                       f"{report.converted_loops}"}
     if s["control"]:  # the control: the same shape and config, every weight drawn afresh
         _, control = convert(s["model"], out / f"model-{CONTROL}", **same, init="random", log=lambda m: None)
         summary["random_init_loss"] = control.converted_loss

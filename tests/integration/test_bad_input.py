@@ -133,6 +133,26 @@ def test_generate_arguments_are_checked_before_the_model_loads(fx, model, args, 
     one_line(loopfit("generate", fx / model, *args), *words)
 
 
+def test_generate_conflicts_chat_templates_and_long_prompts_are_refused_before_the_weights_load(fx, tmp_path):
+    """The weights are truncated: a refusal that names the prompt or flag came before they loaded."""
+    one_line(loopfit("generate", fx / "loop-cut", "--prompt", "hi", "--draft-loops", "2", "--exit", "kl:5e-4"),
+             "--draft-loops does not combine with --exit")
+    one_line(loopfit("generate", fx / "loop-cut", "--prompt", "hi", "--draft-loops", "4", "--loops", "4"),
+             "--draft-loops 4 must be below --loops 4")
+    long = tmp_path / "long.txt"
+    long.write_text("short prompt\n" + "word " * 200_000 + "\n")  # one 1 MB line
+    one_line(loopfit("generate", fx / "loop-cut", "--prompt-file", long), "prompt 2 has", "does not fit the "
+             "model's context of 8192 tokens")
+    cut = tmp_path / "cut"
+    shutil.copytree(fx / "loop-cut", cut)
+    config = json.loads((cut / "tokenizer_config.json").read_text())
+    config["chat_template"] = "{{ ().__class__.__base__.__subclasses__() }}"  # the sandbox refuses it
+    (cut / "tokenizer_config.json").write_text(json.dumps(config))
+    (cut / "chat_template.jinja").unlink(missing_ok=True)
+    one_line(loopfit("generate", cut, "--prompt", "hi", "--chat"), "--chat: the tokenizer's chat template cannot be "
+             "rendered (SecurityError: access to attribute '__class__'", "drop --chat")
+
+
 def test_generate_refuses_an_empty_prompt_from_python_too(fx):
     from loopfit import LoopfitError
     from loopfit.generate import generate
@@ -239,3 +259,62 @@ def test_train_help_lists_the_recipe_keys_and_a_bad_override_is_one_line(tmp_pat
     one_line(loopfit("train", "quickstart", "--train.steps=ten"), "train.steps", "expects int")
     one_line(loopfit("train", "quickstart", "--data.synthetic=random"), "data.synthetic and data.root",
              "remove the other")
+
+
+# ---------------------------------------------------------------------------------- recipes and training data
+
+
+def test_bad_optimizer_values_tokens_and_recipes_are_one_line_before_the_model_loads(fx, tmp_path):
+    """The model is the truncated folder: a refusal that names the value, not the weights, came first."""
+    import numpy as np
+
+    np.save(tmp_path / "negative.npy", np.array([5, 7, -1, 9] * 100, dtype=np.int64))
+    np.save(tmp_path / "past-vocab.npy", np.array([5, 7, 300, 9] * 100, dtype=np.int64))
+    np.save(tmp_path / "floats.npy", np.ones(400, dtype=np.float32))
+    torch.save({"ids": torch.arange(400)}, tmp_path / "mapping.pt")
+    recipe = tmp_path / "r.json"
+    recipe.write_text(json.dumps({"model": {"init_from": str(fx / "loop-cut")}, "data": {"synthetic": "pattern"},
+                                  "train": {"out_dir": str(tmp_path / "run")}}))
+    for override, words in [
+        ("--optim.lr=-1e-3", ["optim.lr is -0.001", "finite number >= 0"]),
+        ("--optim.adamw_lr=.nan", ["optim.adamw_lr is nan", "finite number >= 0"]),
+        ("--optim.betas=[0.9,1.0]", ["optim.betas is [0.9, 1.0]", "[0, 1)"]),
+        ("--optim.betas=[-0.1,0.9]", ["optim.betas", "[0, 1)"]),
+    ]:
+        one_line(loopfit("train", recipe, override), *words)
+    data = ["--data.synthetic=null", "--data.seq_len=8"]
+    one_line(loopfit("train", recipe, *data, f"--data.tokens={tmp_path / 'negative.npy'}"),
+             "negative.npy holds negative token ids (down to -1)")
+    one_line(loopfit("train", recipe, *data, f"--data.tokens={tmp_path / 'past-vocab.npy'}", "--data.vocab_size=256"),
+             "past-vocab.npy holds token id 300, past data.vocab_size 256")
+    one_line(loopfit("train", recipe, *data, f"--data.tokens={tmp_path / 'floats.npy'}"),
+             "floats.npy holds an array of float32, not integer token ids")
+    one_line(loopfit("train", recipe, *data, f"--data.tokens={tmp_path / 'mapping.pt'}"),
+             "mapping.pt holds a dict, not integer token ids")
+    dup = tmp_path / "dup.yaml"
+    dup.write_text(f"model:\n  init_from: {fx / 'loop-cut'}\ntrain:\n  steps: 3\n  steps: 5\n")
+    one_line(loopfit("train", dup), "dup.yaml is not valid YAML: key 'steps' is given twice (line 5)")
+    nothing_written(tmp_path / "run")
+
+
+def test_resuming_a_checkpoint_of_another_model_is_one_line(fx, tmp_path):
+    recipe = tmp_path / "r.json"
+    recipe.write_text(json.dumps({
+        "model": {"init_from": str(fx / "plain")}, "data": {"synthetic": "pattern", "seq_len": 8},
+        "train": {"out_dir": str(tmp_path / "run"), "steps": 1, "batch_size": 2, "micro_batch_size": 2,
+                  "progress": False, "tensorboard": False}}))
+    assert loopfit("train", recipe).returncode == 0
+    ckpt = tmp_path / "run/checkpoints/step-00000001"
+    one_line(loopfit("train", recipe, f"--model.init_from={fx / 'loop'}", "--train.steps=2", "--resume"),
+             f"checkpoint {ckpt} was made for another model than model.init_from",
+             f"it was trained from {fx / 'plain'}", "resume with the recipe of that run", progress="Loading weights")
+
+
+def test_new_eval_and_export_flags_refuse_bad_values_in_one_line(fx, tmp_path):
+    one_line(loopfit("eval", fx / "loop-cut", "--log-to", tmp_path / "no-run", "--out", tmp_path / "ev"),
+             "--log-to", "is not a training run (no readable recipe.yaml)")
+    one_line(loopfit("eval", fx / "loop-cut", "--tasks", "lm:gsm8k_loopfit", "--include-path", tmp_path / "nowhere",
+                     "--out", tmp_path / "ev"), "--include-path", "is not a folder")
+    one_line(loopfit("export", fx / "loop", "--out", tmp_path / "hf"), "is a loopfit (recurrent) model",
+             "trust_remote_code=True")
+    nothing_written(tmp_path / "ev", tmp_path / "hf")

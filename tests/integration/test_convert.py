@@ -264,3 +264,41 @@ def test_console_script_prints_one_line_error_without_traceback(tmp_path):
                          capture_output=True, text=True, timeout=120)
     assert res.returncode == 2
     assert res.stderr.strip().startswith("loopfit convert: error:") and "Traceback" not in res.stderr
+
+
+def test_a_tied_head_stays_tied_unless_untie_head_and_training_keeps_it(smollm2_tokenizer, tmp_path, capsys):
+    from loopfit.train import train
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(smollm2_tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                      tie_word_embeddings=True)
+    LlamaForCausalLM(cfg).save_pretrained(tmp_path / "tied")
+    smollm2_tokenizer.save_pretrained(tmp_path / "tied")
+    base = AutoModelForCausalLM.from_pretrained(tmp_path / "tied")
+    head_size = cfg.vocab_size * cfg.hidden_size
+
+    def params(model):
+        return sum(p.numel() for p in model.parameters())  # a shared tensor counts once
+
+    for flag, tied in (([], True), (["--untie-head"], False)):
+        out = tmp_path / ("untied" if flag else "kept")
+        rc, err = run_cli(tmp_path / "tied", "--layers", "1,2,1", "--out", out, *flag, capsys=capsys)
+        assert rc == 0, err
+        model = AutoModelForCausalLM.from_pretrained(out)
+        assert model.config.tie_word_embeddings is tied
+        assert (model.lm_head.weight is model.model.embed_tokens.weight) is tied
+        adapter = model.model.adapter.weight.numel()
+        assert params(model) == params(base) - (0 if tied else -head_size) + adapter
+        card, parity = (out / "README.md").read_text(), (out / "parity.json").read_text()
+        said = "tied to the input embeddings" if tied else "its own matrix, not tied to the embeddings"
+        assert said in card and said in parity
+    recipe = {"model": {"init_from": str(tmp_path / "kept")}, "data": {"synthetic": "pattern", "seq_len": 16},
+              "recurrence": {"mode": "fixed", "mean": 2, "backprop": 1, "curriculum": "none"},
+              "train": {"out_dir": str(tmp_path / "run"), "steps": 2, "batch_size": 2, "micro_batch_size": 2,
+                        "progress": False, "tensorboard": False}, "checkpoint": {"every": 0}}
+    train(recipe)
+    trained = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "final")
+    assert trained.config.tie_word_embeddings and trained.lm_head.weight is trained.model.embed_tokens.weight
+    start = AutoModelForCausalLM.from_pretrained(tmp_path / "kept")
+    assert not torch.equal(trained.model.embed_tokens.weight, start.model.embed_tokens.weight)  # it trained

@@ -64,13 +64,15 @@ def test_harness_cli_runs_a_loopfit_folder(tiny, tmp_path):
     _, _, folder = tiny
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "loopfit.eval.harness", "--model", "loopfit", "--model_args",
-           f"pretrained={folder},num_steps=2", "--tasks", "gsm8k_loopfit", "--limit", "1", "--device", "cpu",
-           "--gen_kwargs", "max_gen_toks=2", "--output_path", str(tmp_path / "out")]
+           f"pretrained={folder},num_steps=2", "--tasks", "gsm8k_loopfit,my_qa", "--limit", "1", "--device", "cpu",
+           "--gen_kwargs", "max_gen_toks=2", "--output_path", str(tmp_path / "out"),
+           "--include-path", str(tmp_path / "tasks")]  # the user's tasks beside loopfit's
+    _user_tasks(tmp_path / "tasks")
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "gsm8k_loopfit" in proc.stdout and "'num_steps': 2" in proc.stdout
     results = list((tmp_path / "out").rglob("results_*.json"))
-    assert results and "gsm8k_loopfit" in json.loads(results[0].read_text())["results"]
+    assert results and {"gsm8k_loopfit", "my_qa"} <= set(json.loads(results[0].read_text())["results"])
 
 
 def test_metric_rows_keep_metrics_only():
@@ -80,8 +82,60 @@ def test_metric_rows_keep_metrics_only():
     results = {"gsm8k_loopfit": {"alias": "gsm8k_loopfit", "exact_match,strict-match": 0.5,
                                  "exact_match_stderr,strict-match": 0.1, "sample_len": 2, "acc,none": 0.25}}
     assert metric_rows(results, 4, 2) == [
-        {"task": "lm:gsm8k_loopfit", "loops": 4, "metric": "exact_match_strict-match", "value": 0.5, "n": 2},
+        {"task": "lm:gsm8k_loopfit", "loops": 4, "metric": "exact_match_strict-match", "value": 0.5, "n": 2,
+         "stderr": 0.1},
         {"task": "lm:gsm8k_loopfit", "loops": 4, "metric": "acc", "value": 0.25, "n": 2}]
+    # lm-eval's own sample count wins over the --limit given
+    (row, _) = metric_rows(results, 4, 2, counts={"gsm8k_loopfit": {"original": 1319, "effective": 3}})
+    assert row["n"] == 3
+
+
+def _user_tasks(folder):
+    """A user's own lm-eval task on a local JSONL file, and one whose data lives on the Hub."""
+    folder.mkdir()
+    (folder / "qa.jsonl").write_text("".join(json.dumps({"question": f"What is {i} + {i}?", "answer": str(2 * i)})
+                                             + "\n" for i in range(4)))
+    (folder / "my_qa.yaml").write_text(
+        "task: my_qa\ndataset_path: json\n"
+        f"dataset_kwargs:\n  data_files:\n    test: {folder / 'qa.jsonl'}\n"
+        "test_split: test\noutput_type: generate_until\ndoc_to_text: \"Q: {{question}}\\nA:\"\n"
+        "doc_to_target: \"{{answer}}\"\ngeneration_kwargs:\n  until: [\"\\n\"]\n  do_sample: false\n"
+        "metric_list:\n  - metric: exact_match\n    aggregation: mean\n    higher_is_better: true\n")
+    (folder / "hub_qa.yaml").write_text((folder / "my_qa.yaml").read_text().replace("task: my_qa", "task: hub_qa")
+                                        .replace("dataset_path: json", "dataset_path: loopfit-tests/no-such-data")
+                                        .split("dataset_kwargs")[0] + "test_split: test\noutput_type: "
+                                        "generate_until\ndoc_to_text: \"{{question}}\"\ndoc_to_target: \"x\"\n")
+
+
+def test_eval_finds_user_task_yamls_and_keeps_stderr_counts_and_samples(tiny, tmp_path):
+    _, _, folder = tiny
+    _user_tasks(tmp_path / "tasks")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", OMP_NUM_THREADS="1")
+    out = tmp_path / "ev"
+    cmd = [sys.executable, "-m", "loopfit.cli", "eval", str(folder), "--tasks", "lm:my_qa", "--include-path",
+           str(tmp_path / "tasks"), "--loops", "1,2", "--limit", "3", "--max-new-tokens", "2", "--out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    assert {(r["loops"], r["metric"], r["n"]) for r in rows} == {(1, "exact_match", 3), (2, "exact_match", 3)}
+    assert all(isinstance(r["stderr"], float) for r in rows)
+    samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert sorted((s["loops"], s["doc_id"]) for s in samples) == [(r, d) for r in (1, 2) for d in range(3)]
+    assert all(s["task"] == "lm:my_qa" and "exact_match" in s for s in samples)
+    assert (out / "sweep.png").stat().st_size > 0
+
+    def refused(*tasks):
+        proc = subprocess.run([*cmd[:6], ",".join(tasks), *cmd[7:-1], str(tmp_path / "ev2")], capture_output=True,
+                              text=True, env=env, timeout=600)
+        lines = [x for x in proc.stderr.splitlines() if "error:" in x]
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr and len(lines) == 1, proc.stderr[-3000:]
+        return lines[0]
+
+    line = refused("lm:no_such_task")
+    assert "unknown lm-eval task 'no_such_task': offline tasks here are gsm8k_loopfit, gsm8k_loopfit_1shot" in line
+    assert "--include-path DIR" in line
+    line = refused("lm:hub_qa")
+    assert "lm-eval could not load the data of hub_qa (" in line and "--include-path DIR" in line
 
 
 class ScriptedLM(lm_eval.api.model.LM):

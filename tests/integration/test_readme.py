@@ -114,3 +114,27 @@ def test_the_path_runs_end_to_end(tmp_path):
                                    "TOKENIZERS_PARALLELISM": "false"})
         assert proc.returncode == 0, f"{shlex.join(argv)} failed:\n{proc.stderr[-3000:]}"
     assert (tmp_path / "report" / "report.md").is_file()
+
+
+def test_the_typical_path_of_loopfit_help_is_the_readmes():
+    from loopfit.cli import EPILOG
+
+    printed = [shlex.split(line) for line in EPILOG.splitlines() if line.strip().startswith("loopfit ")]
+    assert len(printed) == 4 and all(argv in path_block() for argv in printed), printed
+
+
+def test_the_python_api_the_readme_names_exists():
+    import importlib
+
+    names = re.findall(r"`(loopfit(?:\.\w+)+)`", README.split("every verb is also a Python function", 1)[1][:900])
+    assert len(names) >= 10
+    for dotted in names:
+        module, _, attr = dotted.rpartition(".")
+        assert callable(getattr(importlib.import_module(module), attr)), dotted
+
+
+def test_every_flag_of_every_verb_is_described():
+    for verb in VERBS:
+        parser, _ = build_parser(verb)
+        bare = [a.option_strings or [a.dest] for a in parser._actions if not a.help and a.dest != "help"]
+        assert not bare, f"loopfit {verb} --help leaves {bare} undescribed"

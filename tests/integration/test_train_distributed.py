@@ -76,3 +76,56 @@ def test_two_processes_match_single_process_and_resume(setup, strategy, tmp_path
     assert "model.adapter.weight" in bufs and len(bufs) == sum(1 for k, v in weights.items() if v.ndim == 2) - 2
     for name, buf in bufs.items():  # full, gathered matrices (not one rank's shard), all updated
         assert buf.shape == weights[name].shape and buf.abs().sum() > 0, name
+
+
+def _tiny_prepared_data(root):
+    """A tiny model with a word-level tokenizer and a prepared dataset whose 'val' split holds 10 windows of 16."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from loopfit.data import prepare
+
+    torch.manual_seed(0)
+    tiny_models.recurrent(mean_recurrence=2, state_init="zeros").save_pretrained(root / "tiny")
+    words = [f"w{i}" for i in range(50)]
+    raw = Tokenizer(models.WordLevel({"<eos>": 0, "[UNK]": 1, **{w: i + 2 for i, w in enumerate(words)}},
+                                     unk_token="[UNK]"))
+    raw.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    PreTrainedTokenizerFast(tokenizer_object=raw, eos_token="<eos>", unk_token="[UNK]").save_pretrained(root / "tiny")
+    docs = [" ".join(words[(i * 7 + j) % 50] for j in range(40)) for i in range(40)]
+    (root / "text.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    prepare([f"general={root / 'text.jsonl'}"], str(root / "tiny"), root / "data", holdout=0.1, progress=False)
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_unequal_heldout_batches_per_rank_do_not_hang(strategy, tmp_path):
+    """train.eval_batches=1 on 2 ranks: rank 0 holds the one held-out batch, rank 1 none. Every rank still runs
+    the same number of forwards (they are collectives), and the held-out loss is the single process's."""
+    _tiny_prepared_data(tmp_path)
+    recipe = {
+        "model": {"init_from": str(tmp_path / "tiny")},
+        "data": {"root": str(tmp_path / "data"), "weights": {"general": 1.0}, "seq_len": 16, "eval": "general"},
+        "recurrence": {"mode": "fixed", "mean": 2, "backprop": 1, "curriculum": "none"},
+        "optim": {"name": "adamw", "adamw_lr": 0.001},
+        "schedule": {"name": "constant", "warmup": 0},
+        "train": {"steps": 2, "batch_size": 4, "micro_batch_size": 2, "progress": False, "tensorboard": False,
+                  "eval_every": 1, "eval_batches": 1},
+        "checkpoint": {"every": 0},
+    }
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    run([sys.executable, "-m", "loopfit.cli", "train", str(tmp_path / "recipe.yaml"),
+         f"--train.out_dir={tmp_path / 'single'}"])
+    out = tmp_path / strategy
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "loopfit.cli",
+           "train", str(tmp_path / "recipe.yaml"), f"--train.out_dir={out}", f"--distributed.strategy={strategy}"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                          timeout=180)  # a hang is a failure here, not a stuck suite
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert (out / "final" / "model.safetensors").is_file()
+
+    def heldout(folder):
+        return [r["eval_loss"] for r in map(json.loads, (folder / "metrics.jsonl").read_text().splitlines())
+                if "eval_loss" in r]
+
+    single = heldout(tmp_path / "single")
+    assert len(single) == 2 and heldout(out) == pytest.approx(single, abs=TOL[strategy])

@@ -166,10 +166,62 @@ def test_kill_9_while_exporting_final_then_resume_logs_the_end_once(recipe_path,
     err = finish(launch(recipe_path, out, "--resume", "--train.eval_every=0", "--checkpoint.every=12"))
     records = jsonl_records(out)
     assert [r for r in records if r.get("eval_loss") is not None] == evals
-    assert csv_steps(out) == [r["step"] for r in records] and csv_steps(out).count(STEPS) == 2  # train row + eval row
+    # metrics.csv: one row per step, the end-of-run held-out loss on the last step's row
+    assert csv_steps(out) == sorted({r["step"] for r in records}) and csv_steps(out).count(STEPS) == 1
+    with open(out / "metrics.csv", newline="") as f:
+        last = list(csv.DictReader(f))[-1]
+    assert float(last["eval_loss"]) == pytest.approx(evals[0]["eval_loss"]) and last["loss"]
     last_loss = [r["loss"] for r in records if r.get("loss") is not None][-1]
     done = next(line for line in err.splitlines() if "done:" in line)
     assert ("loss nan" not in done and f"loss {last_loss:.4f}" in done
             and f"held-out loss {evals[0]['eval_loss']:.4f}" in done)
     assert (out / "final/model.safetensors").exists()
     assert not any(p.name.startswith(".final.tmp") for p in out.iterdir())  # the killed export's leftovers are gone
+
+
+def test_a_second_run_in_a_held_out_dir_is_refused_and_a_killed_run_leaves_no_lock(recipe_path, tmp_path):
+    out = tmp_path / "run"
+    first = launch(recipe_path, out, pause=60.0)  # it holds the folder while it sleeps in its first checkpoint
+    try:
+        t0 = time.time()
+        while not (out / "checkpoints").exists():  # the first run holds the folder and is training
+            assert first.poll() is None and time.time() - t0 < 120, first.stderr.read()[-2000:]
+            time.sleep(0.05)
+        second = subprocess.run([sys.executable, "-m", "loopfit.cli", "train", str(recipe_path),
+                                 f"--train.out_dir={out}", "--resume"], capture_output=True, text=True,
+                                env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=120)
+        assert second.returncode == 2 and "Traceback" not in second.stderr
+        assert f"train.out_dir {out} is in use by a running loopfit (pid {first.pid})" in second.stderr
+        kill_when(first, lambda: any(p.name.startswith(".step-") for p in (out / "checkpoints").iterdir()))
+    finally:
+        if first.poll() is None:
+            first.kill()
+    # the kernel released the killed run's lock (it died in its first checkpoint: nothing to resume, so the
+    # next run starts afresh); the killed write's hidden temporary folder goes at that start
+    assert not list((out / "checkpoints").glob("step-*"))
+    err = finish(launch(recipe_path, out))
+    assert "removed the temporary files of an interrupted write" in err and (out / "final").is_dir()
+    assert not [p.name for p in out.rglob(".*") if ".tmp-" in p.name or ".old-" in p.name]
+
+
+def test_a_full_disk_mid_checkpoint_is_one_line_and_the_previous_checkpoint_resumes(recipe_path, tmp_path):
+    """The file-size limit makes every write past 500 kB fail as a full disk does (EFBIG): the weights of the
+    second checkpoint no longer fit."""
+    import resource
+
+    out = tmp_path / "run"
+    finish(launch(recipe_path, out, "--train.steps=4"))
+
+    def small_disk():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (500_000, 500_000))
+
+    cmd = [sys.executable, "-m", "loopfit.cli", "train", str(recipe_path), f"--train.out_dir={out}", "--resume",
+           "--train.steps=8"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                          preexec_fn=small_disk, timeout=300)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    (line,) = [x for x in proc.stderr.splitlines() if "error:" in x]
+    assert f"cannot write {out}/checkpoints/step-00000008: the disk holding {out}/checkpoints is full" in line
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-00000004"]  # intact, no temporaries
+    err = finish(launch(recipe_path, out, "--resume", "--train.steps=8"))
+    assert "step-00000004 at step 4" in err and (out / "final/model.safetensors").is_file()

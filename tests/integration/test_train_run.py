@@ -82,6 +82,11 @@ def test_recurrent_loss_falls_and_final_folder_loads(tiny_dir, tmp_path):
     assert all(torch.equal(model.state_dict()[k], v) for k, v in saved.items())
     assert (out / "metrics.csv").read_text().splitlines()[0].startswith("step,loss,eval_loss")
     assert list((out / "tb").iterdir())
+    # final/ carries a model card of this training, not init_from's
+    card = (out / "final/README.md").read_text()
+    assert f"trained from `{tiny_dir}`" in card and "trained at mean r = 4" in card
+    assert f"| tokens | {30 * 8 * 32:,} |" in card and f"| held-out loss | {result['eval_loss']:.4f} at r = 4 |" in card
+    assert f"{result['flops']:.3g} (the paper's count)" in card
 
 
 def test_final_folder_carries_the_depth_it_was_trained_at(tiny_dir, tmp_path):
@@ -169,20 +174,65 @@ def test_corrupt_latest_checkpoint_falls_back(tiny_dir, tmp_path, capfd):
     assert steps == list(range(1, 9))  # rows the lost checkpoint covered were rewritten, none duplicated
 
 
-def test_nonfinite_loss_stops_with_last_good_checkpoint(tiny_dir, tmp_path):
+def _largest_weight(folder):
+    return max(float(t.abs().max()) for t in load_file(folder / "model.safetensors").values())
+
+
+def test_nonfinite_loss_stops_with_the_state_before_the_bad_update(tiny_dir, tmp_path):
+    """The weights after the update that diverged are what gave the non-finite loss: they are set aside, never
+    named as the last good state; the newest checkpoint before that update is, and resuming from it works."""
     out = tmp_path / "nan"
-    r = recipe(tiny_dir, out, optim={"name": "adamw", "adamw_lr": 1e30, "grad_clip": 0},
-               schedule={"name": "constant", "warmup": 0}, train={"steps": 20, "eval_every": 0})
-    with pytest.raises(LoopfitError,
-                       match=r"non-finite training signal at step (\d+) .* last good state .* --resume") as e:
+    r = recipe(tiny_dir, out, optim={"name": "adamw", "adamw_lr": 0.003, "grad_clip": 0},
+               schedule={"name": "constant", "warmup": 0}, train={"steps": 2, "eval_every": 0},
+               checkpoint={"every": 1, "keep": 5})
+    train(r)
+    # step 3 runs on step 2's weights (finite loss) and its update at lr 1e30 diverges: step 4's loss is not finite
+    with pytest.raises(LoopfitError, match=r"non-finite training signal at step 4 .* the last good state is "
+                                           r".*step-00000002 \(step 2, before the update that diverged\)"):
+        train(r, ["--optim.adamw_lr=1e30", "--train.steps=6"], resume="latest")
+    assert (out / "checkpoints/nonfinite-step-00000003").is_dir()
+    assert [p.name for p in sorted((out / "checkpoints").glob("step-*"))] == ["step-00000001", "step-00000002"]
+    assert _largest_weight(out / "checkpoints/step-00000002") < 10
+    result = train(r, ["--train.steps=4"], resume="latest")  # the same lr as before: it goes on
+    assert result["step"] == 4 and _largest_weight(out / "final") < 10
+
+    # diverging at the first update: no checkpoint precedes it, and none with the diverged weights is kept
+    with pytest.raises(LoopfitError, match="step 2 .* no checkpoint precedes the update that diverged .* "
+                                           "model.init_from"):
+        train(r, ["--optim.adamw_lr=1e30", f"--train.out_dir={tmp_path / 'first'}"])
+    assert not list((tmp_path / "first/checkpoints").glob("step-*"))
+
+
+def test_resume_with_a_changed_schedule_says_what_changes(tiny_dir, tmp_path, capfd):
+    out = tmp_path / "changed"
+    r = recipe(tiny_dir, out, schedule={"name": "cosine", "warmup": 0}, train={"steps": 4, "eval_every": 0},
+               checkpoint={"every": 2})
+    train(r)
+    capfd.readouterr()
+    result = train(r, ["--train.steps=8", "--optim.lr=0.01"], resume=str(out / "checkpoints/step-00000002"))
+    err = capfd.readouterr().err
+    assert "resuming with a changed schedule: optim.lr 0.02 -> 0.01, train.steps 4 -> 8; the muon lr at step 3 " in err
+    rows = [row for row in read_metrics(out) if "loss" in row]
+    # the new lr and schedule apply from the resumed step on (not the checkpoint's base lr)
+    from loopfit.train.schedules import lr_factor
+
+    assert result["step"] == 8 and rows[2]["step"] == 3
+    assert rows[2]["lr"] == pytest.approx(0.01 * lr_factor(2, 8, "cosine", 0, 0.8, "cosine", 0.001))
+
+
+def test_skip_never_exports_an_untrained_or_nonfinite_model(tmp_path):
+    torch.manual_seed(0)
+    model = tiny_models.recurrent()
+    with torch.no_grad():
+        model.model.core[0].mlp.down_proj.weight[0, 0] = float("nan")
+    model.save_pretrained(tmp_path / "nan-model")
+    out = tmp_path / "skip"
+    r = recipe(tmp_path / "nan-model", out, train={"steps": 3, "eval_every": 0, "on_nonfinite": "skip"})
+    with pytest.raises(LoopfitError, match="every step of the run was non-finite and skipped .* not written"):
         train(r)
-    bad_step = int(e.value.args[0].split("at step ")[1].split()[0])
-    saved = out / f"checkpoints/step-{bad_step - 1:08d}/model.safetensors"
-    assert saved.exists() and all(torch.isfinite(t).all() for t in load_file(saved).values())
-    # with skip, the run goes on and finishes
-    result = train(r, ["--train.on_nonfinite=skip", f"--train.out_dir={tmp_path / 'skip'}"])
-    assert result["step"] == 20
-    assert any(row.get("skipped") for row in read_metrics(tmp_path / "skip"))
+    assert not (out / "final").exists()
+    rows = read_metrics(out)
+    assert len(rows) == 3 and all(row["skipped"] == 1 for row in rows)  # no NaN held-out loss row
 
 
 @pytest.mark.real
@@ -235,3 +285,26 @@ def test_data_from_another_tokenizer_is_refused(tmp_path, smollm2_tokenizer):
     with pytest.raises(LoopfitError,
                        match="another tokenizer .* re-run `loopfit prepare` with the model's --tokenizer"):
         train(r)
+
+
+def test_data_eval_without_a_val_split_is_refused_at_set_up(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from loopfit.data import prepare
+
+    torch.manual_seed(0)
+    tiny_models.recurrent().save_pretrained(tmp_path / "tiny")
+    words = {"<eos>": 0, "[UNK]": 1, **{f"w{i}": i + 2 for i in range(20)}}
+    raw = Tokenizer(models.WordLevel(words, unk_token="[UNK]"))
+    raw.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok = PreTrainedTokenizerFast(tokenizer_object=raw, eos_token="<eos>", unk_token="[UNK]")
+    tok.save_pretrained(tmp_path / "tiny")
+    (tmp_path / "text.txt").write_text(" ".join(f"w{i % 20}" for i in range(400)))
+    prepare([f"general={tmp_path / 'text.txt'}"], str(tmp_path / "tiny"), tmp_path / "data", progress=False)
+    r = recipe(tmp_path / "tiny", tmp_path / "run")
+    r["data"] = {"root": str(tmp_path / "data"), "weights": {"general": 1.0}, "seq_len": 16, "eval": "general"}
+    with pytest.raises(LoopfitError, match=r"data.eval general: .*general has no 'val' split \(prepare it with "
+                                           r"--holdout 0.01\)"):
+        train(r)
+    assert not (tmp_path / "run").exists()

@@ -68,3 +68,22 @@ def test_a_folder_without_tokenizer_is_one_line_naming_the_fix(folders, tmp_path
     assert "\n" not in str(e.value)
     with pytest.raises(LoopfitError, match="tokenizer 'nowhere' does not exist"):
         load_tokenizer("nowhere")
+
+
+@pytest.mark.parametrize(("name", "key", "layers", "kind"), [
+    ("loop", "num_core_layers", 3, "the model it describes needs 9 weight"),
+    ("loop", "num_core_layers", 1, "the weights hold 9 the model it describes has no place for"),
+    ("plain", "num_hidden_layers", 3, "the model it describes needs 9 weight"),
+    ("plain", "num_hidden_layers", 1, "the weights hold 9 the model it describes has no place for")])
+def test_a_config_whose_layer_counts_disagree_with_the_weights_is_refused(folders, tmp_path, name, key, layers, kind):
+    import shutil
+
+    folder = tmp_path / name
+    shutil.copytree(folders / name, folder)
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg[key] = layers
+    cfg.pop("layer_types", None)
+    (folder / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(LoopfitError, match=rf"weights in {folder} do not match its config.json: {kind}.* and 6 "
+                                           r"more\); restore the config.json"):
+        load(folder)

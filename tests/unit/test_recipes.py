@@ -2,6 +2,7 @@
 fails here), and the GPU recipes carry the paper's settings (docs/papers.md §1, §2, §5)."""
 
 import dataclasses
+import json
 import re
 from pathlib import Path
 
@@ -27,13 +28,14 @@ GPU = {"tinyllama-448": (22, (4, 8, 4), ([0, 1, 2, 3], list(range(10, 18)), [18,
 
 @pytest.fixture(scope="module")
 def data_root(tmp_path_factory):
-    """Tiny prepared `general` and `math` datasets (what the recipes' blends name), over 2 x 1024 tokens each."""
+    """Tiny prepared `general` and `math` datasets (what the recipes' blends name), over 2 x 1024 tokens each, with
+    a held-out split."""
     root = tmp_path_factory.mktemp("recipe-data")
     for name, line in (("general", "The river ran past the old mill and the town. "),
                        ("math", "Tom has 3 apples and buys 4 more, so he has 3 + 4 = 7 apples. ")):
-        src = root.parent / f"{root.name}-{name}.txt"
-        src.write_text(line * 300)
-        prepare([f"{name}={src}"], tiny_models.tokenizer(), root, holdout=0.0, progress=False)
+        src = root.parent / f"{root.name}-{name}.jsonl"  # 100 documents: the recipes' data.eval needs a 'val' split
+        src.write_text("".join(json.dumps({"text": line * 3}) + "\n" for _ in range(100)))
+        prepare([f"{name}={src}"], tiny_models.tokenizer(), root, holdout=0.1, progress=False)
     return root
 
 
@@ -110,3 +112,27 @@ def test_the_header_converts_at_the_depth_the_recipe_trains_at(path):
     (line,) = [line for line in path.read_text().splitlines() if "loopfit convert" in line]
     depth = re.search(r"--recurrence (\d+)", line)
     assert depth and int(depth.group(1)) == load_recipe(path).recurrence.mean, line
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.stem)
+def test_header_commands_parse_read_no_hub_ids_and_train_into_a_new_folder(path):
+    """What a recipe's header says to run runs as written: every `loopfit` line parses with the real parser, a
+    convert reads a local folder or an offline short name (loopfit never downloads), and the run writes to a
+    folder other than the one it starts from."""
+    import shlex
+
+    from loopfit.assets import OFFLINE_MODELS
+    from loopfit.cli import build_parser
+
+    cfg = load_recipe(path)
+    assert Path(cfg.train.out_dir) != Path(cfg.model.init_from)
+    commands = [line for line in path.read_text().splitlines()
+                if re.match(r"#\s+(OMP_NUM_THREADS=\S+ )?(loopfit|torchrun) ", line)]
+    assert commands
+    for line in commands:
+        argv = [a for a in shlex.split(line.lstrip("# ")) if not a.startswith("OMP_NUM_THREADS=")]
+        argv = argv[argv.index("loopfit.cli") + 1:] if "loopfit.cli" in argv else argv[1:]
+        parser, _ = build_parser(argv[0])
+        parser.parse_args(argv[1:])
+        if argv[0] == "convert":
+            assert argv[1] in OFFLINE_MODELS or argv[1].startswith("models/"), line

@@ -248,3 +248,12 @@ def test_muon_runs_newton_schulz_in_fp32_on_cpu_and_matches_torch():
         opt_a.step(), opt_b.step()
     assert (a - b).abs().max() < 2e-3 and not torch.equal(a, g)
     assert torch.equal(opt_a.state[a]["momentum_buffer"], opt_b.state[b]["momentum_buffer"])
+
+
+def test_recipe_overrides_as_strings_pairs_or_mappings_agree():
+    from loopfit.train.config import load_recipe
+
+    forms = [["--train.steps=7", "--optim.lr=0.01"], [("train.steps", 7), ("optim.lr", 0.01)],
+             {"train.steps": 7, "optim.lr": 0.01}, {"train": {"steps": 7}, "optim": {"lr": 0.01}}]
+    recipes = [load_recipe("quickstart", form).to_dict() for form in forms]
+    assert all(r == recipes[0] for r in recipes) and recipes[0]["train"]["steps"] == 7

@@ -22,7 +22,7 @@ from .. import LoopfitError
 from ..io import atomic_file, check_empty_or_force, check_writable
 from ..loading import is_recurrent
 from .loading import normalise_rows
-from .plots import panel_of, save
+from .plots import draw, panel_of, save
 
 RESULTS_PLACES = ("results.json", "eval/results.json", "final/eval/results.json")
 
@@ -162,19 +162,20 @@ def plot_loops(runs, path):
         lines = {}
         for r in rows:
             if panel_of(r["metric"]) == panel:
-                lines.setdefault((r["run"], r["task"], r["metric"]), []).append((r["loops"], r["value"]))
-        for (run, task, metric), pts in lines.items():
-            xs, ys = zip(*sorted(pts))
+                lines.setdefault((r["run"], r["task"], r["metric"]), []).append(r)
+        for (run, task, metric), group in lines.items():
             what = metric.removeprefix("accuracy_")
             label = f"{run}: {task}" if what == task else f"{run}: {task} {what}"
             if recurrent.get(run, True):
-                ax.plot(xs, ys, marker="o", label=label)
+                draw(ax, group, label, marker="o")
             else:  # a plain model has no loops: r changes nothing, so draw it as a level
-                ax.plot(xs, ys, linestyle="--", label=f"{label} (no loops)")
+                draw(ax, group, f"{label} (no loops)", linestyle="--")
         ax.set_xscale("log", base=2)
         ax.set_xticks(ticks, [str(t) for t in ticks])
         ax.set_xlabel("loops r (test time)")
         ax.set_ylabel(panel)
+        if panel == "accuracy":
+            ax.set_ylim(0, 1)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     save(fig, path)

@@ -67,52 +67,129 @@ def _one_of(name, value, alias, alias_value):
     return given.pop() if given else None
 
 
-def task_manager():
+OFFLINE_TASKS = ("gsm8k_loopfit", "gsm8k_loopfit_1shot")
+
+
+def _paths(include_path):
+    """loopfit's task folder, then the user's (a folder or a list of them)."""
+    if include_path is None:
+        extra = []
+    elif isinstance(include_path, (str, Path)):
+        extra = [str(include_path)]
+    else:
+        extra = [str(p) for p in include_path]
+    return [str(TASKS_DIR), *extra]
+
+
+def task_manager(include_path=None):
     from lm_eval.tasks import TaskManager
 
-    return TaskManager(include_path=str(TASKS_DIR))
+    return TaskManager(include_path=_paths(include_path))
+
+
+def check_tasks(tasks, include_path=None, manager=None):
+    """Refuse, in one line, lm-eval task names that neither lm-eval nor the --include-path folders define (before
+    any model loads); returns the task manager."""
+    from .. import LoopfitError
+
+    for folder in _paths(include_path)[1:]:
+        if not Path(folder).is_dir():
+            raise LoopfitError(f"--include-path {folder} is not a folder: give the folder holding your task YAMLs")
+    manager = manager or task_manager(include_path)
+    known = set(manager.all_tasks)
+    unknown = [t for t in tasks if t not in known]
+    if unknown:
+        raise LoopfitError(f"unknown lm-eval task '{unknown[0]}': offline tasks here are {', '.join(OFFLINE_TASKS)}; "
+                           "for your own task YAMLs add --include-path DIR (lm-eval's tasks need their data from "
+                           "the Hub)")
+    return manager
 
 
 def run_tasks(model, tokenizer, tasks, loops, limit=None, batch_size=1, max_gen_toks=None, draft_loops=None,
-              draft_tokens=None):
-    """Run lm-eval `tasks` on a loaded model at each r in `loops`; (rows, raw results per r). `draft_loops` D
-    decodes generations at each r > D by self-speculation."""
+              draft_tokens=None, include_path=None, samples=None):
+    """Run lm-eval `tasks` (also from `include_path` folders of task YAMLs) on a loaded model at each r in
+    `loops`; (rows, raw results per r). Rows keep lm-eval's stderr and sample count; a `samples` list receives
+    lm-eval's logged samples, one dict per (r, document). `draft_loops` D decodes generations at each r > D by
+    self-speculation."""
     import lm_eval
 
+    manager = check_tasks(tasks, include_path)
     lm = LoopfitLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
     lm.draft_steps, lm.draft_tokens = draft_loops, draft_tokens
     rows, raw = [], {}
     gen_kwargs = f"max_gen_toks={max_gen_toks}" if max_gen_toks else None
     for r in loops:
         lm.num_steps = r
-        out = lm_eval.simple_evaluate(model=lm, tasks=list(tasks), limit=limit, task_manager=task_manager(),
-                                      gen_kwargs=gen_kwargs, log_samples=False)
+        try:
+            out = lm_eval.simple_evaluate(model=lm, tasks=list(tasks), limit=limit, task_manager=manager,
+                                          gen_kwargs=gen_kwargs, log_samples=True)
+        except (OSError, ConnectionError, ValueError, RuntimeError) as e:  # no network, no cached data
+            raise _unfetchable(tasks, e) from None
         raw[r] = out["results"]
-        rows += metric_rows(out["results"], r, limit)
+        rows += metric_rows(out["results"], r, counts=out.get("n-samples"))
+        if samples is not None:
+            samples += sample_records(out.get("samples") or {}, r)
     return rows, raw
 
 
-def metric_rows(results, r, n=None):
-    """lm-eval results {task: {'exact_match,strict-match': x, ...}} -> loopfit rows (stderr and the sample count
-    dropped)."""
+def _unfetchable(tasks, e):
+    from .. import LoopfitError
+
+    cause = (str(e).splitlines() or [type(e).__name__])[0][:160]
+    return LoopfitError(f"lm-eval could not load the data of {', '.join(tasks)} ({type(e).__name__}: {cause}): "
+                        f"offline tasks here are {', '.join(OFFLINE_TASKS)}; for your own task YAMLs with local "
+                        "data add --include-path DIR, or connect to the Hub once to cache the data")
+
+
+def metric_rows(results, r, n=None, counts=None):
+    """lm-eval results {task: {'exact_match,strict-match': x, 'exact_match_stderr,strict-match': s, ...}} ->
+    loopfit rows, each with its `stderr` (where lm-eval gives one) and `n`, the samples scored (lm-eval's
+    n-samples, else `n`)."""
     rows = []
     for task, metrics in results.items():
+        count = ((counts or {}).get(task) or {}).get("effective", n)
         for key, value in metrics.items():
             name, _, filt = key.partition(",")
             if name.endswith("_stderr") or not isinstance(value, (int, float)) or name in ("alias", "sample_len"):
                 continue
             metric = f"{name}_{filt}" if filt and filt != "none" else name
-            rows.append({"task": f"lm:{task}", "loops": r, "metric": metric, "value": float(value), "n": n})
+            row = {"task": f"lm:{task}", "loops": r, "metric": metric, "value": float(value), "n": count}
+            stderr = metrics.get(f"{name}_stderr,{filt}" if filt else f"{name}_stderr")
+            if isinstance(stderr, (int, float)) and stderr == stderr:  # lm-eval writes "N/A" where it has none
+                row["stderr"] = float(stderr)
+            rows.append(row)
     return rows
+
+
+def sample_records(samples, r):
+    """lm-eval's logged samples {task: [sample, ...]} as loopfit's samples.jsonl records at r (JSON-safe)."""
+    import json
+
+    records = []
+    for task, items in samples.items():
+        for item in items:
+            record = {"task": f"lm:{task}", "loops": r, "doc_id": item.get("doc_id"), "target": item.get("target"),
+                      "response": item.get("filtered_resps"), "arguments": item.get("arguments")}
+            record.update({k: item[k] for k in item.get("metrics", []) if k in item})
+            records.append(json.loads(json.dumps(record, default=str)))
+    return records
 
 
 def main(argv=None):
     """lm-eval's CLI with loopfit's model and tasks available."""
+    import lm_eval.tasks
     from lm_eval.__main__ import cli_evaluate
 
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if "--include_path" not in argv and argv[:1] not in (["ls"], ["validate"]):
-        argv += ["--include_path", str(TASKS_DIR)]
+    argv = ["--include_path" if a == "--include-path" else a for a in (sys.argv[1:] if argv is None else argv)]
+    argv = [f"--include_path={a.split('=', 1)[1]}" if a.startswith("--include-path=") else a for a in argv]
+
+    class WithLoopfitTasks(lm_eval.tasks.TaskManager):
+        """lm-eval's task manager with loopfit's task folder before the user's --include_path."""
+
+        def __init__(self, *args, include_path=None, **kwargs):
+            super().__init__(*args, include_path=_paths(include_path), **kwargs)
+
+    lm_eval.tasks.TaskManager = WithLoopfitTasks
     sys.argv = ["lm-eval"] + argv
     cli_evaluate()
 

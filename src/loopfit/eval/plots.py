@@ -8,10 +8,12 @@ import matplotlib.pyplot as plt  # noqa: E402
 from ..io import atomic_file  # noqa: E402
 from .loading import normalise_rows  # noqa: E402
 
+ACCURACY_PREFIXES = ("accuracy", "acc", "exact_match")  # lm-eval's acc, acc_norm, exact_match_strict-match, ...
+
 
 def panel_of(metric):
-    """Which panel a metric goes in: accuracies share one axis, losses another, perplexity its own (log)."""
-    if metric.startswith("accuracy") or metric in ("acc", "exact_match"):
+    """Which panel a metric goes in: accuracies share one axis in [0, 1], losses another, perplexity its own."""
+    if metric.startswith(ACCURACY_PREFIXES):
         return "accuracy"
     return metric
 
@@ -22,6 +24,20 @@ def lines(rows, key=("task", "metric")):
     for row in rows:
         out.setdefault(tuple(row[k] for k in key), []).append((row["loops"], row["value"]))
     return {k: sorted(v) for k, v in out.items()}
+
+
+def draw(ax, rows, label, **style):
+    """One line of (r, value) rows: with error bars where the rows carry a stderr, and n in the label."""
+    rows = sorted(rows, key=lambda row: row["loops"])
+    xs, ys = [row["loops"] for row in rows], [row["value"] for row in rows]
+    counts = {row.get("n") for row in rows if row.get("n")}
+    if len(counts) == 1:
+        label = f"{label} (n={counts.pop()})"
+    errors = [row.get("stderr") for row in rows]
+    if any(e is not None for e in errors):
+        ax.errorbar(xs, ys, yerr=[e or 0.0 for e in errors], capsize=3, label=label, **style)
+    else:
+        ax.plot(xs, ys, label=label, **style)
 
 
 def save(fig, path):
@@ -37,15 +53,18 @@ def plot_sweep(rows, path, title="", train_mean=None):
     ticks = sorted({r["loops"] for r in rows})
     fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4), squeeze=False)
     for ax, panel in zip(axes[0], panels):
-        for (task, metric), points in lines([r for r in rows if panel_of(r["metric"]) == panel]).items():
-            xs, ys = zip(*points)
-            ax.plot(xs, ys, marker="o", label=f"{task} {metric.removeprefix('accuracy_')}".strip())
+        groups = {}
+        for r in rows:
+            if panel_of(r["metric"]) == panel:
+                groups.setdefault((r["task"], r["metric"]), []).append(r)
+        for (task, metric), group in groups.items():
+            draw(ax, group, f"{task} {metric.removeprefix('accuracy_')}".strip(), marker="o")
         ax.set_xscale("log", base=2)
         ax.set_xticks(ticks, [str(t) for t in ticks])
         ax.set_xlabel("loops r (test time)")
         ax.set_ylabel(panel)
         if panel == "accuracy":
-            ax.set_ylim(-0.02, max(0.1, max(r["value"] for r in rows if panel_of(r["metric"]) == panel) * 1.15))
+            ax.set_ylim(0, 1)
         if train_mean:
             ax.axvline(train_mean, color="grey", linestyle=":", label=f"train mean r = {train_mean}")
         ax.grid(alpha=0.3)

@@ -57,6 +57,17 @@ def parse_tasks(text):
     return tasks
 
 
+def require_extras(tasks):
+    """The optional packages the tasks need ('loopfit[eval]'), checked before the model loads."""
+    from ..extras import require
+
+    for task in tasks:
+        if task.startswith("lm:"):
+            require("lm_eval", f"--tasks {task}")
+        elif task.startswith("math"):
+            require("math_verify", f"--tasks {task}")
+
+
 def run_task(task, model, tok, loops, opts):
     """(rows, samples) of one task at every r."""
     gen = {"limit": opts["limit"], "seed": opts["seed"], "batch_size": opts["batch_size"],
@@ -75,21 +86,29 @@ def run_task(task, model, tok, loops, opts):
         return accuracy.evaluate(model, tok, task, loops, **gen)
     from .harness import run_tasks
 
+    samples = []
     rows, _ = run_tasks(model, tok, [task[3:]], loops, limit=opts["limit"], max_gen_toks=opts.get("max_new_tokens"),
-                        draft_loops=opts.get("draft_loops"), draft_tokens=opts.get("draft_tokens"))
-    return rows, []
+                        draft_loops=opts.get("draft_loops"), draft_tokens=opts.get("draft_tokens"),
+                        include_path=opts.get("include_path"), samples=samples)
+    return rows, samples
 
 
 def evaluate(model, loops=(1, 2, 4, 8), tasks=("loss",), out=None, limit=None, seed=1234, batch_size=8,
              max_new_tokens=None, data=None, seq_len=512, max_tokens=16384, plot=True, exit_criterion=None,
-             draft_loops=None, draft_tokens=DRAFT_TOKENS):
+             draft_loops=None, draft_tokens=DRAFT_TOKENS, include_path=None):
     """Run `tasks` at each r in `loops` on a model folder / name (or a loaded (model, tokenizer) pair).
     `exit_criterion` ('kl:5e-4') lets generated tokens stop looping early (recurrent models); `draft_loops` D
     decodes generations at every r > D by exact self-speculation (`draft_tokens` a round).
+    `include_path`: folders of your own lm-eval task YAMLs for `lm:` tasks.
     Returns the results dict and, when `out` is given, writes results.json, samples.jsonl and sweep.png there."""
     loops = parse_loops(loops)
     tasks = parse_tasks(",".join(tasks) if not isinstance(tasks, str) else tasks)
     name = str(model) if not isinstance(model, tuple) else getattr(model[0].config, "_name_or_path", "model")
+    lm_tasks = [t[3:] for t in tasks if t.startswith("lm:")]
+    if lm_tasks:  # unknown names are refused before the model loads
+        from .harness import check_tasks
+
+        check_tasks(lm_tasks, include_path)
     model, tok = model if isinstance(model, tuple) else load(model)
     recurrent = is_recurrent(model)
     if exit_criterion:
@@ -98,7 +117,7 @@ def evaluate(model, loops=(1, 2, 4, 8), tasks=("loss",), out=None, limit=None, s
     run_loops = loops if recurrent else loops[:1]  # a plain model ignores r: run once
     opts = dict(limit=limit, seed=seed, batch_size=batch_size, max_new_tokens=max_new_tokens, data=data,
                 seq_len=seq_len, max_tokens=max_tokens, exit_criterion=exit_criterion, draft_loops=draft_loops,
-                draft_tokens=draft_tokens)
+                draft_tokens=draft_tokens, include_path=include_path)
     rows, samples, started = [], [], time.time()
     for task in tasks:
         task_rows, task_samples = run_task(task, model, tok, run_loops, opts)
@@ -186,6 +205,11 @@ def add_arguments(parser):
                         "empty or new unless --force")
     parser.add_argument("--force", action="store_true", help="write into a non-empty --out (replacing results.json, "
                         "samples.jsonl, sweep.png)")
+    parser.add_argument("--include-path", action="append", metavar="DIR", help="a folder of your own lm-eval task "
+                        "YAMLs for --tasks lm:NAME (repeatable)")
+    parser.add_argument("--log-to", metavar="RUN_DIR", help="also add the r-sweep to the training run in RUN_DIR "
+                        "(its train.out_dir): RUN_DIR/sweep.jsonl, its TensorBoard and the trackers of its "
+                        "train.loggers (wandb, mlflow, trackio)")
 
 
 def run(args):
@@ -196,6 +220,7 @@ def run(args):
         if value is not None and value < 1:
             raise LoopfitError(f"--{flag.replace('_', '-')} must be >= 1, got {value}")
     loops, tasks = parse_loops(args.loops), parse_tasks(args.tasks)  # refused before the model loads
+    require_extras(tasks)
     if args.exit_criterion:
         check_exit(args.exit_criterion, recurrent=True)  # the rule's syntax; plain models are refused once loaded
     if args.data and not Path(args.data).is_dir():
@@ -204,10 +229,18 @@ def run(args):
                        else Path(f"eval-{Path(args.model).stem}"))
     check_writable(out)
     check_empty_or_force(out, args.force)
+    if args.log_to:
+        from ..train.trackers import run_loggers
+
+        loggers, recipe = run_loggers(args.log_to)  # before the model loads
     results = evaluate(args.model, loops, tasks, out=out, limit=args.limit,
                        seed=args.seed, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
                        data=args.data, seq_len=args.seq_len, max_tokens=args.max_tokens,
                        exit_criterion=args.exit_criterion, draft_loops=args.draft_loops,
-                       draft_tokens=args.draft_tokens)
+                       draft_tokens=args.draft_tokens, include_path=args.include_path)
+    if args.log_to:
+        from ..train.trackers import log_sweep
+
+        log_sweep(args.log_to, results["rows"], loggers, recipe)
     print(table(results["rows"]))
     print(f"wrote {out}/results.json, samples.jsonl, sweep.png ({results['seconds']} s)")

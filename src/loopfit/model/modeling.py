@@ -431,7 +431,10 @@ class LoopfitModel(LoopfitPreTrainedModel):
 
 class LoopfitForCausalLM(LoopfitPreTrainedModel, GenerationMixin):
     """Depth-recurrent causal LM. `forward(..., num_steps=r)` runs r loops; `num_steps=(n, k)` runs n loops without
-    gradient then k with it; the default is `config.mean_recurrence`. `generate(..., num_steps=r)` works too."""
+    gradient then k with it; the default is `config.mean_recurrence`. `generate(..., num_steps=r)` works too.
+    With `config.tie_word_embeddings` the head shares the input embedding matrix (as the base model did)."""
+
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
 
     def __init__(self, config):
         super().__init__(config)

@@ -42,11 +42,12 @@ def list_checkpoints(out_dir):
 
 
 def remove_partial(out_dir):
-    """Delete the temporary folders of checkpoint (and final/) writes that were killed midway; returns how many."""
-    stale = [p for p in checkpoint_dir(out_dir).glob(".step-*.tmp-*") if p.is_dir()]
-    stale += [p for p in Path(out_dir).glob(".final.tmp-*") if p.is_dir()]  # killed while exporting final/
+    """Delete the hidden temporary files and folders of writes that were killed midway (checkpoints, final/,
+    metrics, recipe); returns how many. Called with the run's lock on out_dir held: no live writer owns them."""
+    stale = [p for folder in (Path(out_dir), checkpoint_dir(out_dir)) for pattern in (".*.tmp-*", ".*.old-*")
+             for p in folder.glob(pattern)]
     for p in stale:
-        shutil.rmtree(p, ignore_errors=True)
+        shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
     return len(stale)
 
 
@@ -127,9 +128,35 @@ def save(out_dir, step, model, optimizers, trainer_state, d, keep=3, recipe=None
     return path
 
 
+def check_same_model(path, model):
+    """Refuse, before reading it, a checkpoint whose weights (names and shapes) are not this model's."""
+    from safetensors import safe_open
+
+    from .. import LoopfitError
+
+    with safe_open(str(Path(path) / "model.safetensors"), "pt") as f:
+        saved = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    expected = {k: tuple(v.shape) for k, v in distributed.unwrap(model).state_dict().items()}
+    differ = sorted(set(saved) ^ set(expected)) or sorted(k for k in saved if saved[k] != expected[k])
+    if differ:
+        recipe = _saved_init_from(path)
+        raise LoopfitError(
+            f"checkpoint {path} was made for another model than model.init_from ({len(differ)} weight(s) differ in "
+            f"name or shape, e.g. {differ[0]}" + (f"; it was trained from {recipe}" if recipe else "") + "): resume "
+            "with the recipe of that run, or start a new run in another train.out_dir")
+
+
+def _saved_init_from(path):
+    try:
+        return json.loads((Path(path) / "trainer.json").read_text())["recipe"]["model"]["init_from"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def load(path, model, optimizers, d):
     """Restore model, optimizers and this rank's RNG from checkpoint `path`; returns the trainer state dict."""
     path = Path(path)
+    check_same_model(path, model)
     msd = load_file(path / "model.safetensors")
     osd = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
     state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)

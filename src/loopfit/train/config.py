@@ -12,6 +12,7 @@ one-line notice on stderr.
 
 import dataclasses
 import difflib
+import math
 import sys
 import types
 from dataclasses import dataclass, field
@@ -162,9 +163,18 @@ class OptimConfig(Section):
     grad_clip: float = key(1.0, "clip the global gradient norm to this (0 disables)")
 
     def check(self):
+        for name in ("lr", "adamw_lr", "weight_decay", "eps"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise LoopfitError(f"optim.{name} is {value}: it must be a finite number >= 0, e.g. "
+                                   f"--optim.{name}={OptimConfig.__dataclass_fields__[name].default}")
         if len(self.betas) != 2:
             raise LoopfitError(f"optim.betas is {self.betas}: give two numbers, e.g. --optim.betas=[0.9,0.95]")
-        if self.grad_clip < 0:
+        if not all(0 <= b < 1 for b in self.betas):
+            raise LoopfitError(f"optim.betas is {self.betas}: each must lie in [0, 1), e.g. --optim.betas=[0.9,0.95]")
+        if not 0 <= self.muon_momentum < 1:
+            raise LoopfitError(f"optim.muon_momentum is {self.muon_momentum}: it must lie in [0, 1), e.g. 0.95")
+        if not self.grad_clip >= 0:
             raise LoopfitError(f"optim.grad_clip is {self.grad_clip}: use a positive norm, or 0 to disable clipping")
 
 
@@ -211,7 +221,10 @@ class TrainConfig(Section):
     eval_every: int = key(0, "held-out loss every N steps (0: only at the end, if the data has a held-out set)")
     eval_batches: int = key(4, "batches of the held-out loss")
     peak_flops: float = key(0.0, "FLOP/s for MFU (0: the datasheet for known GPUs, a measured matmul on CPU)")
-    tensorboard: bool = key(True, "also write TensorBoard logs to out_dir/tb")
+    tensorboard: bool = key(True, "also write TensorBoard logs to out_dir/tb (with tensorboard in train.loggers)")
+    loggers: list[str] = key(["jsonl", "csv", "tensorboard"], "where metrics go: jsonl and csv (always written), "
+                             "tensorboard, wandb, mlflow, trackio (each an extra: pip install 'loopfit[wandb]'); "
+                             "e.g. --train.loggers=[jsonl,csv,wandb]")
     progress: bool = key(True, "show a progress bar")
 
     def check(self):
@@ -219,6 +232,9 @@ class TrainConfig(Section):
             raise LoopfitError("train.steps, train.batch_size and train.micro_batch_size must be >= 1")
         if self.log_every < 1 or self.eval_every < 0 or self.eval_batches < 1:
             raise LoopfitError("train.log_every and train.eval_batches must be >= 1, train.eval_every >= 0")
+        from .trackers import check_loggers
+
+        check_loggers(self.loggers)
         self.check_world(1)
 
     def check_world(self, world):
@@ -361,8 +377,13 @@ def all_keys():
 
 
 def _unknown(name):
+    from .trackers import LOGGERS
+
     close = difflib.get_close_matches(name, all_keys() + list(SECTIONS), n=1, cutoff=0.6)
     hint = f"did you mean '{close[0]}'?" if close else "see `loopfit train --help` for the recipe keys"
+    leaf = name.rpartition(".")[2]
+    if leaf in LOGGERS:
+        hint = f"trackers are listed in train.loggers, e.g. --train.loggers=[jsonl,csv,tensorboard,{leaf}]"
     return LoopfitError(f"unknown recipe key '{name}': {hint}")
 
 
@@ -417,15 +438,31 @@ def parse_override(text):
     return name, yaml.safe_load(raw) if raw else ""
 
 
+class UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.safe_load that refuses a key given twice in one mapping (plain YAML keeps the last one silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            name = self.construct_object(key_node, deep=deep)
+            if name in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {name!r} is given twice (line {key_node.start_mark.line + 1}): keep one",
+                    key_node.start_mark)
+            seen.add(name)
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_recipe(source=None, overrides=()):
-    """Recipe from a YAML path or dict (or defaults), then `overrides`: strings like '--train.steps=10' or pairs."""
+    """Recipe from a YAML path or dict (or defaults), then `overrides`: strings like '--train.steps=10', pairs, or
+    a mapping ({'train.steps': 10} or {'train': {'steps': 10}})."""
     if isinstance(source, (str, Path)):
         path = recipes.resolve(source)
         if not path.is_file():
             raise LoopfitError(f"recipe {path} not found: pass a YAML file or a shipped recipe "
                                f"({', '.join(recipes.shipped())})")
         try:
-            data = yaml.safe_load(path.read_text()) or {}
+            data = yaml.load(path.read_text(), Loader=UniqueKeyLoader) or {}
         except yaml.YAMLError as e:
             raise LoopfitError(f"recipe {path} is not valid YAML: {str(e).splitlines()[0]}") from None
     else:
@@ -442,6 +479,10 @@ def load_recipe(source=None, overrides=()):
             raise LoopfitError(f"recipe section '{section}' must be a mapping of keys")
         pairs = _renamed([(f"{section}.{k}", v) for k, v in values.items()], "the recipe")
         raw[section] = {name.partition(".")[2]: v for name, v in pairs}
+    if isinstance(overrides, dict):  # {"train.steps": 10} or {"train": {"steps": 10}}
+        nested = all(isinstance(v, dict) and "." not in k for k, v in overrides.items())
+        overrides = ([(f"{k}.{sub}", value) for k, v in overrides.items() for sub, value in v.items()] if nested
+                     else list(overrides.items()))
     pairs = [parse_override(item) if isinstance(item, str) else tuple(item) for item in overrides]
     for name, value in _renamed(pairs, "the command line"):
         _put(raw, name, value)

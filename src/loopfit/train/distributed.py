@@ -109,6 +109,14 @@ def all_sum(values, device):
     return t.tolist()
 
 
+def all_max(values, device):
+    """Elementwise maximum of a list of floats over ranks (one collective); returns a list of floats."""
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if dist.is_initialized():
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.tolist()
+
+
 def barrier():
     if dist.is_initialized():
         dist.barrier()

@@ -6,7 +6,16 @@ Each param group remembers its base lr as `base_lr`; the schedule multiplies it 
 """
 
 import torch
-from torch.optim import _muon
+
+try:  # torch's private helpers our batched Muon reuses; a torch without them gets its public Muon instead
+    from torch.optim._muon import _adjust_lr
+except ImportError:
+    _adjust_lr = None
+
+
+def batched_muon_available():
+    """True when this torch has what `Muon` below builds on (private API that a torch release may move)."""
+    return _adjust_lr is not None and callable(getattr(torch.optim.Muon, "_init_group", None))
 
 
 def split_params(model):
@@ -51,7 +60,7 @@ class Muon(torch.optim.Muon):
                     param = params[i]
                     param.mul_(1 - group["lr"] * group["weight_decay"])
                     param.add_(ortho[j] if len(idx) > 1 else ortho,
-                               alpha=-_muon._adjust_lr(group["lr"], group["adjust_lr_fn"], param.shape))
+                               alpha=-_adjust_lr(group["lr"], group["adjust_lr_fn"], param.shape))
         return loss
 
 
@@ -96,8 +105,9 @@ def build_optimizers(model, cfg):
         return [torch.optim.AdamW(params, lr=cfg.adamw_lr, betas=betas, weight_decay=cfg.weight_decay, eps=cfg.eps)]
     if cfg.name != "muon":
         raise ValueError(f"unknown optimizer {cfg.name!r}")
+    muon_class = Muon if batched_muon_available() else torch.optim.Muon
     opts = [
-        Muon(
+        muon_class(
             [p for _, p in muon], lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=cfg.muon_momentum,
             adjust_lr_fn=cfg.muon_adjust_lr,
         )

@@ -12,6 +12,7 @@
 token ids, sampled in windows), or else the prepared shards and phased blends of `loopfit.data`.
 """
 
+import pickle
 from pathlib import Path
 
 import numpy as np
@@ -89,15 +90,41 @@ class TokenWindowSource:
         pass
 
 
-def _load_tokens(path):
+def _load_tokens(path, vocab_size=None):
+    """The token ids of a .npy / .pt file, checked: an integer array, no negative ids, none past vocab_size."""
     path = Path(path)
     if not path.is_file():
         raise LoopfitError(f"data.tokens file {path} not found: pass a .npy or .pt file of token ids")
-    if path.suffix == ".npy":
-        return np.load(path, mmap_mode="r")
-    if path.suffix == ".pt":
-        return torch.load(path, weights_only=True)
-    raise LoopfitError(f"data.tokens {path} must be a .npy or .pt file of token ids")
+    fix = "save a 1-D integer array of token ids (np.save or torch.save)"
+    try:
+        if path.suffix == ".npy":
+            tokens = np.load(path, mmap_mode="r")
+        elif path.suffix == ".pt":
+            tokens = torch.load(path, weights_only=True)
+        else:
+            raise LoopfitError(f"data.tokens {path} must be a .npy or .pt file of token ids")
+    except (ValueError, OSError, RuntimeError, EOFError, pickle.UnpicklingError) as e:
+        raise LoopfitError(f"data.tokens {path} is not a readable array ({_first_line(e)}): {fix}") from None
+    dtype = getattr(tokens, "dtype", None)
+    integer = dtype is not None and (np.issubdtype(dtype, np.integer) if isinstance(dtype, np.dtype)
+                                     else not (dtype.is_floating_point or dtype.is_complex or dtype == torch.bool))
+    if not integer:
+        what = f"an array of {dtype}" if dtype is not None else f"a {type(tokens).__name__}"
+        raise LoopfitError(f"data.tokens {path} holds {what}, not integer token ids: {fix}")
+    if tokens.size == 0 if isinstance(tokens, np.ndarray) else tokens.numel() == 0:
+        raise LoopfitError(f"data.tokens {path} is empty: {fix}")
+    low, high = int(tokens.min()), int(tokens.max())
+    if low < 0:
+        raise LoopfitError(f"data.tokens {path} holds negative token ids (down to {low}): token ids start at 0; "
+                           "tokenize the text again with the model's tokenizer")
+    if vocab_size is not None and high >= vocab_size:
+        raise LoopfitError(f"data.tokens {path} holds token id {high}, past data.vocab_size {vocab_size}: raise "
+                           "data.vocab_size or tokenize the text again with the model's tokenizer")
+    return tokens
+
+
+def _first_line(e):
+    return (str(e).splitlines() or [type(e).__name__])[0][:120]
 
 
 class BlendSource:
@@ -147,7 +174,8 @@ def build_source(data, batch_size, rank, world, seed, total_steps=None, lr_fract
     if cfg.kind == "synthetic":
         return SyntheticSource(cfg.synthetic, cfg.vocab_size or 256, cfg.seq_len, batch_size, rank, world, seed)
     if cfg.kind == "tokens":
-        return TokenWindowSource(_load_tokens(cfg.tokens), cfg.seq_len, batch_size, rank, world, seed, cfg.vocab_size)
+        tokens = _load_tokens(cfg.tokens, cfg.vocab_size)
+        return TokenWindowSource(tokens, cfg.seq_len, batch_size, rank, world, seed, cfg.vocab_size)
     from ..data import BlendSampler, load_blend
 
     if cfg.root is not None and not Path(cfg.root).is_dir():
@@ -157,5 +185,11 @@ def build_source(data, batch_size, rank, world, seed, total_steps=None, lr_fract
                            total_steps=total_steps, pack=cfg.pack, lr_fraction_at=lr_fraction_at)
     eval_folder = None
     if cfg.eval:
+        from ..data import open_dataset
+
         eval_folder = blend.datasets.get(cfg.eval) or Path(cfg.root or ".") / cfg.eval
+        try:  # at set-up, not when the first held-out loss is due
+            open_dataset(eval_folder, "val")
+        except LoopfitError as e:
+            raise LoopfitError(f"data.eval {cfg.eval}: {e}") from None
     return BlendSource(sampler, eval_folder, eval_batch_size)

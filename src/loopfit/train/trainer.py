@@ -26,6 +26,8 @@ steps, at the end, and on SIGTERM/SIGINT), and final/, a folder from_pretrained 
 the run with a checkpoint of the last good state (or, with train.on_nonfinite=skip, drops that step).
 """
 
+import contextlib
+import json
 import math
 import signal
 import sys
@@ -38,7 +40,7 @@ import torch
 import yaml
 
 from .. import LoopfitError, __version__
-from ..io import atomic_dir, atomic_file, check_writable
+from ..io import atomic_dir, atomic_file, check_writable, folder_lock
 from ..loading import OFFLINE_MODELS, from_pretrained, is_recurrent, offline_folder
 from ..model import causal_lm_loss
 from . import checkpoint, distributed
@@ -137,8 +139,44 @@ def _check_data(source, model):
         source.check_tokenizer(model.config.name_or_path)
 
 
-def _export_final(out_dir, model, cfg, d):
-    """OUT/final: a folder from_pretrained loads (weights, config, and the tokenizer files of init_from)."""
+def _model_card(run):
+    """final/README.md: what this training did (base, conversion, recipe, tokens, FLOPs, held-out loss, r)."""
+    cfg, inner = run.cfg, distributed.unwrap(run.model)
+    config = inner.config
+    src = getattr(config, "source_layers", None) or {}
+    base = getattr(config, "base_model_type", None) or getattr(config, "model_type", "?")
+    lines = ["---", "library_name: transformers", "tags: [loopfit" + (", depth-recurrence" if run.recurrent else "")
+             + "]", "---", "", f"# {Path(cfg.train.out_dir).name}: trained by loopfit {__version__}", ""]
+    if run.recurrent:
+        lines += [f"A depth-recurrent model converted from a {base} model with {src.get('num_base_layers', '?')} "
+                  f"layers (prelude {config.num_prelude_layers}, core {config.num_core_layers} looped, coda "
+                  f"{config.num_coda_layers}), then trained from `{cfg.model.init_from}`. Default loops r = "
+                  f"{config.mean_recurrence}; trained at mean r = {cfg.recurrence.mean} ({cfg.recurrence.mode}, "
+                  f"backprop through the last {cfg.recurrence.backprop} loops, {cfg.recurrence.curriculum} "
+                  "curriculum).", ""]
+    else:
+        lines += [f"A plain {base} model (the baseline), trained from `{cfg.model.init_from}`.", ""]
+    head = "tied to the input embeddings" if getattr(config, "tie_word_embeddings", False) else "its own matrix"
+    data = {k: v for k, v in cfg.to_dict()["data"].items() if v is not None}
+    lines += [
+        "| | |", "|---|---|",
+        f"| steps | {run.cfg.train.steps} of {cfg.train.batch_size} sequences of {cfg.data.seq_len} tokens |",
+        f"| tokens | {run.tokens:,} |",
+        f"| FLOPs | {run.flops:.3g} (the paper's count), {run.flops_full:.3g} (full) |",
+        f"| final training loss | {run.loss:.4f} |",
+        f"| held-out loss | {'n/a' if run.eval_loss is None else f'{run.eval_loss:.4f}'}"
+        + (f" at r = {cfg.recurrence.eval_loops or cfg.recurrence.mean}" if run.recurrent else "") + " |",
+        f"| optimizer | {cfg.optim.name} (lr {cfg.optim.lr:g}, AdamW lr {cfg.optim.adamw_lr:g}), schedule "
+        f"{cfg.schedule.name} |",
+        f"| data | {json.dumps(data)} |", f"| output head | {head} |", "",
+        "The full recipe is `recipe.yaml` in the run folder; metrics are in `metrics.jsonl`.", "",
+    ]
+    return "\n".join(lines)
+
+
+def _export_final(out_dir, model, cfg, d, card=None):
+    """OUT/final: a folder from_pretrained loads (weights, config, the tokenizer files of init_from) with a model
+    card of this training (`card`) in place of the one init_from carried."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
@@ -157,6 +195,8 @@ def _export_final(out_dir, model, cfg, d):
                 if f.is_file() and f.suffix not in (".safetensors", ".bin", ".pt") and f.name not in (
                         "config.json", "model.safetensors.index.json") and not (tmp / f.name).exists():
                     (tmp / f.name).write_bytes(f.read_bytes())
+            if card is not None:
+                (tmp / "README.md").write_text(card)
     distributed.barrier()
     return dest
 
@@ -168,13 +208,21 @@ def _eval_loss(run):
         return None
     r = cfg.recurrence.eval_loops or cfg.recurrence.mean
     kwargs = {"num_steps": r} if run.recurrent else {}
+    batches = list(run.source.eval_batches(cfg.train.eval_batches))
+    # every rank runs as many forwards as the busiest one: DDP and FSDP forwards are collectives, and ranks may
+    # hold unequal numbers of held-out batches (round-robin over a small split); the extra ones count nothing
+    (most,) = distributed.all_max([len(batches)], d.device)
     model.eval()
     total = count = 0.0
     with torch.no_grad(), run.autocast():
-        for b in run.source.eval_batches(cfg.train.eval_batches):
-            ids, labels = b["input_ids"].to(d.device), b.get("labels", b["input_ids"]).to(d.device)
-            total += _loss_sum(model, ids, labels, run.recurrent, kwargs).item()
-            count += (labels[:, 1:] != -100).sum().item()
+        for i in range(int(most)):
+            b = batches[i] if i < len(batches) else None
+            ids = b["input_ids"] if b is not None else torch.zeros((1, 2), dtype=torch.long)
+            labels = b.get("labels", b["input_ids"]) if b is not None else ids
+            loss = _loss_sum(model, ids.to(d.device), labels.to(d.device), run.recurrent, kwargs).item()
+            if b is not None:
+                total += loss
+                count += (labels[:, 1:] != -100).sum().item()
     model.train()
     total, count = distributed.all_sum([total, count], d.device)
     return total / max(count, 1.0)
@@ -205,7 +253,8 @@ def _mean(values):
 
 
 def train(recipe=None, overrides=(), resume=None, data=None):
-    """Run a recipe (YAML path, dict, or None for defaults) with overrides like '--train.steps=10'.
+    """Run a recipe (YAML path, dict, or None for defaults) with overrides: CLI strings like '--train.steps=10',
+    or a mapping ({'train.steps': 10} or {'train': {'steps': 10}}).
 
     resume: None (start from model.init_from), 'latest' (newest intact checkpoint in out_dir) or a checkpoint
     folder. data: a data source object (see loopfit.train.sources) instead of the recipe's data section.
@@ -226,6 +275,8 @@ def train(recipe=None, overrides=(), resume=None, data=None):
 
 def _start_state(cfg, d, resume, out_dir):
     """Checkpoint path to resume from (or None), after the explicit start/resume checks."""
+    if d.main and checkpoint.remove_partial(out_dir):
+        _say(d, "removed the temporary files of an interrupted write")
     existing = checkpoint.list_checkpoints(out_dir)
     if resume is None:
         if existing:
@@ -239,8 +290,6 @@ def _start_state(cfg, d, resume, out_dir):
         if reason:
             raise LoopfitError(f"cannot resume from {path}: {reason}")
         return path
-    if d.main and checkpoint.remove_partial(out_dir):
-        _say(d, "removed the partial checkpoint of an interrupted write")
     path, skipped = checkpoint.latest_good(out_dir)
     for msg in skipped:
         _say(d, msg)
@@ -254,6 +303,45 @@ def _schedule(cfg):
     s, total = cfg.schedule, cfg.train.steps
     args = (s.name, s.warmup, s.decay, s.decay_shape, s.floor)
     return (lambda step: lr_factor(step, total, *args)), (lambda step: lr_fraction(step, total, *args))
+
+
+SCHEDULE_KEYS = ("optim.lr", "optim.adamw_lr", "train.steps", "schedule.name", "schedule.warmup", "schedule.decay",
+                 "schedule.decay_shape", "schedule.floor")
+
+
+def _resume_changes(ckpt_path, cfg, step):
+    """One line naming the lr and schedule keys that differ from the checkpoint's recipe, and the lr at `step`
+    before and after (None if nothing that moves the lr changed)."""
+
+    try:
+        saved = json.loads((Path(ckpt_path) / "trainer.json").read_text()).get("recipe") or {}
+    except (OSError, ValueError):
+        return None
+    now = cfg.to_dict()
+
+    def value(recipe, dotted):
+        section, _, name = dotted.partition(".")
+        return (recipe.get(section) or {}).get(name)
+
+    changed = [k for k in SCHEDULE_KEYS if value(saved, k) is not None and value(saved, k) != value(now, k)]
+    if not changed:
+        return None
+
+    def lr(recipe, which):
+        s = recipe["schedule"]
+        factor = lr_factor(step, recipe["train"]["steps"], s["name"], s["warmup"], s["decay"], s["decay_shape"],
+                           s["floor"])
+        base = recipe["optim"]["adamw_lr" if which == "adamw" or recipe["optim"]["name"] == "adamw" else "lr"]
+        return base * factor
+
+    which = "adamw" if now["optim"]["name"] == "adamw" else "muon"
+    try:
+        before, after = lr(saved, which), lr(now, which)
+    except (KeyError, TypeError, ValueError):
+        before = after = None
+    moves = "" if before is None else f"; the {which} lr at step {step + 1} is {after:.3g} (it was {before:.3g})"
+    return ("resuming with a changed schedule: " + ", ".join(f"{k} {value(saved, k)} -> {value(now, k)}"
+                                                             for k in changed) + moves)
 
 
 def _depths(cfg, step, accum, recurrent):
@@ -291,6 +379,7 @@ class _Run:
     last_saved: int = -1  # the step of the newest checkpoint this run holds
     loss: float = math.nan
     eval_loss: float = None
+    skipped: int = 0  # steps dropped by train.on_nonfinite=skip in this process
 
     def autocast(self):
         return torch.autocast(self.d.device.type, dtype=torch.bfloat16, enabled=self.bf16)
@@ -315,12 +404,13 @@ def _setup(cfg, d, resume, data):
     ckpt_path = _start_state(cfg, d, resume, out_dir)
     torch.manual_seed(t.seed * 1000 + d.rank)
 
+    lr_at, blend_lr_at = _schedule(cfg)
+    # the data first: its refusals (a missing split, bad token ids) come before the weights load
+    source = data if data is not None else build_source(cfg.data, t.batch_size, d.rank, d.world, t.seed, t.steps,
+                                                        blend_lr_at, t.micro_batch_size)
     model = _load_model(cfg)
     recurrent = is_recurrent(model)
     counts = param_counts(model)
-    lr_at, blend_lr_at = _schedule(cfg)
-    source = data if data is not None else build_source(cfg.data, t.batch_size, d.rank, d.world, t.seed, t.steps,
-                                                        blend_lr_at, t.micro_batch_size)
     _check_data(source, model)
 
     checkpointed = set_activation_checkpointing(model, t.activation_checkpointing)
@@ -334,20 +424,30 @@ def _setup(cfg, d, resume, data):
 
     start, tokens, flops, flops_full = 0, 0, 0.0, 0.0
     if ckpt_path is not None:
+        base_lrs = [[g["base_lr"] for g in opt.param_groups] for opt in optimizers]
         state = checkpoint.load(ckpt_path, model, optimizers, d)
+        for opt, lrs in zip(optimizers, base_lrs):  # the recipe's lr, not the one the checkpoint was made with
+            for group, lr in zip(opt.param_groups, lrs):
+                group["base_lr"] = lr
         start, tokens, flops = state["step"], state["tokens"], state["flops"]
         flops_full = state.get("flops_full", flops)
         source.load_state_dict(state.get("data", {}))
         _say(d, f"resumed from {ckpt_path} at step {start}" + ("" if state["rng_restored"] else
              f" (saved with {state['world']} ranks, now {d.world}: RNG reseeded, not bit-exact)"))
+        note = _resume_changes(ckpt_path, cfg, start)
+        if note:
+            _say(d, note)
     if d.main:
         out_dir.mkdir(parents=True, exist_ok=True)
         with atomic_file(out_dir / "recipe.yaml", "w") as f:
             yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)
 
     from .metrics import Metrics
+    from .trackers import open_trackers
 
-    metrics = Metrics(out_dir, resume_step=start if ckpt_path else None, tensorboard=t.tensorboard, enabled=d.main)
+    trackers = open_trackers(t.loggers, out_dir, cfg.to_dict(), ckpt_path is not None) if d.main else []
+    metrics = Metrics(out_dir, resume_step=start if ckpt_path else None, enabled=d.main, trackers=trackers,
+                      tensorboard=t.tensorboard and "tensorboard" in t.loggers)
     for note in metrics.notes:
         _say(d, note)
     peak, peak_source = peak_flops(d.device, t.peak_flops)
@@ -446,28 +546,61 @@ def _step(run, step, stop):
 
 
 def _nonfinite(run, step, what, lrs):
-    """A non-finite loss or gradient: drop the step (train.on_nonfinite=skip) or save the last good state and stop."""
+    """A non-finite loss or gradient: drop the step (train.on_nonfinite=skip), or stop and name the newest
+    checkpoint from before the update that diverged (the weights after it are the ones that gave `what`)."""
     for opt in run.optimizers:
         opt.zero_grad(set_to_none=True)
     if run.cfg.train.on_nonfinite == "skip":
         _say(run.d, f"step {step + 1}: non-finite ({what}); skipped (train.on_nonfinite=skip)")
         run.metrics.log({"step": step + 1, "skipped": 1, "loss": None, "lr": lrs[0]})
+        run.skipped += 1
         if run.bar:
             run.bar.update(1)
         return
-    path = run.save(step) if run.last_saved != step else run.saved_path(step)
     if run.bar:
         run.bar.close()
     run.metrics.close()
+    poisoned = run.saved_path(step)
+    if run.d.main and poisoned.is_dir():  # kept for inspection, out of --resume's way
+        poisoned.rename(poisoned.with_name(f"nonfinite-{poisoned.name}"))
+    distributed.barrier()
+    good = [(s, p) for s, p in checkpoint.list_checkpoints(run.out_dir) if s < step and checkpoint.verify(p) is None]
+    head = f"non-finite training signal at step {step + 1} ({what}): stopped; "
+    fix = "Lower optim.lr / optim.adamw_lr or optim.grad_clip, check the data"
+    if good:
+        raise LoopfitError(
+            f"{head}the last good state is {good[0][1]} (step {good[0][0]}, before the update that diverged). "
+            f"{fix}, then continue with --resume (or set train.on_nonfinite=skip to drop such steps)")
     raise LoopfitError(
-        f"non-finite training signal at step {step + 1} ({what}): stopped; the last good state (after step "
-        f"{step}) is saved in {path}. Lower optim.lr / optim.adamw_lr or optim.grad_clip, check the data, "
-        "then continue with --resume (or set train.on_nonfinite=skip to drop such steps)")
+        f"{head}no checkpoint precedes the update that diverged (step {step}), so none is kept. {fix}, then start "
+        "again from model.init_from in a new train.out_dir (a smaller checkpoint.every keeps one nearer)")
+
+
+def _check_trained(run):
+    """Refuse to export a model that no step trained or whose weights are not all finite."""
+    problem = None
+    if run.skipped and run.skipped >= run.cfg.train.steps - run.start:
+        problem = (f"every step of the run was non-finite and skipped (train.on_nonfinite=skip): nothing was "
+                   f"trained, so {run.out_dir / 'final'} is not written. Check model.init_from's weights and the "
+                   "data, or lower optim.lr / optim.adamw_lr")
+    bad = sum(int(not torch.isfinite(p.to_local() if hasattr(p, "to_local") else p).all())
+              for p in run.model.parameters())
+    (bad,) = distributed.all_sum([float(bad)], run.d.device)
+    if bad and problem is None:
+        problem = (f"the trained weights hold non-finite values: {run.out_dir / 'final'} is not written. Lower "
+                   "optim.lr / optim.adamw_lr or optim.grad_clip and train again")
+    if problem:
+        if run.bar:
+            run.bar.close()
+        run.metrics.close()
+        raise LoopfitError(problem)
 
 
 def _finish(run, done, stopped):
     """Checkpoint the last step; unless a signal stopped the run, the final held-out loss and the final/ folder."""
     cfg, d, t, metrics = run.cfg, run.d, run.cfg.train, run.metrics
+    if not stopped:
+        _check_trained(run)
     path = run.save(done) if run.last_saved != done else run.saved_path(done)
     if run.bar:
         run.bar.close()
@@ -484,7 +617,7 @@ def _finish(run, done, stopped):
             if run.eval_loss is not None:
                 metrics.log({"step": done, "eval_loss": run.eval_loss, "tokens": run.tokens, "flops": run.flops,
                              "flops_full": run.flops_full})
-        final = _export_final(run.out_dir, run.model, cfg, d)
+        final = _export_final(run.out_dir, run.model, cfg, d, _model_card(run) if d.main else None)
         _say(d, f"done: {done} steps, {run.tokens} tokens, {run.flops:.3g} FLOPs, loss {run.loss:.4f}"
                 + (f", held-out loss {run.eval_loss:.4f}" if run.eval_loss is not None else "")
                 + f"; model in {final}")
@@ -495,6 +628,15 @@ def _finish(run, done, stopped):
 
 
 def _train(cfg, d, resume, data):
+    with contextlib.ExitStack() as held:
+        if d.main:  # one run at a time in train.out_dir; the lock dies with its process
+            check_writable(Path(cfg.train.out_dir), "train.out_dir")
+            held.enter_context(folder_lock(cfg.train.out_dir, "train.out_dir"))
+        distributed.barrier()
+        return _run(cfg, d, resume, data)
+
+
+def _run(cfg, d, resume, data):
     run = _setup(cfg, d, resume, data)
     done, stopped = cfg.train.steps, None
     with StopSignal() as stop:
