@@ -137,6 +137,11 @@ def _test_pause():
         time.sleep(delay)
 
 
+def read_state(path):
+    """The trainer state of checkpoint `path` (step, counters, data position) without touching the model."""
+    return torch.load(Path(path) / "state.pt", map_location="cpu", weights_only=True)
+
+
 def load(path, model, optimizers, d):
     """Restore model, optimizers and this rank's RNG from checkpoint `path`; returns the trainer state dict."""
     path = Path(path)

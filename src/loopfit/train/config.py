@@ -213,10 +213,16 @@ class TrainConfig(Section):
     peak_flops: float = key(0.0, "FLOP/s for MFU (0: the datasheet for known GPUs, a measured matmul on CPU)")
     tensorboard: bool = key(True, "also write TensorBoard logs to out_dir/tb")
     progress: bool = key(True, "show a progress bar")
+    trainable: str = key("all", "which parameters train: all, adapter, core, adapter+core, lora (a set per phase: "
+                                "adapter:0.1,all = the adapter alone for the first 10% of steps, then all; a phase "
+                                "ends at a fraction of the steps if < 1, else at a step)")
 
     def check(self):
         if self.steps < 1 or self.batch_size < 1 or self.micro_batch_size < 1:
             raise LoopfitError("train.steps, train.batch_size and train.micro_batch_size must be >= 1")
+        from .trainable import parse_phases
+
+        parse_phases(self.trainable, self.steps)  # raises naming the bad part
         if self.log_every < 1 or self.eval_every < 0 or self.eval_batches < 1:
             raise LoopfitError("train.log_every and train.eval_batches must be >= 1, train.eval_every >= 0")
         self.check_world(1)
@@ -254,6 +260,26 @@ class DistributedConfig(Section):
 
 
 @dataclass
+class DistillConfig(Section):
+    """distillation from a teacher model (loopfit.train.distill); off when `teacher` is empty"""
+
+    teacher: str = key("", "base: the model model.init_from was converted from | a model folder, GGUF file or offline "
+                           "short name with the student's tokenizer | empty: off (cross-entropy only)")
+    alpha: float = key(0.5, "loss = alpha * CE + (1 - alpha) * T^2 * KL(teacher || student); 0: pure distillation")
+    temperature: float = key(1.0, "T: both distributions are softened by T in the KL term")
+
+    def check(self):
+        if not 0 <= self.alpha <= 1:
+            raise LoopfitError(f"distill.alpha is {self.alpha}: choose a weight in [0, 1] (1: cross-entropy only)")
+        if not self.temperature > 0:
+            raise LoopfitError(f"distill.temperature is {self.temperature}: use a temperature > 0 (1: unchanged)")
+
+    @property
+    def enabled(self):
+        return bool(self.teacher)
+
+
+@dataclass
 class Recipe:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -263,6 +289,7 @@ class Recipe:
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
 
     def to_dict(self):
         """Every key with its value; the data section without its unset keys (a recipe that loads back the same)."""
