@@ -1,4 +1,4 @@
-"""Distillation from a teacher (recipe section `distill`): loss = alpha * CE + (1 - alpha) * T^2 * KL(teacher || student).
+"""Distillation from a teacher (recipe section `distill`): loss = alpha CE + (1 - alpha) T^2 KL(teacher || student).
 
 The teacher is `base` (the model `loopfit convert` made model.init_from from, recorded in its config as
 `source_model`), or any model folder, GGUF file or offline short name with the student's tokenizer. It runs in
@@ -184,8 +184,8 @@ def check_teacher(teacher, student_folder, student_vocab):
     """Refuse a teacher with another vocabulary size or tokenizer (before any model loads)."""
     vocab = _vocab_size(teacher)
     if vocab != student_vocab:
-        raise LoopfitError(f"distill.teacher {teacher} has a vocabulary of {vocab} but the student's is {student_vocab}: "
-                           "a teacher must share the student's tokenizer; choose one of the same family")
+        raise LoopfitError(f"distill.teacher {teacher} has a vocabulary of {vocab} but the student's is "
+                           f"{student_vocab}: a teacher must share the student's tokenizer; choose one of its family")
     theirs, ours = _fingerprint(teacher), _fingerprint(student_folder)
     if theirs and ours and theirs != ours:
         raise LoopfitError(f"distill.teacher {teacher} uses another tokenizer than {student_folder} (same vocabulary "

@@ -21,7 +21,8 @@ def parse_phases(text, steps):
     """'adapter:0.1,all' -> [('adapter', 100), ('all', steps)] for steps=1000: (set, first step after the phase)."""
     parts = [p.strip() for p in str(text).split(",") if p.strip()]
     if not parts:
-        raise LoopfitError(f"train.trainable is {text!r}: choose one of {', '.join(SETS)}, or phases like adapter:0.1,all")
+        raise LoopfitError(f"train.trainable is {text!r}: choose one of {', '.join(SETS)}, or phases like "
+                           "adapter:0.1,all")
     phases, last_end = [], 0
     for i, part in enumerate(parts):
         name, _, until = part.partition(":")

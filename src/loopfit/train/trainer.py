@@ -43,8 +43,16 @@ from ..loading import OFFLINE_MODELS, from_pretrained, is_recurrent, offline_fol
 from ..modeling import causal_lm_loss
 from . import checkpoint, distributed, trainable
 from .config import describe_keys, load_recipe
-from .distill import (Teacher, check_teacher, final_norm, linear_distill, load_teacher, run_to_hidden, softcap_of,
-                      teacher_source)
+from .distill import (
+    Teacher,
+    check_teacher,
+    final_norm,
+    linear_distill,
+    load_teacher,
+    run_to_hidden,
+    softcap_of,
+    teacher_source,
+)
 from .flops import param_counts, peak_flops, train_flops
 from .optim import build_optimizers, remember_base_lr, set_lr
 from .performance import compile_blocks, compile_wanted, set_activation_checkpointing
@@ -137,6 +145,14 @@ def _check_teacher(cfg, d):
             offline_folder(name)
         distributed.barrier()
     return name
+
+
+def _skeleton(folder):
+    """The model of `folder` on the meta device: its parameter names and shapes, no weights read."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder))
 
 
 def _load_model(cfg):
@@ -346,9 +362,10 @@ def _setup(cfg, d, resume, data):
     _resolve_model(cfg, d)
     teacher_name = _check_teacher(cfg, d)
     phases = trainable.parse_phases(t.trainable, t.steps)
+    trainable.check(_skeleton(cfg.model.init_from), phases, is_recurrent(Path(cfg.model.init_from)))
     if len(phases) > 1 and d.world > 1 and cfg.distributed.strategy == "fsdp":
-        raise LoopfitError(f"train.trainable {t.trainable} changes the trained set during the run, which FSDP2 does not "
-                           "support: use one set with fsdp, or distributed.strategy=ddp")
+        raise LoopfitError(f"train.trainable {t.trainable} changes the trained set during the run, which FSDP2 does "
+                           "not support: use one set with fsdp, or distributed.strategy=ddp")
     out_dir = Path(t.out_dir)
     check_writable(out_dir, "train.out_dir")  # before the model loads
     ckpt_path = _start_state(cfg, d, resume, out_dir)
@@ -356,7 +373,6 @@ def _setup(cfg, d, resume, data):
 
     model = _load_model(cfg)
     recurrent = is_recurrent(model)
-    trainable.check(model, phases, recurrent)
     counts = param_counts(model)
     lr_at, blend_lr_at = _schedule(cfg)
     source = data if data is not None else build_source(cfg.data, t.batch_size, d.rank, d.world, t.seed, t.steps,
@@ -402,8 +418,9 @@ def _setup(cfg, d, resume, data):
     if teacher_name:
         teacher = Teacher(distributed.place_teacher(load_teacher(teacher_name), cfg.distributed.strategy, d),
                           teacher_name)
-        _say(d, f"distilling from {teacher_name} ({'recurrent, r = ' + str(teacher.loops) if teacher.recurrent else 'plain'}"
-                f"): loss = {cfg.distill.alpha:g} x CE + {1 - cfg.distill.alpha:g} x T^2 x KL, T = "
+        kind = f"recurrent, r = {teacher.loops}" if teacher.recurrent else "plain"
+        alpha = cfg.distill.alpha
+        _say(d, f"distilling from {teacher_name} ({kind}): loss = {alpha:g} x CE + {1 - alpha:g} x T^2 x KL, T = "
                 f"{cfg.distill.temperature:g}")
     if t.trainable != "all":
         _say(d, f"train.trainable {t.trainable}: now {phase}, {trained:,} parameters train")
@@ -420,8 +437,9 @@ def _setup(cfg, d, resume, data):
         bar = tqdm(total=t.steps, initial=start, desc="train", dynamic_ncols=True)
     # a resumed run starts from what the killed one logged (its loss shows even if no step is left to run)
     return _Run(cfg, d, out_dir, model, recurrent, counts, source, optimizers, metrics, peak, bf16, accum, lr_at,
-                blend_lr_at, teacher, final_norm(model) if teacher else None, phases, phase, bar, start, tokens, flops, flops_full, flops_teacher,
-                last_saved=start if ckpt_path else -1, loss=metrics.last("loss", math.nan))
+                blend_lr_at, teacher, final_norm(model) if teacher else None, phases, phase, bar, start, tokens,
+                flops, flops_full, flops_teacher, last_saved=start if ckpt_path else -1,
+                loss=metrics.last("loss", math.nan))
 
 
 def _step_record(done, loss, lrs, grad_norm, depths, run, step_tokens, step_flops, step_flops_full, dt):
@@ -567,7 +585,8 @@ def _finish(run, done, stopped):
                 + f"; model in {final}")
     metrics.close()
     return {"step": done, "loss": run.loss, "eval_loss": run.eval_loss, "tokens": run.tokens, "flops": run.flops,
-            "flops_teacher": run.flops_teacher, "out_dir": str(run.out_dir), "final": str(final) if final else None, "stopped": stopped,
+            "flops_teacher": run.flops_teacher, "out_dir": str(run.out_dir), "final": str(final) if final else None,
+            "stopped": stopped,
             "checkpoint": str(path)}
 
 
