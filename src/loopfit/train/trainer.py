@@ -19,11 +19,15 @@ train.batch_size sequences = micro_batch_size x ranks x accumulation steps. The 
 chunk by chunk without the full fp32 logits; train.compile and train.activation_checkpointing trade start-up time
 and recomputation for speed and memory (see loopfit.train.performance).
 
+With a `distill.teacher` the loss is alpha * CE + (1 - alpha) * T^2 * KL(teacher || student), both heads chunked
+(loopfit.train.distill); `train.trainable` freezes all but a set of parameters, per phase (loopfit.train.trainable).
+
 Writes to train.out_dir: metrics.jsonl / metrics.csv / tb/ (loss, lr, grad norm, n and k (the step's mean over its
 micro-batches), tokens, FLOPs by the paper's count (`flops`: adapter and final norm left out, as the authors count)
-and the full count (`flops_full`), tokens/s, MFU by both counts), checkpoints/step-N/ (every checkpoint.every
-steps, at the end, and on SIGTERM/SIGINT), and final/, a folder from_pretrained loads. A non-finite loss stops
-the run with a checkpoint of the last good state (or, with train.on_nonfinite=skip, drops that step).
+and the full count (`flops_full`), tokens/s, MFU by both counts; with a teacher also ce, kl and flops_teacher),
+checkpoints/step-N/ (every checkpoint.every steps, at the end, and on SIGTERM/SIGINT), and final/, a folder
+from_pretrained loads. A non-finite loss stops the run with a checkpoint of the last good state (or, with
+train.on_nonfinite=skip, drops that step).
 """
 
 import math
