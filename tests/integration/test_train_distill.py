@@ -152,6 +152,36 @@ def test_core_only_leaves_the_rest_frozen(folders, tmp_path):
     assert moved and all(k.startswith("model.core.") for k in moved)
 
 
+def test_lora_trains_only_its_factors_with_adamw_and_exports_merged(folders, tmp_path):
+    from loopfit import LoopfitForCausalLM
+    from loopfit.train import lora
+    from loopfit.train.config import LoraConfig
+
+    out = tmp_path / "run"
+    settings = {"rank": 2, "alpha": 4.0, "targets": ["q_proj", "down_proj"], "lr": 0.01}
+    train(recipe(folders / "cut", out, steps=3, train={"trainable": "lora"}, lora=settings,
+                 distill={"teacher": "base", "alpha": 0.5}))
+    ckpt = load_file(out / "checkpoints/step-00000003/model.safetensors")
+    factors = {k for k in ckpt if ".lora_" in k}
+    assert factors == {f"model.core.0.{m}.lora_{x}" for m in ("self_attn.q_proj", "mlp.down_proj") for x in "AB"}
+    state = torch.load(out / "checkpoints/step-00000003/optimizer.pt", weights_only=True)["state"]
+    assert set(state) == factors and all("exp_avg" in v for v in state.values())  # AdamW, not Muon
+    start = load_file(folders / "cut" / "model.safetensors")
+    assert all(torch.equal(start[k], ckpt[k]) for k in start)  # the weights themselves stay frozen
+    # final/ is an ordinary folder with B A folded in: it computes what the model with its factors computed
+    final = LoopfitForCausalLM.from_pretrained(out / "final").eval()
+    assert not any(".lora_" in n for n, _ in final.named_parameters())
+    with_factors = LoopfitForCausalLM.from_pretrained(folders / "cut")
+    lora.apply(with_factors, LoraConfig(**settings))
+    with_factors.load_state_dict(ckpt)
+    ids = torch.randint(0, VOCAB, (2, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(final(ids, num_steps=3).logits, with_factors.eval()(ids, num_steps=3).logits,
+                                   atol=1e-5, rtol=0)
+    q_proj = final.model.core[0].self_attn.q_proj.weight
+    assert not torch.equal(q_proj, with_factors.model.core[0].self_attn.q_proj.weight)
+
+
 def test_bad_distillation_and_trainable_input_is_refused_in_one_line(folders, tmp_path, capfd):
     torch.manual_seed(0)
     tiny_models.llama(VOCAB + 8, num_hidden_layers=2).save_pretrained(tmp_path / "big-vocab")
@@ -172,6 +202,10 @@ def test_bad_distillation_and_trainable_input_is_refused_in_one_line(folders, tm
         (["--train.trainable=lora"], "selects no parameter"),
         (["--train.trainable=core", f"--model.init_from={folders / 'base'}"], "needs a recurrent loopfit model"),
         (["--train.trainable=adapter:0.5"], "last phase"),
+        (["--lora.rank=-1"], "lora.rank is -1: use a rank >= 1, or 0 for no LoRA"),
+        (["--lora.rank=33"], "lora.rank 33 is above the smallest targeted matrix side (32)"),  # k_proj: 64 -> 32
+        (["--lora.rank=2", f"--model.init_from={folders / 'base'}"], "is a plain model"),
+        (["--lora.rank=2", "--lora.targets=[qkv]"], "lora.targets names qkv"),
     ]
     capfd.readouterr()
     for args, says in cases:

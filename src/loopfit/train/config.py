@@ -280,6 +280,23 @@ class DistillConfig(Section):
 
 
 @dataclass
+class LoraConfig(Section):
+    """LoRA on the core's linear layers, shared by every loop (loopfit.train.lora); off when rank is 0"""
+
+    rank: int = key(0, "rank of each low-rank delta (0: no LoRA); train only it with train.trainable=lora")
+    alpha: float = key(16.0, "the delta is scaled by alpha / rank")
+    targets: list[str] = key(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+                             "which linear layers of the core blocks get a delta")
+    lr: float = key(1e-4, "AdamW lr of the LoRA factors (Muon does not train them, see loopfit.train.lora)")
+
+    def check(self):
+        if self.rank < 0:
+            raise LoopfitError(f"lora.rank is {self.rank}: use a rank >= 1, or 0 for no LoRA")
+        if self.rank and not self.alpha > 0:
+            raise LoopfitError(f"lora.alpha is {self.alpha}: use a positive scale (the delta is alpha / rank x BA)")
+
+
+@dataclass
 class Recipe:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -290,6 +307,7 @@ class Recipe:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
 
     def to_dict(self):
         """Every key with its value; the data section without its unset keys (a recipe that loads back the same)."""

@@ -87,24 +87,30 @@ def _newton_schulz(grad, coefficients, steps, eps):
     return tr(x) if tall else x
 
 
-def build_optimizers(model, cfg, names=None):
+def build_optimizers(model, cfg, names=None, lora_lr=None):
     """A list of torch optimizers for `model` (already wrapped for DDP/FSDP if distributed) from the `optim` section,
-    over the parameters named in `names` (default: those with requires_grad)."""
+    over the parameters named in `names` (default: those with requires_grad). LoRA factors (`.lora_` in the name)
+    form their own AdamW group at `lora_lr` (see loopfit.train.lora for why not Muon)."""
     inner = getattr(model, "module", model)  # DDP keeps the model in .module; FSDP2 modifies it in place
     muon, adamw = split_params(inner, names)
+    lora = [p for n, p in muon + adamw if ".lora_" in n]
+    muon, adamw = [(n, p) for n, p in muon if ".lora_" not in n], [(n, p) for n, p in adamw if ".lora_" not in n]
     betas = tuple(cfg.betas)
+    extra = [{"params": lora, "lr": lora_lr}] if lora else []
     if cfg.name == "adamw":
-        params = [p for _, p in muon + adamw]
-        return [torch.optim.AdamW(params, lr=cfg.adamw_lr, betas=betas, weight_decay=cfg.weight_decay, eps=cfg.eps)]
+        params = [{"params": [p for _, p in muon + adamw]}] if muon or adamw else []
+        return [torch.optim.AdamW(params + extra, lr=cfg.adamw_lr, betas=betas, weight_decay=cfg.weight_decay,
+                                  eps=cfg.eps)]
     if cfg.name != "muon":
         raise ValueError(f"unknown optimizer {cfg.name!r}")
     opts = []
     if muon:
         opts.append(Muon([p for _, p in muon], lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=cfg.muon_momentum,
                          adjust_lr_fn=cfg.muon_adjust_lr))
-    if adamw:
-        opts.append(torch.optim.AdamW([p for _, p in adamw], lr=cfg.adamw_lr, betas=betas,
-                                      weight_decay=cfg.weight_decay, eps=cfg.eps))
+    if adamw or extra:
+        groups = ([{"params": [p for _, p in adamw]}] if adamw else []) + extra
+        opts.append(torch.optim.AdamW(groups, lr=cfg.adamw_lr, betas=betas, weight_decay=cfg.weight_decay,
+                                      eps=cfg.eps))
     return opts
 
 

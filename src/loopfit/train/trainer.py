@@ -45,7 +45,7 @@ from .. import LoopfitError, __version__
 from ..io import atomic_dir, atomic_file, check_writable
 from ..loading import OFFLINE_MODELS, from_pretrained, is_recurrent, offline_folder
 from ..modeling import causal_lm_loss
-from . import checkpoint, distributed, trainable
+from . import checkpoint, distributed, lora, trainable
 from .config import describe_keys, load_recipe
 from .distill import (
     Teacher,
@@ -180,6 +180,8 @@ def _export_final(out_dir, model, cfg, d):
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if cfg.lora.rank:  # a delta shared by every loop is part of the weights: final/ is an ordinary folder
+        sd = lora.merged_state_dict(sd, cfg.lora)
     dest = Path(out_dir) / "final"
     if d.main:
         inner = distributed.unwrap(model)
@@ -366,7 +368,11 @@ def _setup(cfg, d, resume, data):
     _resolve_model(cfg, d)
     teacher_name = _check_teacher(cfg, d)
     phases = trainable.parse_phases(t.trainable, t.steps)
-    trainable.check(_skeleton(cfg.model.init_from), phases, is_recurrent(Path(cfg.model.init_from)))
+    skeleton, recurrent = _skeleton(cfg.model.init_from), is_recurrent(Path(cfg.model.init_from))
+    lora.check(skeleton, cfg.lora, recurrent)
+    if cfg.lora.rank:
+        lora.apply(skeleton, cfg.lora)
+    trainable.check(skeleton, phases, recurrent)
     if len(phases) > 1 and d.world > 1 and cfg.distributed.strategy == "fsdp":
         raise LoopfitError(f"train.trainable {t.trainable} changes the trained set during the run, which FSDP2 does "
                            "not support: use one set with fsdp, or distributed.strategy=ddp")
@@ -377,6 +383,9 @@ def _setup(cfg, d, resume, data):
 
     model = _load_model(cfg)
     recurrent = is_recurrent(model)
+    if cfg.lora.rank:
+        _say(d, f"LoRA rank {cfg.lora.rank} on {lora.apply(model, cfg.lora)} linear layers of the core "
+                f"({', '.join(cfg.lora.targets)}), shared by every loop; merged into the weights of final/")
     counts = param_counts(model)
     lr_at, blend_lr_at = _schedule(cfg)
     source = data if data is not None else build_source(cfg.data, t.batch_size, d.rank, d.world, t.seed, t.steps,
@@ -395,7 +404,7 @@ def _setup(cfg, d, resume, data):
     model = distributed.wrap(model, cfg.distributed.strategy, d)
     model.train()
     # the optimizers hold every parameter some phase trains; a frozen one gets no gradient, so no state
-    optimizers = build_optimizers(model, cfg.optim, trainable.union(distributed.unwrap(model), phases))
+    optimizers = build_optimizers(model, cfg.optim, trainable.union(distributed.unwrap(model), phases), cfg.lora.lr)
     remember_base_lr(optimizers)
     if ckpt_path is not None:
         state = checkpoint.load(ckpt_path, model, optimizers, d)

@@ -1,0 +1,78 @@
+"""LoRA on the core's linear layers (recipe section `lora`), shared by every loop, merged into the weights on export.
+
+Each targeted nn.Linear of the core blocks gains two parameters, `lora_A` [rank, in] (Kaiming-uniform, as PEFT
+initialises it) and `lora_B` [out, rank] (zero, so training starts from the converted model), and a forward
+hook adding (alpha / rank) * x A^T B^T to its output. The weight keeps its name, so checkpoints, FSDP2 units,
+compilation and activation checkpointing see the same blocks; `merged_state_dict` folds B A into each weight
+for `final/`, which is then an ordinary loopfit folder.
+
+The factors are optimised by AdamW at `lora.lr`, not by Muon: Muon replaces each update by an orthogonal matrix
+of the same size whatever the gradient's scale, which for a factor pair whose product is the real update (and
+whose B starts at zero, making A's first gradients zero) loses the alpha / rank scaling LoRA is tuned around;
+the retrofitting authors' trainer refuses LoRA with Muon for the same reason. Muon still trains whatever else
+`train.trainable` selects.
+"""
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from .. import LoopfitError
+
+TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def targets(model, names):
+    """{qualified name: nn.Linear} of the core's linear layers named in `names` (e.g. q_proj, down_proj)."""
+    unknown = sorted(set(names) - set(TARGETS))
+    if unknown:
+        raise LoopfitError(f"lora.targets names {', '.join(unknown)}: choose among {', '.join(TARGETS)}")
+    return {n: m for n, m in model.named_modules()
+            if n.startswith("model.core.") and n.rsplit(".", 1)[-1] in names and isinstance(m, torch.nn.Linear)}
+
+
+def check(model, cfg, recurrent):
+    """Refuse LoRA where it cannot apply: a plain model, or a rank outside [1, the matrix's smaller side]."""
+    if not cfg.rank:
+        return
+    if not recurrent:
+        raise LoopfitError("lora.rank is set but model.init_from is a plain model: loopfit puts LoRA on the core of a "
+                           "recurrent model; convert the model first, or set lora.rank=0")
+    found = targets(model, cfg.targets)
+    if not found:
+        raise LoopfitError(f"lora.targets {cfg.targets} matches no linear layer of the core")
+    smallest = min(min(m.weight.shape) for m in found.values())
+    if cfg.rank > smallest:
+        raise LoopfitError(f"lora.rank {cfg.rank} is above the smallest targeted matrix side ({smallest}): choose a "
+                           f"rank in [1, {smallest}]")
+
+
+def _add_delta(module, args, output):
+    return output + F.linear(F.linear(args[0], module.lora_A), module.lora_B) * module.lora_scale
+
+
+def apply(model, cfg):
+    """Give the targeted core linear layers LoRA factors; returns how many layers."""
+    found = targets(model, cfg.targets)
+    for module in found.values():
+        w = module.weight
+        module.lora_A = torch.nn.Parameter(torch.empty(cfg.rank, w.shape[1], dtype=w.dtype, device=w.device))
+        torch.nn.init.kaiming_uniform_(module.lora_A, a=math.sqrt(5))
+        module.lora_B = torch.nn.Parameter(torch.zeros(w.shape[0], cfg.rank, dtype=w.dtype, device=w.device))
+        module.lora_scale = cfg.alpha / cfg.rank
+        module.register_forward_hook(_add_delta)
+    return len(found)
+
+
+def merged_state_dict(state_dict, cfg):
+    """The state dict with every W + (alpha / rank) B A folded in and the factors dropped."""
+    out = {k: v for k, v in state_dict.items() if ".lora_" not in k}
+    scale = cfg.alpha / cfg.rank
+    for key in state_dict:
+        if key.endswith(".lora_A"):
+            prefix = key[: -len("lora_A")]
+            a, b = state_dict[key].float(), state_dict[prefix + "lora_B"].float()
+            weight = out[prefix + "weight"]
+            out[prefix + "weight"] = (weight.float() + scale * (b @ a)).to(weight.dtype)
+    return out
