@@ -19,15 +19,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 VOCAB = 256
 
 
-def word_tokenizer(words=VOCAB, prefix="w"):
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    raw = Tokenizer(models.WordLevel({f"{prefix}{i}": i for i in range(words)}, unk_token=f"{prefix}1"))
-    raw.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(tokenizer_object=raw, eos_token=f"{prefix}0", unk_token=f"{prefix}1")
-
-
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
     """A tiny 4-layer Llama with a tokenizer; its conversion keeping every layer with the passthrough adapter
@@ -35,7 +26,7 @@ def folders(tmp_path_factory):
     root = tmp_path_factory.mktemp("distill")
     torch.manual_seed(0)
     tiny_models.llama(VOCAB, num_hidden_layers=4).save_pretrained(root / "base")
-    word_tokenizer().save_pretrained(root / "base")
+    tiny_models.word_tokenizer().save_pretrained(root / "base")
     quiet = dict(log=lambda line: None, recurrence=3)
     convert(str(root / "base"), root / "whole", layers=(1, 2, 1), adapter_init="passthrough", **quiet)
     convert(str(root / "base"), root / "cut", layers=(1, 1, 1), **quiet)
@@ -186,7 +177,7 @@ def test_bad_distillation_and_trainable_input_is_refused_in_one_line(folders, tm
     torch.manual_seed(0)
     tiny_models.llama(VOCAB + 8, num_hidden_layers=2).save_pretrained(tmp_path / "big-vocab")
     tiny_models.llama(VOCAB, num_hidden_layers=2).save_pretrained(tmp_path / "other-tok")
-    word_tokenizer(prefix="x").save_pretrained(tmp_path / "other-tok")
+    tiny_models.word_tokenizer(prefix="x").save_pretrained(tmp_path / "other-tok")
     tiny_models.recurrent(VOCAB).save_pretrained(tmp_path / "unrecorded")
     good = tmp_path / "recipe.yaml"
     good.write_text(yaml.safe_dump(recipe(folders / "cut", tmp_path / "out")))

@@ -288,10 +288,16 @@ class LoraConfig(Section):
     targets: list[str] = key(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
                              "which linear layers of the core blocks get a delta")
     lr: float = key(1e-4, "AdamW lr of the LoRA factors (Muon does not train them, see loopfit.train.lora)")
+    per_loop: bool = key(False, "a different delta for each loop (relaxed recursion), kept in the model, not merged")
+    loops: int = key(0, "per_loop: how many loops get a delta (0: recurrence.mean); later loops run the shared weight")
+    init: Literal["zero", "svd"] = key("zero", "per_loop: zero (B = 0) | svd: loop t starts at the truncated SVD of "
+                                               "the base layer it stands for minus the core layer")
 
     def check(self):
         if self.rank < 0:
             raise LoopfitError(f"lora.rank is {self.rank}: use a rank >= 1, or 0 for no LoRA")
+        if self.loops < 0:
+            raise LoopfitError(f"lora.loops is {self.loops}: use >= 1 loops, or 0 for recurrence.mean")
         if self.rank and not self.alpha > 0:
             raise LoopfitError(f"lora.alpha is {self.alpha}: use a positive scale (the delta is alpha / rank x BA)")
 

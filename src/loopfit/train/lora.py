@@ -1,4 +1,5 @@
-"""LoRA on the core's linear layers (recipe section `lora`), shared by every loop, merged into the weights on export.
+"""LoRA on the core's linear layers (recipe section `lora`): shared by every loop and merged into the weights on
+export, or one delta per loop (`lora.per_loop`, relaxed recursion) kept in the model.
 
 Each targeted nn.Linear of the core blocks gains two parameters, `lora_A` [rank, in] (Kaiming-uniform, as PEFT
 initialises it) and `lora_B` [out, rank] (zero, so training starts from the converted model), and a forward
@@ -11,6 +12,14 @@ of the same size whatever the gradient's scale, which for a factor pair whose pr
 whose B starts at zero, making A's first gradients zero) loses the alpha / rank scaling LoRA is tuned around;
 the retrofitting authors' trainer refuses LoRA with Muon for the same reason. Muon still trains whatever else
 `train.trainable` selects.
+
+Per loop (Relaxed Recursive Transformers, Bae et al., arXiv 2410.20672): loop t of the core adds its own delta
+B_t A_t (the model package's LoopLoRALinear; the model's config records `loop_lora`, so the folder loads and
+decodes with the deltas wherever the package goes). `lora.init: svd` starts loop t of core layer j from the
+truncated SVD of W_base - W_core, where W_base is the base layer that loop stands for: the layers between the
+prelude and the coda, dropped ones included, read K at a time (loop 0 the first K, ...); a loop with no base
+layer left starts at zero. At full rank each such loop's linear layers then equal the base layer's (its norms
+stay the core's).
 """
 
 import math
@@ -63,6 +72,57 @@ def apply(model, cfg):
         module.lora_scale = cfg.alpha / cfg.rank
         module.register_forward_hook(_add_delta)
     return len(found)
+
+
+def relax(model, cfg, loops):
+    """Give the core's targeted linear layers a delta per loop (`loops` of them); A Kaiming-uniform and B zero
+    (`lora.init: zero`) or the truncated SVD of the base layer each loop stands for (`svd`)."""
+    from ..model.modeling import relax_core
+
+    spec = {"rank": cfg.rank, "alpha": cfg.alpha, "loops": loops, "targets": list(cfg.targets)}
+    inner = model.model
+    model.config.loop_lora = spec
+    inner.loop_linears = relax_core(inner.core, spec)
+    for linear in inner.loop_linears:
+        for t in range(loops):
+            torch.nn.init.kaiming_uniform_(linear.loop_lora_A.data[t], a=math.sqrt(5))
+    if cfg.init == "svd":
+        svd_init(model, spec)
+    return len(inner.loop_linears)
+
+
+def stands_for(source_layers, loops):
+    """{(loop t, core position j): base layer index} of the layers between the prelude and the coda."""
+    prelude, core, coda = source_layers["prelude"], source_layers["core"], source_layers["coda"]
+    first = prelude[-1] + 1 if prelude else 0
+    end = coda[0] if coda else source_layers["num_base_layers"]
+    middle = list(range(first, end))
+    return {(t, j): middle[t * len(core) + j] for t in range(loops) for j in range(len(core))
+            if t * len(core) + j < len(middle)}
+
+
+@torch.no_grad()
+def svd_init(model, spec):
+    """Loop t's delta of each targeted core linear := the rank-r truncated SVD of W_base[layer] - W_core."""
+    from .distill import load_teacher, teacher_source
+
+    source = model.config.source_layers
+    if not source or not getattr(model.config, "source_model", None):
+        raise LoopfitError("lora.init svd needs the base model the conversion came from: model.init_from does not "
+                           "record it (converted by an earlier loopfit); use lora.init=zero")
+    base = load_teacher(teacher_source(model.config.source_model, None)).state_dict()
+    prefix = "model.language_model.layers." if any(k.startswith("model.language_model.") for k in base) \
+        else "model.layers."
+    scale = spec["alpha"] / spec["rank"]
+    for (t, j), layer in stands_for(source, spec["loops"]).items():
+        for name, module in model.model.core[j].named_modules():
+            if not hasattr(module, "loop_lora_A"):
+                continue
+            residual = (base[f"{prefix}{layer}.{name}.weight"].float() - module.weight.float()) / scale
+            u, sv, vh = torch.linalg.svd(residual, full_matrices=False)
+            root = sv[: spec["rank"]].sqrt()
+            module.loop_lora_B[t] = (u[:, : spec["rank"]] * root).to(module.loop_lora_B.dtype)
+            module.loop_lora_A[t] = (root[:, None] * vh[: spec["rank"]]).to(module.loop_lora_A.dtype)
 
 
 def merged_state_dict(state_dict, cfg):

@@ -93,8 +93,10 @@ def build_optimizers(model, cfg, names=None, lora_lr=None):
     form their own AdamW group at `lora_lr` (see loopfit.train.lora for why not Muon)."""
     inner = getattr(model, "module", model)  # DDP keeps the model in .module; FSDP2 modifies it in place
     muon, adamw = split_params(inner, names)
-    lora = [p for n, p in muon + adamw if ".lora_" in n]
-    muon, adamw = [(n, p) for n, p in muon if ".lora_" not in n], [(n, p) for n, p in adamw if ".lora_" not in n]
+    from .trainable import is_lora
+
+    lora = [p for n, p in muon + adamw if is_lora(n)]
+    muon, adamw = [(n, p) for n, p in muon if not is_lora(n)], [(n, p) for n, p in adamw if not is_lora(n)]
     betas = tuple(cfg.betas)
     extra = [{"params": lora, "lr": lora_lr}] if lora else []
     if cfg.name == "adamw":

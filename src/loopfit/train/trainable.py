@@ -57,13 +57,18 @@ def phase_at(phases, step):
     return phases[-1][0]
 
 
+def is_lora(name):
+    """A LoRA factor: shared (lora_A / lora_B) or per loop (loop_lora_A / loop_lora_B)."""
+    return name.rsplit(".", 1)[-1] in ("lora_A", "lora_B", "loop_lora_A", "loop_lora_B")
+
+
 def selected(model, name):
     """Names of the parameters of `model` (unwrapped) that set `name` trains."""
     names = [n for n, _ in model.named_parameters()]
     if name == "all":
         return set(names)
     if name == "lora":
-        return {n for n in names if ".lora_" in n}
+        return {n for n in names if is_lora(n)}
     return {n for n in names if n.startswith(PREFIXES[name])}
 
 

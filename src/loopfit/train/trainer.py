@@ -180,7 +180,7 @@ def _export_final(out_dir, model, cfg, d):
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    if cfg.lora.rank:  # a delta shared by every loop is part of the weights: final/ is an ordinary folder
+    if cfg.lora.rank and not cfg.lora.per_loop:  # a delta shared by every loop is part of the weights
         sd = lora.merged_state_dict(sd, cfg.lora)
     dest = Path(out_dir) / "final"
     if d.main:
@@ -374,7 +374,7 @@ def _setup(cfg, d, resume, data):
     skeleton, recurrent = _skeleton(cfg.model.init_from), is_recurrent(Path(cfg.model.init_from))
     lora.check(skeleton, cfg.lora, recurrent)
     if cfg.lora.rank:
-        lora.apply(skeleton, cfg.lora)
+        lora.apply(skeleton, cfg.lora)  # per loop too: only the names matter to the trainable check
     trainable.check(skeleton, phases, recurrent)
     if len(phases) > 1 and d.world > 1 and cfg.distributed.strategy == "fsdp":
         raise LoopfitError(f"train.trainable {t.trainable} changes the trained set during the run, which FSDP2 does "
@@ -386,7 +386,11 @@ def _setup(cfg, d, resume, data):
 
     model = _load_model(cfg)
     recurrent = is_recurrent(model)
-    if cfg.lora.rank:
+    if cfg.lora.rank and cfg.lora.per_loop:
+        loops = cfg.lora.loops or cfg.recurrence.mean
+        _say(d, f"LoRA rank {cfg.lora.rank} per loop for {loops} loops on {lora.relax(model, cfg.lora, loops)} "
+                f"linear layers of the core ({', '.join(cfg.lora.targets)}, init {cfg.lora.init}); kept in final/")
+    elif cfg.lora.rank:
         _say(d, f"LoRA rank {cfg.lora.rank} on {lora.apply(model, cfg.lora)} linear layers of the core "
                 f"({', '.join(cfg.lora.targets)}), shared by every loop; merged into the weights of final/")
     counts = param_counts(model)
