@@ -204,3 +204,40 @@ def test_bad_distillation_and_trainable_input_is_refused_in_one_line(folders, tm
         lines = capfd.readouterr().err.strip().splitlines()
         assert rc == 2 and len(lines) == 1 and says in lines[0], (args, lines)
         assert not (tmp_path / "out").exists(), args
+
+
+def test_per_loop_lora_trains_and_its_folder_decodes_without_loopfit(folders, tmp_path):
+    """lora.per_loop with the SVD init: final/ keeps a delta per loop, and where loopfit cannot be imported the
+    folder's own model package (trust_remote_code) decodes the same tokens as loopfit does."""
+    from loopfit import LoopfitForCausalLM
+
+    out = tmp_path / "run"
+    settings = {"rank": 4, "alpha": 8.0, "targets": ["q_proj", "up_proj"], "lr": 0.01, "per_loop": True,
+                "loops": 2, "init": "svd"}
+    train(recipe(folders / "cut", out, steps=2, train={"trainable": "lora"}, lora=settings))
+    weights = load_file(out / "final/model.safetensors")
+    assert weights["model.core.0.self_attn.q_proj.loop_lora_A"].shape == (2, 4, 64)
+    start = load_file(folders / "cut" / "model.safetensors")
+    assert all(torch.equal(start[k], weights[k]) for k in start)  # only the deltas trained
+    model = LoopfitForCausalLM.from_pretrained(out / "final").eval()
+    assert model.config.loop_lora == {"rank": 4, "alpha": 8.0, "loops": 2, "targets": ["q_proj", "up_proj"]}
+    ids = torch.randint(2, VOCAB, (2, 7))
+    expected = model.generate(ids, num_steps=3, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    assert torch.equal(model.generate(ids, num_steps=3, max_new_tokens=6, do_sample=False, pad_token_id=0,
+                                      draft_steps=1, draft_tokens=3), expected)
+    code = f"""
+import sys, torch
+sys.modules["loopfit"] = None  # import loopfit fails
+from transformers import AutoModelForCausalLM
+model = AutoModelForCausalLM.from_pretrained({str(out / 'final')!r}, trust_remote_code=True)
+ids = torch.tensor({ids.tolist()})
+print(model.generate(ids, num_steps=3, max_new_tokens=6, do_sample=False, pad_token_id=0).tolist())
+"""
+    import os
+    import subprocess
+    import sys
+
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=300,
+                         env={**os.environ, "PYTHONPATH": "", "OMP_NUM_THREADS": "1"})
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert json.loads(run.stdout.strip().splitlines()[-1]) == expected.tolist()
