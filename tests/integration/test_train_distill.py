@@ -197,6 +197,9 @@ def test_bad_distillation_and_trainable_input_is_refused_in_one_line(folders, tm
         (["--lora.rank=33"], "lora.rank 33 is above the smallest targeted matrix side (32)"),  # k_proj: 64 -> 32
         (["--lora.rank=2", f"--model.init_from={folders / 'base'}"], "is a plain model"),
         (["--lora.rank=2", "--lora.targets=[qkv]"], "lora.targets names qkv"),
+        (["--lora.rank=2", "--lora.per_loop=true", "--lora.init=svd", f"--model.init_from={tmp_path / 'unrecorded'}"],
+         "lora.init svd needs the base model"),
+        (["--lora.rank=2", "--lora.per_loop=true", "--lora.loops=-1"], "lora.loops is -1"),
     ]
     capfd.readouterr()
     for args, says in cases:

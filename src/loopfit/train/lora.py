@@ -51,6 +51,10 @@ def check(model, cfg, recurrent):
     found = targets(model, cfg.targets)
     if not found:
         raise LoopfitError(f"lora.targets {cfg.targets} matches no linear layer of the core")
+    if cfg.per_loop and cfg.init == "svd" and not (getattr(model.config, "source_model", None)
+                                                   and model.config.source_layers):
+        raise LoopfitError("lora.init svd needs the base model the conversion came from, but model.init_from does "
+                           "not record it (converted by an earlier loopfit): use lora.init=zero, or convert again")
     smallest = min(min(m.weight.shape) for m in found.values())
     if cfg.rank > smallest:
         raise LoopfitError(f"lora.rank {cfg.rank} is above the smallest targeted matrix side ({smallest}): choose a "
@@ -107,9 +111,6 @@ def svd_init(model, spec):
     from .distill import load_teacher, teacher_source
 
     source = model.config.source_layers
-    if not source or not getattr(model.config, "source_model", None):
-        raise LoopfitError("lora.init svd needs the base model the conversion came from: model.init_from does not "
-                           "record it (converted by an earlier loopfit); use lora.init=zero")
     base = load_teacher(teacher_source(model.config.source_model, None)).state_dict()
     prefix = "model.language_model.layers." if any(k.startswith("model.language_model.") for k in base) \
         else "model.layers."
