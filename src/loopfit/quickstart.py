@@ -54,7 +54,8 @@ RECIPE = recipes.resolve("quickstart")  # shipped inside the package
 # Recurrent-model steps per training minute on an idle 2-core CPU, the plain model's equal-FLOPs steps and the
 # control's equal steps included: measured ~9 s a recurrent 1024-token step, ~11 s a plain one and ~9 s a control
 # one, so ~30 s a triple (benchmarks/BENCHMARKS.md: 16 + 17 + 16 steps in 8.4 minutes). --no-control trains
-# about 30% faster.
+# about 30% faster; the distilled run (about 0.8x the recurrent steps at ~1.2x a step's time) adds about a
+# quarter, which --minutes does not count (--no-distill leaves it out).
 STEPS_PER_MINUTE = 2
 DEFAULT_MINUTES = 8.0
 HOLDOUT = 0.02
@@ -76,8 +77,9 @@ def add_arguments(parser):
     option = options_of(parser, quickstart)
     option("--model", help="offline model short name: smollm2-135m, qwen2.5-0.5b, gemma3-270m (default %(default)s)")
     option("--out", help="output folder (default %(default)s/)")
-    option("--minutes", type=float, help=f"training minutes for the three runs on a 2-core CPU; sets the recurrent "
-           f"steps at {STEPS_PER_MINUTE}/minute (default %(default)g)")
+    option("--minutes", type=float, help=f"training minutes for the recurrent, plain and control runs on a 2-core "
+           f"CPU (the distilled run adds about a quarter); sets the recurrent steps at {STEPS_PER_MINUTE}/minute "
+           "(default %(default)g)")
     option("--steps", type=int, help="recurrent model's optimizer steps (overrides --minutes)")
     option("--layers", metavar="P,K,C", help="prelude, core, coda layer counts (default: the paper's shape scaled to "
            "the model, (5,10,5) for SmolLM2)")
