@@ -281,7 +281,7 @@ class DistillConfig(Section):
 
 @dataclass
 class LoraConfig(Section):
-    """LoRA on the core's linear layers, shared by every loop (loopfit.train.lora); off when rank is 0"""
+    """LoRA on the core's linear layers, shared by every loop or one per loop (loopfit.train.lora); off at rank 0"""
 
     rank: int = key(0, "rank of each low-rank delta (0: no LoRA); train only it with train.trainable=lora")
     alpha: float = key(16.0, "the delta is scaled by alpha / rank")
