@@ -50,6 +50,16 @@ FAMILIES = {
 }
 
 
+def word_tokenizer(words=256, prefix="w"):
+    """A word-level tokenizer of `words` tokens w0..w{words-1} (w0 is EOS): a tokenizer for tiny model folders."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    raw = Tokenizer(models.WordLevel({f"{prefix}{i}": i for i in range(words)}, unk_token=f"{prefix}1"))
+    raw.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=raw, eos_token=f"{prefix}0", unk_token=f"{prefix}1")
+
+
 def recurrent_family(family, **overrides):
     """`recurrent()` with the block flags of `family` (a key of FAMILIES)."""
     return recurrent(**{**FAMILIES[family], **overrides})

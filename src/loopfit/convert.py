@@ -381,7 +381,7 @@ def convert(source, out, layers=None, prelude=None, core=None, coda=None, adapte
     torch.manual_seed(seed)  # the random inits: same seed, same model
     build = random_loopfit if init == "random" else build_loopfit
     model = build(base, plan, adapter_init=adapter_init, state_init=state_init, recurrence=recurrence,
-                  untie_head=untie_head)
+                  untie_head=untie_head, source_model=source_name(source))
     report = parity_report(base, model, tokenizer, plan, random_init=init == "random") if parity else None
     for line in report.lines() if report else []:
         log(line)
@@ -389,6 +389,14 @@ def convert(source, out, layers=None, prelude=None, core=None, coda=None, adapte
     save_folder(model, tokenizer, out, source, plan, report, save_dtype, force, init)
     log(f"wrote {out} ({save_dtype}) in {time.time() - t0:.0f}s")
     return model, report
+
+
+def source_name(source):
+    """What a converted folder records as its base model (`source_model`, read by `distill.teacher: base`): an
+    offline short name as it is, a folder or GGUF file as its absolute path."""
+    from .loading import OFFLINE_MODELS
+
+    return str(source) if str(source) in OFFLINE_MODELS else str(Path(source).resolve())
 
 
 def refresh_model_file(folder, log=print):

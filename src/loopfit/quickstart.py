@@ -21,7 +21,9 @@ Stages (each prints one summary line; a finished stage is reused when re-run wit
               count: 6 * non-embedding params * tokens for plain; loops counted for recurrent; equal within half
               a plain step's FLOPs); then the control: the same recurrent shape and config from random weights,
               trained with the same recipe for the same steps (so the same FLOPs). It shows what reusing the
-              pretrained layers buys (--no-control skips it).
+              pretrained layers buys (--no-control skips it); and the distilled run: the converted model healed
+              from its base model (`distill.teacher: base`) for as many steps as give it the cross-entropy run's
+              total compute, the teacher's forward counted (--no-distill skips it).
   4. eval     held-out math loss at each --eval-loops r, and a fixed --gsm8k subset of GSM8K (1-shot prompt,
               greedy, --max-new-tokens), for every model (the plain one ignores r); the recurrent models run
               each sweep at the price of its deepest r (loopfit eval's sweep decoding), their GSM8K with
@@ -50,13 +52,19 @@ from .io import check_writable
 STAGES = ("convert", "prepare", "train", "eval", "report")
 RECIPE = recipes.resolve("quickstart")  # shipped inside the package
 # Recurrent-model steps per training minute on an idle 2-core CPU, the plain model's equal-FLOPs steps and the
-# control's equal steps included (benchmarks/BENCHMARKS.md has the timing this comes from).
+# control's equal steps included (benchmarks/BENCHMARKS.md has the timing this comes from). The distilled
+# run is extra: --minutes does not count it (--no-distill leaves it out).
 STEPS_PER_MINUTE = 2
 DEFAULT_MINUTES = 8.0
 HOLDOUT = 0.02
 # The control run: the converted model's shape and config with random weights (OUT/model-random-init), trained as
 # OUT/runs/random-init with the recurrent model's recipe and steps.
 CONTROL = "random-init"
+# The distilled run: the converted model healed from its base (distill.teacher: base) with these settings, for as
+# many steps as give it the cross-entropy run's total compute, the teacher's forward included
+# (benchmarks/BENCHMARKS.md: healing speed). --no-distill skips it.
+DISTILLED = "distilled"
+DISTILL = {"alpha": 0.5, "temperature": 1.0}
 # old flag names, accepted for one release
 RENAMED_FLAGS = {"--eval-steps": "--eval-loops", "--gsm8k-steps": "--gsm8k-loops", "--draft-steps": "--draft-loops"}
 
@@ -67,8 +75,9 @@ def add_arguments(parser):
     option = options_of(parser, quickstart)
     option("--model", help="offline model short name: smollm2-135m, qwen2.5-0.5b, gemma3-270m (default %(default)s)")
     option("--out", help="output folder (default %(default)s/)")
-    option("--minutes", type=float, help=f"training minutes for the three runs on a 2-core CPU; sets the recurrent "
-           f"steps at {STEPS_PER_MINUTE}/minute (default %(default)g)")
+    option("--minutes", type=float, help=f"training minutes for the recurrent, plain and control runs on a 2-core "
+           f"CPU (the distilled run adds about a quarter); sets the recurrent steps at {STEPS_PER_MINUTE}/minute "
+           "(default %(default)g)")
     option("--steps", type=int, help="recurrent model's optimizer steps (overrides --minutes)")
     option("--layers", metavar="P,K,C", help="prelude, core, coda layer counts (default: the paper's shape scaled to "
            "the model, (5,10,5) for SmolLM2)")
@@ -89,6 +98,9 @@ def add_arguments(parser):
     parser.add_argument("--no-control", dest="control", action="store_false",
                         help="skip the control run (the recurrent shape from random weights, same recipe and FLOPs), "
                         "which shows what reusing the pretrained layers buys; saves about 30%% of the training time")
+    parser.add_argument("--no-distill", dest="distill", action="store_false",
+                        help="skip the distilled run (the converted model healed from its base model by distillation, "
+                        "at the cross-entropy run's total compute, teacher included)")
     parser.add_argument("--force", action="store_true", help="delete --out and start afresh")
 
 
@@ -130,6 +142,7 @@ def _settings(args):
         "gsm8k_steps": parse_loops(_text(args.gsm8k_loops), "--gsm8k-loops"), "max_new_tokens": args.max_new_tokens,
         "recipe_sha256": hashlib.sha256(Path(args.recipe).read_bytes()).hexdigest()[:16],
         "control": bool(args.control),
+        "distill": DISTILL if args.distill else None,
     }
 
 
@@ -250,6 +263,21 @@ def plain_steps(flops, plain_dir, tokens_per_step):
     return max(1, round(flops / per_step)), per_step
 
 
+def distill_steps(flops, steps, base_dir, tokens_per_step):
+    """Steps of a distillation run whose total compute (student + the base teacher's forward, 2 * N * D) matches a
+    cross-entropy run of `steps` steps and `flops` FLOPs (its FLOPs per step stay as the curriculum gives them)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from .train.distill import forward_flops
+    from .train.flops import param_counts
+
+    with torch.device("meta"):
+        base = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(base_dir))
+    teacher = forward_flops(tokens_per_step, param_counts(base), 1)
+    return max(1, round(flops / (flops / steps + teacher)))
+
+
 def stage_train(s, out, recipe):
     from .loading import offline_folder
     from .train.config import load_recipe
@@ -271,6 +299,17 @@ def stage_train(s, out, recipe):
                 f"{rec['loss']:.3f}; plain {plain['step']} steps, {plain['tokens']:,} tokens, {plain['flops']:.3e} "
                 f"FLOPs ({gap:+.1%}), loss {plain['loss']:.3f}",
     }
+    if s.get("distill"):  # healed from the base model, at the cross-entropy run's total compute
+        kd_steps = distill_steps(rec["flops"], s["steps"], plain_dir, tokens_per_step)
+        teacher = ["--distill.teacher=base", f"--distill.alpha={s['distill']['alpha']}",
+                   f"--distill.temperature={s['distill']['temperature']}"]
+        kd = _train_run(recipe, _overrides(out, out / "model", DISTILLED, kd_steps) + teacher,
+                        out / "runs" / DISTILLED)
+        summary[DISTILLED] = {**{k: kd[k] for k in keys}, "flops_teacher": kd["flops_teacher"]}
+        total = kd["flops"] + kd["flops_teacher"]
+        summary["line"] += (f"; {DISTILLED} {kd['step']} steps, {kd['flops']:.3e} + teacher "
+                            f"{kd['flops_teacher']:.3e} FLOPs ({(total - rec['flops']) / rec['flops']:+.1%}), "
+                            f"loss {kd['loss']:.3f}")
     if s["control"]:  # same recipe, steps and seeded depth draws as the recurrent run: the same FLOPs
         control = _train_run(recipe, _overrides(out, out / f"model-{CONTROL}", CONTROL, s["steps"]),
                              out / "runs" / CONTROL)
@@ -293,7 +332,8 @@ def stage_eval(s, out, device, draft_steps=None):
         return evaluate(pair, loops=steps, tasks=tasks, out=dest, draft_loops=draft_steps, **common)
 
     found = {}
-    for name in ("recurrent", "plain") + ((CONTROL,) if s["control"] else ()):
+    names = ("recurrent",) + ((DISTILLED,) if s.get("distill") else ()) + ("plain",)
+    for name in names + ((CONTROL,) if s["control"] else ()):
         folder, dest = out / "runs" / name / "final", out / "runs" / name / "eval"
         res = run(folder, s["eval_steps"], ["loss"], dest)
         rows = res["rows"]
@@ -316,6 +356,8 @@ def stage_eval(s, out, device, draft_steps=None):
     line = ("held-out math loss: recurrent " + ", ".join(f"r={r} {v:.3f}" for r, v in sorted(rec_loss.items()))
             + f"; plain {found['plain']['loss'][min(found['plain']['loss'])]:.3f}; base before training "
             f"{found['base']['loss'][1]:.3f}")
+    if s.get("distill"):
+        line += f"; {DISTILLED} best {min(found[DISTILLED]['loss'].values()):.3f}"
     if s["control"]:
         line += f"; {CONTROL} recurrent best {min(found[CONTROL]['loss'].values()):.3f}"
     if s["gsm8k"]:
@@ -374,18 +416,21 @@ def report_text(s, state, device, seconds, recipe):
         return "" if v is None else (f"{v:.0%}" if pct else f"{v:.4f}")
 
     plain_r = next(iter(plain["loss"]))
-    head = "| model | test r | training FLOPs | training tokens | held-out math loss |"
+    head = "| model | test r | training compute (FLOPs) | training tokens | held-out math loss |"
     sep = "|---|---:|---:|---:|---:|"
     if gsm:
         head += " GSM8K strict | GSM8K flexible |"
         sep += "---:|---:|"
     rows = []
-    looped = [("recurrent", f"recurrent {tuple(conv['layers'])}")]
+    looped = [("recurrent", f"recurrent {tuple(conv['layers'])}, cross-entropy")]
+    if DISTILLED in m:
+        looped.append((DISTILLED, f"recurrent {tuple(conv['layers'])}, distilled from the base"))
     if CONTROL in m:
         looped.append((CONTROL, f"recurrent {tuple(conv['layers'])}, random init"))
     for run, label in looped:
         for r in steps:
-            row = (f"| {label} | {r} | {tr[run]['flops']:.3e} | {tr[run]['tokens']:,} | {cell(m[run]['loss'], r)} |")
+            compute = tr[run]["flops"] + tr[run].get("flops_teacher", 0.0)
+            row = f"| {label} | {r} | {compute:.3e} | {tr[run]['tokens']:,} | {cell(m[run]['loss'], r)} |"
             if gsm:
                 row += (f" {cell(m[run].get('accuracy_strict'), r, True)} |"
                         f" {cell(m[run].get('accuracy_flexible'), r, True)} |")
@@ -439,6 +484,37 @@ def report_text(s, state, device, seconds, recipe):
         control_convert = (f" For the control run, `loopfit convert --init random` wrote the same shape and config "
                            f"with every weight drawn afresh (sample-text loss {conv['random_init_loss']:.3f}, chance "
                            "level).")
+    distill_train, distill_text = "", ""
+    if DISTILLED in m:
+        kd = tr[DISTILLED]
+        dl = {int(r): v for r, v in m[DISTILLED]["loss"].items()}
+        d_best = min(dl, key=dl.get)
+        kd_total = kd["flops"] + kd["flops_teacher"]
+        distill_train = (
+            f" The distilled run healed the same conversion from its base model (`distill.teacher: base`, loss = "
+            f"{s['distill']['alpha']:g} x cross-entropy + {1 - s['distill']['alpha']:g} x T^2 x KL(base || recurrent), "
+            f"T = {s['distill']['temperature']:g}) for {kd['step']} steps, the number that gives it the cross-entropy "
+            f"run's total compute with the teacher's forward counted (2 x the base's non-embedding parameters x "
+            f"tokens): {kd['flops']:.3e} + {kd['flops_teacher']:.3e} = {kd_total:.3e} FLOPs "
+            f"({(kd_total - tr['recurrent']['flops']) / tr['recurrent']['flops']:+.1%}).")
+        better = dl[d_best] < rl[best]
+        distill_text = (
+            f"At equal total compute, distillation from the base {'heals further' if better else 'does not help'}: "
+            f"held-out {dl[d_best]:.4f} at best (r = {d_best}) against {rl[best]:.4f} with cross-entropy alone"
+            + (", though it trains fewer steps, because every step learns the base model's whole next-token "
+               "distribution instead of one token." if better else "."))
+        if dl[d_best] < rl[best]:
+            rl_best_run, best_loss = "distilled", dl[d_best]
+        else:
+            rl_best_run, best_loss = "cross-entropy", rl[best]
+    else:
+        rl_best_run, best_loss = "cross-entropy", rl[best]
+    cost = (f"Against the plain model the best recurrent run ({rl_best_run}) still costs "
+            f"{best_loss - plain_loss:+.4f} of held-out loss at equal compute; the gap comes from conversion, not "
+            f"from training: dropping layers {conv['dropped']} raised the sample-text loss from "
+            f"{conv['base_loss']:.2f} to {conv['converted_loss']:.2f}, and {tr['recurrent']['tokens']:,} tokens of "
+            "healing win back only part of it, while the plain model starts from the intact base and spends its "
+            "compute on the task.")
     total = sum(seconds.values())
     timing = ", ".join(f"{k} {v / 60:.1f} min" for k, v in seconds.items())
     parts = [
@@ -463,18 +539,22 @@ def report_text(s, state, device, seconds, recipe):
         f"{tr['plain']['step']} steps, the number that gives it the same training FLOPs by the paper's count "
         f"(6 x non-embedding parameters x tokens; loops counted for the recurrent model): "
         f"{tr['recurrent']['flops']:.3e} vs {tr['plain']['flops']:.3e} ({tr['flops_gap']:+.1%}; equal within half a "
-        f"plain step, {tr['plain_flops_per_step'] / 2:.2e} FLOPs)." + control_train,
+        f"plain step, {tr['plain_flops_per_step'] / 2:.2e} FLOPs)." + distill_train + control_train,
         f"4. **Evaluate** held-out loss on {s['eval_tokens']:,} tokens of the `math` corpus' held-out split at "
         f"r = {', '.join(map(str, s['eval_steps']))}"
         + (f", and GSM8K accuracy on a fixed subset of {s['gsm8k']} test items (1-shot prompt, greedy, at most "
            f"{s['max_new_tokens']} new tokens) at r = {', '.join(map(str, s['gsm8k_steps']))}." if gsm else "."), "",
-        "## At equal training FLOPs", "", head, sep, *rows, *before, "",
+        "## At equal training FLOPs", "",
+        "Training compute is the student's FLOPs by the paper's count plus, for the distilled run, the teacher's "
+        "forward.", "", head, sep, *rows, *before, "",
         "![loss vs training FLOPs](compare/flops.png)", "",
         "![metric vs test-time loops r](compare/loops.png)", "",
         "![recurrent model: metric vs test-time r](runs/recurrent/eval/sweep.png)", "",
         "More detail (loss at matched FLOPs, every metric at every r): [compare/report.md](compare/report.md).", "",
         "## What this shows, and what it does not", "",
         with_r + f" Its best loss is {versus} the plain model's ({plain_loss:.4f}) at the same training FLOPs.", "",
+        *([distill_text, ""] if distill_text else []),
+        cost, "",
         *([control_text, ""] if control_text else []),
         f"This is a budget of {tr['recurrent']['tokens']:,} training tokens on a CPU; the paper trains for billions. "
         "What it shows: the path works end to end on a real pretrained model — conversion, data, recurrent "
@@ -504,7 +584,7 @@ def stage_report(s, out, state, device, seconds, recipe):
     from .eval.compare import compare
     from .io import atomic_file
 
-    runs = ["recurrent", "plain"] + ([CONTROL] if s["control"] else [])
+    runs = ["recurrent"] + ([DISTILLED] if s.get("distill") else []) + ["plain"] + ([CONTROL] if s["control"] else [])
     compare([out / "runs" / run for run in runs], out / "compare")
     text = report_text(s, state.data, device, seconds, recipe)
     with atomic_file(out / "REPORT.md", "w") as f:
@@ -518,7 +598,7 @@ def stage_report(s, out, state, device, seconds, recipe):
 def quickstart(model="smollm2-135m", out="quickstart", minutes=DEFAULT_MINUTES, steps=None, layers=None,
                adapter_init="passthrough", limit=2000, eval_loops=(1, 2, 4, 8, 16), eval_tokens=2048, gsm8k=8,
                gsm8k_loops=(1, 2, 4, 8), max_new_tokens=64, draft_loops=2, device="auto", recipe="quickstart",
-               control=True, force=False):
+               control=True, distill=True, force=False):
     """Run (or finish) the quickstart; returns the state dict (settings and each stage's summary). The arguments
     are `loopfit quickstart`'s options (see its --help); lists of r may be given as '1,2,4' or (1, 2, 4)."""
     args = SimpleNamespace(**locals())

@@ -30,12 +30,16 @@ def test_quickstart_smallest_end_to_end(tmp_path):
 
     report = (out / "REPORT.md").read_text()
     assert "## At equal training FLOPs" in report
-    table = [line for line in report.splitlines() if line.startswith("| recurrent (5, 10, 5) |")]
+    table = [line for line in report.splitlines() if line.startswith("| recurrent (5, 10, 5), cross-entropy |")]
     assert [line.split("|")[2].strip() for line in table] == ["1", "2"]  # one row per test r
     assert any(line.startswith("| plain smollm2-135m") for line in report.splitlines())
     control = [line for line in report.splitlines() if line.startswith("| recurrent (5, 10, 5), random init |")]
     assert [line.split("|")[2].strip() for line in control] == ["1", "2"]  # the control, evaluated alike
-    assert all(re.search(r"\| \d+\.\d{4} \| \d+% \| \d+% \|$", line) for line in table + control), table + control
+    distilled = [line for line in report.splitlines()
+                 if line.startswith("| recurrent (5, 10, 5), distilled from the base |")]
+    assert [line.split("|")[2].strip() for line in distilled] == ["1", "2"]  # healed from the base, evaluated alike
+    assert all(re.search(r"\| \d+\.\d{4} \| \d+% \| \d+% \|$", line) for line in table + control + distilled)
+    assert "distillation from the base" in report and "still costs" in report
     untrained = next(line for line in report.splitlines() if line.startswith("| recurrent, random init, untrained |"))
     assert float(untrained.split("|")[5]) > 9.0  # chance level for a 49k vocabulary is ln(49152) = 10.8
     assert "Reusing the pretrained layers" in report and "random-init" in (out / "compare" / "report.md").read_text()
@@ -51,6 +55,12 @@ def test_quickstart_smallest_end_to_end(tmp_path):
     control = train["random-init"]  # the control: same steps, tokens and seeded depth draws, so the same FLOPs
     assert (control["step"], control["tokens"]) == (train["recurrent"]["step"], train["recurrent"]["tokens"])
     assert control["flops"] == pytest.approx(rec, rel=1e-12)
+    # the distilled run's total compute (student + teacher forward) matches the cross-entropy run's within half a step
+    kd = train["distilled"]
+    total = kd["flops"] + kd["flops_teacher"]
+    assert kd["flops_teacher"] > 0 and abs(total - rec) <= 0.5 * total / kd["step"] * (1 + 1e-9)
+    kd_metrics = [json.loads(x) for x in (out / "runs" / "distilled" / "metrics.jsonl").read_text().splitlines()]
+    assert all("kl" in m and "ce" in m for m in kd_metrics if "loss" in m)
     for name in ("recurrent", "plain", "random-init"):  # the figures come from the runs' own metrics
         metrics = [json.loads(x) for x in (out / "runs" / name / "metrics.jsonl").read_text().splitlines()]
         assert max(m.get("flops") or 0 for m in metrics) == pytest.approx(train[name]["flops"], rel=1e-9)
@@ -80,7 +90,8 @@ def test_quickstart_smallest_end_to_end(tmp_path):
     state["settings"]["control"] = False
     plain_report = report_text(state["settings"], state, "cpu", {"train": 60.0}, RECIPE)
     assert "random init" not in plain_report and "Reusing" not in plain_report and "Train** both models" in plain_report
-    assert [line for line in plain_report.splitlines() if line.startswith("| recurrent (5, 10, 5) |")] == table
+    assert [line for line in plain_report.splitlines()
+            if line.startswith("| recurrent (5, 10, 5), cross-entropy |")] == table
 
     # a re-run reuses every stage; other settings over the same folder are refused with the fix
     again = loopfit("quickstart", *SMALLEST, "--out", str(out))
@@ -91,6 +102,8 @@ def test_quickstart_smallest_end_to_end(tmp_path):
     assert "other settings (steps)" in other.stderr and "--force" in other.stderr
     without = loopfit("quickstart", *SMALLEST, "--no-control", "--out", str(out))  # the flag reaches the settings
     assert without.returncode == 2 and "other settings (control)" in without.stderr
+    without = loopfit("quickstart", *SMALLEST, "--no-distill", "--out", str(out))
+    assert without.returncode == 2 and "other settings (distill)" in without.stderr
 
 
 def test_unknown_model_is_one_line_error(tmp_path):
@@ -115,7 +128,7 @@ def test_help_describes_the_stages():
     p = loopfit("quickstart", "--help")
     assert p.returncode == 0
     for word in ("--minutes", "--steps", "--model", "--device", "passthrough", "equal", "REPORT.md", "--no-control",
-                 "random weights"):
+                 "random weights", "--no-distill", "teacher"):
         assert word in p.stdout
     # the training the help describes ("1-sqrt curriculum of the mean depth to 4, truncated backprop through the
     # last 2 loops, Muon + AdamW, heal-then-mix blend") is what the shipped recipe it trains with does

@@ -3,14 +3,16 @@
   loopfit compare runs/smol-448 runs/smol-plain --out reports/smol
 
 Each RUN is a `loopfit train` output folder (RUN/metrics.jsonl: lines with step, tokens, flops = cumulative
-training FLOPs by the paper's count, loss, eval_loss) and/or a `loopfit eval` output (results.json, looked for
-in RUN, RUN/eval and RUN/final/eval). Writes OUT/report.md with:
+training FLOPs by the paper's count, flops_teacher = a distillation teacher's forward FLOPs, loss, eval_loss)
+and/or a `loopfit eval` output (results.json, looked for in RUN, RUN/eval and RUN/final/eval).
+Writes OUT/report.md with:
   - the runs (recurrent or plain, tokens, training FLOPs, tokenizer),
   - loss at matched FLOPs: each run's last logged loss at or below the largest FLOPs all runs reached,
   - eval metrics at every test r, with each run's training FLOPs named,
 and OUT/flops.png (loss vs training FLOPs, one line per run) and OUT/loops.png (eval metric vs test-time loops r).
 Results files written before the loops rename (rows with "steps" for r) are read as well.
 Runs of different tokenizers are compared with a warning: their losses are not on the same scale.
+"Training FLOPs" is a run's total compute: the student's FLOPs plus, for a distilled run, its teacher's forward.
 """
 
 import json
@@ -64,7 +66,7 @@ def read_run(path):
         raise LoopfitError(f"{path} has neither metrics.jsonl nor eval results: pass a `loopfit train` out_dir "
                            f"or run `loopfit eval` on it first")
     recurrent = results["recurrent"] if results else is_recurrent(path / "final")
-    with_flops = [m for m in metrics if m.get("flops") is not None]
+    with_flops = [m for m in metrics if compute(m) is not None]
     return {
         "name": path.stem if path.is_file() else path.name,
         "path": str(path),
@@ -72,7 +74,7 @@ def read_run(path):
         "results": results,
         "recurrent": bool(recurrent),
         "tokenizer": (results or {}).get("tokenizer") or _folder_fingerprint(path / "final"),
-        "flops": with_flops[-1]["flops"] if with_flops else None,
+        "flops": compute(with_flops[-1]) if with_flops else None,
         "tokens": with_flops[-1].get("tokens") if with_flops else None,
     }
 
@@ -100,9 +102,16 @@ def tokenizer_warning(runs):
 # ------------------------------------------------------------------------------------------------ figures
 
 
+def compute(record):
+    """The training compute of a metrics record: the student's FLOPs plus a distillation teacher's (or None)."""
+    if record.get("flops") is None:
+        return None
+    return record["flops"] + (record.get("flops_teacher") or 0.0)
+
+
 def series(metrics, key):
-    """[(flops, value)] of the records that have both."""
-    return [(m["flops"], m[key]) for m in metrics if m.get("flops") is not None and m.get(key) is not None]
+    """[(training compute, value)] of the records that have both."""
+    return [(compute(m), m[key]) for m in metrics if compute(m) is not None and m.get(key) is not None]
 
 
 def at_flops(points, budget):

@@ -60,6 +60,8 @@ class LoopfitConfig(PretrainedConfig):
     state_noise_seed: int = 0
     cache_policy: str = "exact"
     cache_ring_size: int = 2
+    # relaxed recursion: a low-rank delta per loop on the core's linear layers, {rank, alpha, loops, targets}
+    loop_lora: dict | None = None
     # provenance: which base layers went where (written by `loopfit convert`)
     base_model_type: str | None = None
     source_layers: dict | None = None

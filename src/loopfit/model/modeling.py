@@ -194,6 +194,9 @@ class LoopfitPreTrainedModel(PreTrainedModel):
             init.normal_(module.weight, mean=0.0, std=std)
         elif isinstance(module, RMSNorm):
             init.constant_(module.weight, 1.0 - module.offset)
+        if isinstance(module, LoopLoRALinear):  # no delta: every loop runs the shared weight
+            init.zeros_(module.loop_lora_A)
+            init.zeros_(module.loop_lora_B)
         if isinstance(module, LoopfitModel):
             init_adapter(module.adapter.weight, self.config.adapter_init)
             for t, params in self.config.rope.items():  # non-persistent buffers are not in checkpoints
@@ -237,6 +240,43 @@ class ForwardStep:
         self.cache, self.hidden, self.decoding = cache, hidden, decoding
 
 
+class LoopLoRALinear(nn.Linear):
+    """A core linear layer with its own low-rank delta for each loop (relaxed recursion, Bae et al., arXiv
+    2410.20672): at loop t it computes x W^T + b + (alpha / rank) x A_t^T B_t^T; a loop past the last delta runs
+    the shared weight alone. The core loop sets `loop` before each pass."""
+
+    def __init__(self, in_features, out_features, bias, loops, rank, alpha):
+        super().__init__(in_features, out_features, bias=bias)
+        self.loop_lora_A = nn.Parameter(torch.zeros(loops, rank, in_features))
+        self.loop_lora_B = nn.Parameter(torch.zeros(loops, out_features, rank))
+        self.scale = alpha / rank
+        self.loop = 0
+
+    def forward(self, x):
+        out = super().forward(x)
+        if self.loop < self.loop_lora_A.shape[0]:
+            a, b = self.loop_lora_A[self.loop], self.loop_lora_B[self.loop]
+            out = out + F.linear(F.linear(x, a.to(x.dtype)), b.to(x.dtype)) * self.scale
+        return out
+
+
+def relax_core(core, spec):
+    """Swap the core's linear layers named in spec['targets'] for LoopLoRALinear (weights kept, deltas zero);
+    returns the new layers."""
+    swapped = []
+    for block in core:
+        for name, module in list(block.named_modules()):
+            if name.rsplit(".", 1)[-1] in spec["targets"] and type(module) is nn.Linear:
+                new = LoopLoRALinear(module.in_features, module.out_features, module.bias is not None,
+                                     spec["loops"], spec["rank"], spec["alpha"]).to(module.weight.device,
+                                                                                   module.weight.dtype)
+                new.weight, new.bias = module.weight, module.bias
+                owner, _, attr = name.rpartition(".")
+                setattr(block.get_submodule(owner), attr, new)
+                swapped.append(new)
+    return swapped
+
+
 class LoopfitModel(LoopfitPreTrainedModel):
     def __init__(self, config):
         super().__init__(config)
@@ -248,6 +288,7 @@ class LoopfitModel(LoopfitPreTrainedModel):
         self.coda = nn.ModuleList(Block(c, next(types)) for _ in range(c.num_coda_layers))
         self.adapter = nn.Linear(2 * c.hidden_size, c.hidden_size, bias=False)
         self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps, c.norm_offset)
+        self.loop_linears = relax_core(self.core, c.loop_lora) if c.loop_lora else []
         self.init_rope()
         self._noise_bank = None
         self.post_init()
@@ -382,6 +423,8 @@ class LoopfitModel(LoopfitPreTrainedModel):
     def run(self, step, segment, layers, x, loop=0, rows=None):
         """x through `layers` (cache slots of `segment`, loop); with `rows`, only the first `rows` rows."""
         rope, mask = step.rope, step.mask
+        for linear in self.loop_linears if segment == "core" else ():
+            linear.loop = loop
         if rows is not None:
             rope = {t: (cos[:rows], sin[:rows]) for t, (cos, sin) in rope.items()}
             mask = {w: None if m is None else m[:rows] for w, m in mask.items()}

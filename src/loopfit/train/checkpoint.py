@@ -153,6 +153,11 @@ def _saved_init_from(path):
         return None
 
 
+def read_state(path):
+    """The trainer state of checkpoint `path` (step, counters, data position) without touching the model."""
+    return torch.load(Path(path) / "state.pt", map_location="cpu", weights_only=True)
+
+
 def load(path, model, optimizers, d):
     """Restore model, optimizers and this rank's RNG from checkpoint `path`; returns the trainer state dict."""
     path = Path(path)

@@ -226,10 +226,16 @@ class TrainConfig(Section):
                              "tensorboard, wandb, mlflow, trackio (each an extra: pip install 'loopfit[wandb]'); "
                              "e.g. --train.loggers=[jsonl,csv,wandb]")
     progress: bool = key(True, "show a progress bar")
+    trainable: str = key("all", "which parameters train: all, adapter, core, adapter+core, lora (a set per phase: "
+                                "adapter:0.1,all = the adapter alone for the first 10% of steps, then all; a phase "
+                                "ends at a fraction of the steps if < 1, else at a step)")
 
     def check(self):
         if self.steps < 1 or self.batch_size < 1 or self.micro_batch_size < 1:
             raise LoopfitError("train.steps, train.batch_size and train.micro_batch_size must be >= 1")
+        from .trainable import parse_phases
+
+        parse_phases(self.trainable, self.steps)  # raises naming the bad part
         if self.log_every < 1 or self.eval_every < 0 or self.eval_batches < 1:
             raise LoopfitError("train.log_every and train.eval_batches must be >= 1, train.eval_every >= 0")
         from .trackers import check_loggers
@@ -270,6 +276,49 @@ class DistributedConfig(Section):
 
 
 @dataclass
+class DistillConfig(Section):
+    """distillation from a teacher model (loopfit.train.distill); off when `teacher` is empty"""
+
+    teacher: str = key("", "base: the model model.init_from was converted from | a model folder, GGUF file or offline "
+                           "short name with the student's tokenizer | empty: off (cross-entropy only)")
+    alpha: float = key(0.5, "loss = alpha * CE + (1 - alpha) * T^2 * KL(teacher || student); 0: pure distillation")
+    temperature: float = key(1.0, "T: both distributions are softened by T in the KL term")
+
+    def check(self):
+        if not 0 <= self.alpha <= 1:
+            raise LoopfitError(f"distill.alpha is {self.alpha}: choose a weight in [0, 1] (1: cross-entropy only)")
+        if not self.temperature > 0:
+            raise LoopfitError(f"distill.temperature is {self.temperature}: use a temperature > 0 (1: unchanged)")
+
+    @property
+    def enabled(self):
+        return bool(self.teacher)
+
+
+@dataclass
+class LoraConfig(Section):
+    """LoRA on the core's linear layers, shared by every loop or one per loop (loopfit.train.lora); off at rank 0"""
+
+    rank: int = key(0, "rank of each low-rank delta (0: no LoRA); train only it with train.trainable=lora")
+    alpha: float = key(16.0, "the delta is scaled by alpha / rank")
+    targets: list[str] = key(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+                             "which linear layers of the core blocks get a delta")
+    lr: float = key(1e-4, "AdamW lr of the LoRA factors (Muon does not train them, see loopfit.train.lora)")
+    per_loop: bool = key(False, "a different delta for each loop (relaxed recursion), kept in the model, not merged")
+    loops: int = key(0, "per_loop: how many loops get a delta (0: recurrence.mean); later loops run the shared weight")
+    init: Literal["zero", "svd"] = key("zero", "per_loop: zero (B = 0) | svd: loop t starts at the truncated SVD of "
+                                               "the base layer it stands for minus the core layer")
+
+    def check(self):
+        if self.rank < 0:
+            raise LoopfitError(f"lora.rank is {self.rank}: use a rank >= 1, or 0 for no LoRA")
+        if self.loops < 0:
+            raise LoopfitError(f"lora.loops is {self.loops}: use >= 1 loops, or 0 for recurrence.mean")
+        if self.rank and not self.alpha > 0:
+            raise LoopfitError(f"lora.alpha is {self.alpha}: use a positive scale (the delta is alpha / rank x BA)")
+
+
+@dataclass
 class Recipe:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -279,6 +328,8 @@ class Recipe:
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
 
     def to_dict(self):
         """Every key with its value; the data section without its unset keys (a recipe that loads back the same)."""

@@ -79,6 +79,27 @@ def wrap(model, strategy, d):
     raise ValueError(f"unknown distributed strategy {strategy!r}")
 
 
+def place_teacher(model, strategy, d):
+    """A distillation teacher beside the student: on this rank's device, a full copy under DDP (it has no
+    gradients to synchronise), sharded per block like the student under FSDP2 (gathered block by block in its
+    forward, like the student's)."""
+    model.to(d.device)
+    if strategy == "fsdp" and dist.is_initialized():
+        from torch.distributed.fsdp import fully_shard
+
+        for _, block in blocks(model):
+            fully_shard(block)
+        fully_shard(model)
+    return model
+
+
+def rewrap(model, strategy, d):
+    """The model wrapped again after its requires_grad flags changed (DDP registers its gradient hooks once)."""
+    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        return wrap(model.module, strategy, d)
+    return model
+
+
 def unwrap(model):
     return getattr(model, "module", model)
 

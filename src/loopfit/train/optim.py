@@ -18,15 +18,16 @@ def batched_muon_available():
     return _adjust_lr is not None and callable(getattr(torch.optim.Muon, "_init_group", None))
 
 
-def split_params(model):
-    """(hidden matrices for Muon, everything else for AdamW), each a list of (name, param) with grad."""
+def split_params(model, names=None):
+    """(hidden matrices for Muon, everything else for AdamW), each a list of (name, param): those named in `names`,
+    else those with requires_grad."""
     special = set()
     for module in (model.get_input_embeddings(), model.get_output_embeddings()):
         if module is not None:
             special |= {id(p) for p in module.parameters()}
     muon, adamw, seen = [], [], set()
     for name, p in model.named_parameters():
-        if not p.requires_grad or id(p) in seen:
+        if not (p.requires_grad if names is None else name in names) or id(p) in seen:
             continue
         seen.add(id(p))
         (muon if p.ndim == 2 and id(p) not in special else adamw).append((name, p))
@@ -95,26 +96,33 @@ def _newton_schulz(grad, coefficients, steps, eps):
     return tr(x) if tall else x
 
 
-def build_optimizers(model, cfg):
-    """A list of torch optimizers for `model` (already wrapped for DDP/FSDP if distributed) from the `optim` section."""
+def build_optimizers(model, cfg, names=None, lora_lr=None):
+    """A list of torch optimizers for `model` (already wrapped for DDP/FSDP if distributed) from the `optim` section,
+    over the parameters named in `names` (default: those with requires_grad). LoRA factors (`.lora_` in the name)
+    form their own AdamW group at `lora_lr` (see loopfit.train.lora for why not Muon)."""
     inner = getattr(model, "module", model)  # DDP keeps the model in .module; FSDP2 modifies it in place
-    muon, adamw = split_params(inner)
+    muon, adamw = split_params(inner, names)
+    from .trainable import is_lora
+
+    lora = [p for n, p in muon + adamw if is_lora(n)]
+    muon, adamw = [(n, p) for n, p in muon if not is_lora(n)], [(n, p) for n, p in adamw if not is_lora(n)]
     betas = tuple(cfg.betas)
+    extra = [{"params": lora, "lr": lora_lr}] if lora else []
     if cfg.name == "adamw":
-        params = [p for _, p in muon + adamw]
-        return [torch.optim.AdamW(params, lr=cfg.adamw_lr, betas=betas, weight_decay=cfg.weight_decay, eps=cfg.eps)]
+        params = [{"params": [p for _, p in muon + adamw]}] if muon or adamw else []
+        return [torch.optim.AdamW(params + extra, lr=cfg.adamw_lr, betas=betas, weight_decay=cfg.weight_decay,
+                                  eps=cfg.eps)]
     if cfg.name != "muon":
         raise ValueError(f"unknown optimizer {cfg.name!r}")
-    muon_class = Muon if batched_muon_available() else torch.optim.Muon
-    opts = [
-        muon_class(
-            [p for _, p in muon], lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=cfg.muon_momentum,
-            adjust_lr_fn=cfg.muon_adjust_lr,
-        )
-    ]
-    if adamw:
-        opts.append(torch.optim.AdamW([p for _, p in adamw], lr=cfg.adamw_lr, betas=betas,
-                                      weight_decay=cfg.weight_decay, eps=cfg.eps))
+    opts = []
+    if muon:
+        muon_class = Muon if batched_muon_available() else torch.optim.Muon
+        opts.append(muon_class([p for _, p in muon], lr=cfg.lr, weight_decay=cfg.weight_decay,
+                               momentum=cfg.muon_momentum, adjust_lr_fn=cfg.muon_adjust_lr))
+    if adamw or extra:
+        groups = ([{"params": [p for _, p in adamw]}] if adamw else []) + extra
+        opts.append(torch.optim.AdamW(groups, lr=cfg.adamw_lr, betas=betas, weight_decay=cfg.weight_decay,
+                                      eps=cfg.eps))
     return opts
 
 

@@ -19,11 +19,15 @@ train.batch_size sequences = micro_batch_size x ranks x accumulation steps. The 
 chunk by chunk without the full fp32 logits; train.compile and train.activation_checkpointing trade start-up time
 and recomputation for speed and memory (see loopfit.train.performance).
 
+With a `distill.teacher` the loss is alpha * CE + (1 - alpha) * T^2 * KL(teacher || student), both heads chunked
+(loopfit.train.distill); `train.trainable` freezes all but a set of parameters, per phase (loopfit.train.trainable).
+
 Writes to train.out_dir: metrics.jsonl / metrics.csv / tb/ (loss, lr, grad norm, n and k (the step's mean over its
 micro-batches), tokens, FLOPs by the paper's count (`flops`: adapter and final norm left out, as the authors count)
-and the full count (`flops_full`), tokens/s, MFU by both counts), checkpoints/step-N/ (every checkpoint.every
-steps, at the end, and on SIGTERM/SIGINT), and final/, a folder from_pretrained loads. A non-finite loss stops
-the run with a checkpoint of the last good state (or, with train.on_nonfinite=skip, drops that step).
+and the full count (`flops_full`), tokens/s, MFU by both counts; with a teacher also ce, kl and flops_teacher),
+checkpoints/step-N/ (every checkpoint.every steps, at the end, and on SIGTERM/SIGINT), and final/, a folder
+from_pretrained loads. A non-finite loss stops the run with a checkpoint of the last good state (or, with
+train.on_nonfinite=skip, drops that step).
 """
 
 import contextlib
@@ -43,8 +47,18 @@ from .. import LoopfitError, __version__
 from ..io import atomic_dir, atomic_file, check_writable, folder_lock
 from ..loading import OFFLINE_MODELS, from_pretrained, is_recurrent, offline_folder
 from ..model import causal_lm_loss
-from . import checkpoint, distributed
+from . import checkpoint, distributed, lora, trainable
 from .config import describe_keys, load_recipe
+from .distill import (
+    Teacher,
+    check_teacher,
+    final_norm,
+    linear_distill,
+    load_teacher,
+    run_to_hidden,
+    softcap_of,
+    teacher_source,
+)
 from .flops import param_counts, peak_flops, train_flops
 from .optim import build_optimizers, remember_base_lr, set_lr
 from .performance import compile_blocks, compile_wanted, set_activation_checkpointing
@@ -123,6 +137,30 @@ def _resolve_model(cfg, d):
                            "convert one with `loopfit convert` or point to a saved transformers model")
 
 
+def _check_teacher(cfg, d):
+    """The teacher's source (checked against the student's vocabulary and tokenizer), or None without one."""
+    if not cfg.distill.enabled:
+        return None
+    from transformers import AutoConfig
+
+    name = teacher_source(cfg.distill.teacher, cfg.model.init_from)
+    vocab = AutoConfig.from_pretrained(cfg.model.init_from).get_text_config().vocab_size
+    check_teacher(name, cfg.model.init_from, vocab)
+    if name in OFFLINE_MODELS:  # its fp32 folder, dequantized once by one rank
+        if d.main:
+            offline_folder(name)
+        distributed.barrier()
+    return name
+
+
+def _skeleton(folder):
+    """The model of `folder` on the meta device: its parameter names and shapes, no weights read."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder))
+
+
 def _load_model(cfg):
     return from_pretrained(cfg.model.init_from, torch.float32, what="model.init_from")
 
@@ -180,6 +218,8 @@ def _export_final(out_dir, model, cfg, d, card=None):
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if cfg.lora.rank and not cfg.lora.per_loop:  # a delta shared by every loop is part of the weights
+        sd = lora.merged_state_dict(sd, cfg.lora)
     dest = Path(out_dir) / "final"
     if d.main:
         inner = distributed.unwrap(model)
@@ -226,6 +266,19 @@ def _eval_loss(run):
     model.train()
     total, count = distributed.all_sum([total, count], d.device)
     return total / max(count, 1.0)
+
+
+def _distill_sum(run, ids, labels, kwargs):
+    """(loss, ce, kl) of one micro-batch, each summed over its tokens: distillation from the run's teacher."""
+    t_hidden, t_weight = run.teacher.hidden(ids, run.autocast())
+    hidden, out = run_to_hidden(run.model, run.student_norm, input_ids=ids, **kwargs)
+    inner = distributed.unwrap(run.model)
+    loss, ce, kl = linear_distill(hidden, inner.get_output_embeddings().weight, t_hidden, t_weight, labels,
+                                  run.cfg.distill.alpha, run.cfg.distill.temperature, 1.0, softcap_of(inner),
+                                  run.teacher.softcap)
+    run.teacher.release()
+    # 0 x the last position's logits: the loss then depends on the forward's output, as DDP / FSDP2 hooks expect
+    return loss + 0.0 * out.logits.float().sum(), ce, kl
 
 
 def _loss_sum(model, ids, labels, recurrent, kwargs):
@@ -371,11 +424,16 @@ class _Run:
     accum: int
     lr_at: object
     blend_lr_at: object
+    teacher: object = None  # distill.teacher loaded (loopfit.train.distill.Teacher), or None
+    student_norm: object = None  # where distillation reads the student's final hidden states
+    phases: list = None  # train.trainable: [(set, end step)]
+    phase: str = "all"  # the set that trains now
     bar: object = None
     start: int = 0
     tokens: int = 0
     flops: float = 0.0
     flops_full: float = 0.0
+    flops_teacher: float = 0.0
     last_saved: int = -1  # the step of the newest checkpoint this run holds
     loss: float = math.nan
     eval_loss: float = None
@@ -386,7 +444,7 @@ class _Run:
 
     def save(self, step):
         state = {"step": step, "tokens": self.tokens, "flops": self.flops, "flops_full": self.flops_full,
-                 "data": self.source.state_dict()}
+                 "flops_teacher": self.flops_teacher, "data": self.source.state_dict()}
         return checkpoint.save(self.out_dir, step, self.model, self.optimizers, state, self.d,
                                self.cfg.checkpoint.keep, recipe=self.cfg.to_dict())
 
@@ -399,6 +457,16 @@ def _setup(cfg, d, resume, data):
     t = cfg.train
     cfg.check_runnable(d.world)
     _resolve_model(cfg, d)
+    teacher_name = _check_teacher(cfg, d)
+    phases = trainable.parse_phases(t.trainable, t.steps)
+    skeleton, recurrent = _skeleton(cfg.model.init_from), is_recurrent(Path(cfg.model.init_from))
+    lora.check(skeleton, cfg.lora, recurrent)
+    if cfg.lora.rank:
+        lora.apply(skeleton, cfg.lora)  # per loop too: only the names matter to the trainable check
+    trainable.check(skeleton, phases, recurrent)
+    if len(phases) > 1 and d.world > 1 and cfg.distributed.strategy == "fsdp":
+        raise LoopfitError(f"train.trainable {t.trainable} changes the trained set during the run, which FSDP2 does "
+                           "not support: use one set with fsdp, or distributed.strategy=ddp")
     out_dir = Path(t.out_dir)
     check_writable(out_dir, "train.out_dir")  # before the model loads
     ckpt_path = _start_state(cfg, d, resume, out_dir)
@@ -410,6 +478,13 @@ def _setup(cfg, d, resume, data):
                                                         blend_lr_at, t.micro_batch_size)
     model = _load_model(cfg)
     recurrent = is_recurrent(model)
+    if cfg.lora.rank and cfg.lora.per_loop:
+        loops = cfg.lora.loops or cfg.recurrence.mean
+        _say(d, f"LoRA rank {cfg.lora.rank} per loop for {loops} loops on {lora.relax(model, cfg.lora, loops)} "
+                f"linear layers of the core ({', '.join(cfg.lora.targets)}, init {cfg.lora.init}); kept in final/")
+    elif cfg.lora.rank:
+        _say(d, f"LoRA rank {cfg.lora.rank} on {lora.apply(model, cfg.lora)} linear layers of the core "
+                f"({', '.join(cfg.lora.targets)}), shared by every loop; merged into the weights of final/")
     counts = param_counts(model)
     _check_data(source, model)
 
@@ -417,12 +492,16 @@ def _setup(cfg, d, resume, data):
     compiled = compile_wanted(t.compile, d.device)
     if compiled:
         compile_blocks(model)
+    start, tokens, flops, flops_full, flops_teacher = 0, 0, 0.0, 0.0, 0.0
+    if ckpt_path is not None:
+        start = checkpoint.read_state(ckpt_path)["step"]
+    phase = trainable.phase_at(phases, start)
+    trained = trainable.apply(model, phase)  # before wrapping: DDP and FSDP2 read requires_grad once
     model = distributed.wrap(model, cfg.distributed.strategy, d)
     model.train()
-    optimizers = build_optimizers(model, cfg.optim)
+    # the optimizers hold every parameter some phase trains; a frozen one gets no gradient, so no state
+    optimizers = build_optimizers(model, cfg.optim, trainable.union(distributed.unwrap(model), phases), cfg.lora.lr)
     remember_base_lr(optimizers)
-
-    start, tokens, flops, flops_full = 0, 0, 0.0, 0.0
     if ckpt_path is not None:
         base_lrs = [[g["base_lr"] for g in opt.param_groups] for opt in optimizers]
         state = checkpoint.load(ckpt_path, model, optimizers, d)
@@ -431,6 +510,7 @@ def _setup(cfg, d, resume, data):
                 group["base_lr"] = lr
         start, tokens, flops = state["step"], state["tokens"], state["flops"]
         flops_full = state.get("flops_full", flops)
+        flops_teacher = state.get("flops_teacher", 0.0)
         source.load_state_dict(state.get("data", {}))
         _say(d, f"resumed from {ckpt_path} at step {start}" + ("" if state["rng_restored"] else
              f" (saved with {state['world']} ranks, now {d.world}: RNG reseeded, not bit-exact)"))
@@ -453,6 +533,16 @@ def _setup(cfg, d, resume, data):
     peak, peak_source = peak_flops(d.device, t.peak_flops)
     bf16 = t.precision == "bf16" or (t.precision == "auto" and d.device.type == "cuda")
     accum = t.accumulation(d.world)
+    teacher = None
+    if teacher_name:
+        teacher = Teacher(distributed.place_teacher(load_teacher(teacher_name), cfg.distributed.strategy, d),
+                          teacher_name)
+        kind = f"recurrent, r = {teacher.loops}" if teacher.recurrent else "plain"
+        alpha = cfg.distill.alpha
+        _say(d, f"distilling from {teacher_name} ({kind}): loss = {alpha:g} x CE + {1 - alpha:g} x T^2 x KL, T = "
+                f"{cfg.distill.temperature:g}")
+    if t.trainable != "all":
+        _say(d, f"train.trainable {t.trainable}: now {phase}, {trained:,} parameters train")
     _say(d, f"{'recurrent' if recurrent else 'plain'} model, non-embedding params {counts}; {t.steps} steps of "
          f"{t.batch_size} sequences ({t.micro_batch_size} x {d.world} rank(s) x {accum} accumulation); "
          f"MFU against {peak:.3g} FLOP/s ({peak_source})"
@@ -466,7 +556,8 @@ def _setup(cfg, d, resume, data):
         bar = tqdm(total=t.steps, initial=start, desc="train", dynamic_ncols=True)
     # a resumed run starts from what the killed one logged (its loss shows even if no step is left to run)
     return _Run(cfg, d, out_dir, model, recurrent, counts, source, optimizers, metrics, peak, bf16, accum, lr_at,
-                blend_lr_at, bar, start, tokens, flops, flops_full, last_saved=start if ckpt_path else -1,
+                blend_lr_at, teacher, final_norm(model) if teacher else None, phases, phase, bar, start, tokens,
+                flops, flops_full, flops_teacher, last_saved=start if ckpt_path else -1,
                 loss=metrics.last("loss", math.nan))
 
 
@@ -498,18 +589,25 @@ def _step(run, step, stop):
     if stop_votes:
         return stop.name or "SIGTERM"
 
+    _switch_phase(run, step)
+    model = run.model
     t0 = time.perf_counter()
-    loss_sum = 0.0
+    sums = [0.0, 0.0, 0.0]  # loss, ce, kl
     for i, (n, k, _) in enumerate(depths):
         rows = slice(i * t.micro_batch_size, (i + 1) * t.micro_batch_size)
         kwargs = {"num_steps": (n, k)} if run.recurrent else {}
         with distributed.grad_sync(model, i == run.accum - 1), run.autocast():
-            ce = _loss_sum(model, ids[rows], labels[rows], run.recurrent, kwargs)
+            if run.teacher is not None:
+                part, ce, kl = _distill_sum(run, ids[rows], labels[rows], kwargs)
+                sums[1] += ce.item()
+                sums[2] += kl.item()
+            else:
+                part = _loss_sum(model, ids[rows], labels[rows], run.recurrent, kwargs)
             # sum over tokens / global count, x world because DDP and FSDP average gradients over ranks
-            (ce * (d.world / max(global_tokens, 1.0))).backward()
-        loss_sum += ce.item()
-    (loss_total,) = distributed.all_sum([loss_sum], d.device)
-    loss = run.loss = loss_total / max(global_tokens, 1.0)
+            (part * (d.world / max(global_tokens, 1.0))).backward()
+        sums[0] += part.item()
+    sums = [v / max(global_tokens, 1.0) for v in distributed.all_sum(sums, d.device)]
+    loss = run.loss = sums[0]
     grad_norm = _grad_norm(model, cfg.optim.grad_clip)
 
     if not (math.isfinite(loss) and math.isfinite(grad_norm)):
@@ -529,6 +627,9 @@ def _step(run, step, stop):
     run.flops_full += step_flops_full
     done = step + 1
     record = _step_record(done, loss, lrs, grad_norm, depths, run, step_tokens, step_flops, step_flops_full, dt)
+    if run.teacher is not None:  # the teacher's forward counts towards the run's compute (`flops` stays the student's)
+        run.flops_teacher += run.teacher.flops(step_tokens)
+        record.update(ce=sums[1], kl=sums[2], flops_teacher=run.flops_teacher)
     if d.device.type == "cuda":
         record["peak_memory_gib"] = torch.cuda.max_memory_allocated(d.device) / 2**30
     if t.eval_every and done % t.eval_every == 0:
@@ -543,6 +644,18 @@ def _step(run, step, stop):
         run.save(done)
         run.last_saved = done
     return None
+
+
+def _switch_phase(run, step):
+    """Enter the train.trainable phase of `step` (frozen parameters get no gradient, hence no optimizer state)."""
+    phase = trainable.phase_at(run.phases, step)
+    if phase == run.phase:
+        return
+    inner = distributed.unwrap(run.model)
+    count = trainable.apply(inner, phase)
+    run.model = distributed.rewrap(run.model, run.cfg.distributed.strategy, run.d)  # DDP reads requires_grad once
+    run.phase = phase
+    _say(run.d, f"step {step + 1}: train.trainable phase {phase}, {count:,} parameters train")
 
 
 def _nonfinite(run, step, what, lrs):
@@ -616,14 +729,16 @@ def _finish(run, done, stopped):
             run.eval_loss = _eval_loss(run)
             if run.eval_loss is not None:
                 metrics.log({"step": done, "eval_loss": run.eval_loss, "tokens": run.tokens, "flops": run.flops,
-                             "flops_full": run.flops_full})
+                             "flops_full": run.flops_full,
+                             **({"flops_teacher": run.flops_teacher} if run.teacher else {})})
         final = _export_final(run.out_dir, run.model, cfg, d, _model_card(run) if d.main else None)
         _say(d, f"done: {done} steps, {run.tokens} tokens, {run.flops:.3g} FLOPs, loss {run.loss:.4f}"
                 + (f", held-out loss {run.eval_loss:.4f}" if run.eval_loss is not None else "")
                 + f"; model in {final}")
     metrics.close()
     return {"step": done, "loss": run.loss, "eval_loss": run.eval_loss, "tokens": run.tokens, "flops": run.flops,
-            "out_dir": str(run.out_dir), "final": str(final) if final else None, "stopped": stopped,
+            "flops_teacher": run.flops_teacher, "out_dir": str(run.out_dir), "final": str(final) if final else None,
+            "stopped": stopped,
             "checkpoint": str(path)}
 
 
