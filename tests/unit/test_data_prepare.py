@@ -11,8 +11,8 @@ from loopfit import LoopfitError
 from loopfit.cli import main as cli
 from loopfit.data import check_tokenizer, iter_eval_batches, open_dataset, prepare, verify_dataset
 from loopfit.data.prepare import split_name
-from loopfit.data.sources import Source
 from loopfit.data.shards import document_end_token, tokenizer_fingerprint
+from loopfit.data.sources import Source
 
 TEXTS = [f"Document number {i}: " + "the quick brown fox jumps over the lazy dog. " * (i % 7 + 1) for i in range(60)]
 
