@@ -6,6 +6,7 @@ otherwise it is the built-in's name, the reasoning-gym task, or the file / folde
 SOURCE is one of:
   general              built-in: ~1M tokens of passages (LAMBADA, CoQA, DROP, SQuAD, BoolQ, SciQ), offline
   math                 built-in: 20k GSM-style problems with worked solutions + 15k arithmetic (reasoning-gym)
+  math-chat            built-in: math's 20k GSM-style problems as conversations (question -> worked solution)
   gsm8k-test           built-in: GSM8K test as text (minus the 100 items gsm_symbolic was built from)
   math-test            built-in: MATH test (5000 problems with solutions) as text
   rg:TASK[:N[:SEED]]   N items (default 1000, seed 0) of a reasoning-gym task, e.g. rg:gsm_symbolic:5000:1
@@ -279,8 +280,9 @@ def is_holdout(i, holdout):
 
 
 def _first_document(source, text_field, template, encoding_errors):
-    """The first document of a file source (reads one block), or None for built-ins and generators (text)."""
-    if not sources.is_path_spec(source.spec):
+    """The first document of a file source (reads one block) or a built-in of conversations; None for the other
+    built-ins and generators (text)."""
+    if not sources.is_path_spec(source.spec) and source.spec not in sources.CHAT_BUILTINS:
         return None
     docs = sources.read_documents(source, text_field, template, encoding_errors)
     try:

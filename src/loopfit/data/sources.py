@@ -3,7 +3,7 @@ loopfit's built-in corpora.
 
 A source is named by a *spec* string, as on the `loopfit prepare` command line:
 
-    general | math | gsm8k-test | math-test        built-in offline corpora (see BUILTINS)
+    general | math | math-chat | gsm8k-test | math-test    built-in offline corpora (see BUILTINS)
     rg:TASK[:COUNT[:SEED]]                           a reasoning-gym generator, e.g. rg:gsm_symbolic:5000:1
     PATH[:FIELD] | FOLDER[:FIELD] | 'GLOB'[:FIELD]   files: .jsonl/.json, .csv/.tsv, .parquet, .arrow, .txt/.md,
                                                      each optionally .gz/.bz2/.xz/.zst; folders of such files
@@ -79,7 +79,8 @@ def _general_documents():
             yield d["support"].strip()
 
 
-def _reasoning_gym_documents(task, count, seed):
+def _reasoning_gym_items(task, count, seed):
+    """(question, answer) of each item; gsm_symbolic's answer is GSM8K's own worked solution ending "#### N"."""
     try:
         import reasoning_gym
     except ImportError:
@@ -91,17 +92,26 @@ def _reasoning_gym_documents(task, count, seed):
                            "see reasoning_gym.factory.DATASETS") from None
     for i in range(count):
         item = ds[i]
-        if task == "gsm_symbolic":  # GSM8K's own format: worked solution ending "#### N"
-            question = item["question"].removesuffix(GSM_SUFFIX)
-            yield f"Question: {question}\nAnswer: {item['metadata']['answer_cot']}"
+        if task == "gsm_symbolic":
+            yield item["question"].removesuffix(GSM_SUFFIX), item["metadata"]["answer_cot"]
         else:
-            yield f"Question: {item['question']}\nAnswer: {item['answer']}"
+            yield item["question"], item["answer"]
+
+
+def _reasoning_gym_documents(task, count, seed):
+    for question, answer in _reasoning_gym_items(task, count, seed):
+        yield f"Question: {question}\nAnswer: {answer}"
 
 
 def _math_documents():
     yield from _reasoning_gym_documents("gsm_symbolic", 20000, 0)
     for task in ("basic_arithmetic", "chain_sum", "products"):
         yield from _reasoning_gym_documents(task, 5000, 0)
+
+
+def _math_chat_documents():
+    for question, answer in _reasoning_gym_items("gsm_symbolic", 20000, 0):
+        yield Chat(({"role": "user", "content": question}, {"role": "assistant", "content": answer}))
 
 
 def _gsm8k_test_documents():
@@ -114,7 +124,8 @@ def _math_test_documents():
         yield f"Problem:\n{item['question']}\n\nSolution: {item['solution']}"
 
 
-# name -> (reader, description written into the manifest)
+# name -> (reader, description written into the manifest); CHAT_BUILTINS yield conversations
+CHAT_BUILTINS = ("math-chat",)
 BUILTINS = {
     "general": (
         _general_documents,
@@ -125,6 +136,11 @@ BUILTINS = {
         _math_documents,
         "reasoning-gym 0.1.25, seed 0: 20000 gsm_symbolic problems with worked solutions ending '#### N', "
         "5000 each of basic_arithmetic, chain_sum and products",
+    ),
+    "math-chat": (
+        _math_chat_documents,
+        "reasoning-gym 0.1.25, seed 0: the 20000 gsm_symbolic problems of 'math' as conversations, the question as "
+        "the user's turn and the worked solution ending '#### N' as the assistant's (the loss on the solution only)",
     ),
     "gsm8k-test": (
         _gsm8k_test_documents,
@@ -308,7 +324,8 @@ def _read_error(path, fmt, compression, e):
     for x in chain:
         if isinstance(x, UnicodeDecodeError):
             return LoopfitError(f"{path} is not UTF-8 (bad byte {x.object[x.start:x.start + 1]!r} at offset {x.start}"
-                                " of a block): convert it, or pass --encoding-errors replace")
+                                " of a block): convert it (`iconv -f latin1 -t utf-8`), or pass --encoding-errors "
+                                "replace to `loopfit prepare`")
         if isinstance(x, ImportError) and compression == ".zst":
             return LoopfitError(f"{path}: reading .zst needs the zstandard package: `pip install zstandard`")
         if isinstance(x, ImportError) and compression == ".lz4":
@@ -370,7 +387,8 @@ def _decode(data, path, errors):
         return data.decode("utf-8", errors=errors)
     except UnicodeDecodeError as e:
         raise LoopfitError(
-            f"{path} is not UTF-8 (bad byte at offset {e.start}): convert it, or pass --encoding-errors replace"
+            f"{path} is not UTF-8 (bad byte at offset {e.start}): convert it (`iconv -f latin1 -t utf-8`), or pass "
+            "--encoding-errors replace to `loopfit prepare`"
         ) from None
 
 
