@@ -212,6 +212,7 @@ def bad(tmp_path_factory, smollm2_tokenizer):
     (w / "r.jsonl").write_text(json.dumps({"body": "x", "id": 1}) + "\n")
     (w / "r.csv").write_text("body,id\nx,1\n")
     (w / "cut.jsonl.gz").write_bytes(gzip.compress(b'{"text": "x"}\n' * 1000)[:40])
+    (w / "cut.csv.xz").write_bytes(lzma.compress(b"text\n" + b"a line\n" * 1000)[:60])
     datasets.DatasetDict({"train": datasets.Dataset.from_list([{"text": "a"}]),
                           "validation": datasets.Dataset.from_list([{"text": "b"}])}).save_to_disk(str(w / "saved"))
     return w
@@ -226,6 +227,7 @@ def bad(tmp_path_factory, smollm2_tokenizer):
     (["r.jsonl:text"], ["has no field 'text'", "(fields: body, id)"]),
     (["r.csv:question"], ["r.csv record 1 has no field 'question'", "(fields: body, id)"]),
     (["cut.jsonl.gz"], ["cut.jsonl.gz is not a complete gz file", "re-download or re-compress"]),
+    (["cut.csv.xz"], ["cut.csv.xz is not a complete xz file", "re-download or re-compress"]),
 ])  # fmt: skip
 def test_bad_data_is_refused_in_one_line_with_nothing_written(bad, smollm2_tokenizer_dir, args, words):
     out = bad / "out"

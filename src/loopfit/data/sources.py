@@ -26,6 +26,7 @@ held-out passages.
 """
 
 import glob
+import importlib.util
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -157,6 +158,7 @@ BUILTINS = {
 FORMATS = {".jsonl": "json", ".json": "json", ".ndjson": "json", ".csv": "csv", ".tsv": "csv",
            ".parquet": "parquet", ".arrow": "arrow", ".txt": "text", ".md": "text", ".text": "text"}  # fmt: skip
 COMPRESSIONS = (".gz", ".bz2", ".xz", ".zst", ".lz4")
+DECOMPRESSORS = {".zst": "zstandard", ".lz4": "lz4"}  # the packages `datasets` opens these with
 SUPPORTED = tuple(f + c for f in FORMATS for c in ("", *COMPRESSIONS))
 ROLES = ("system", "user", "assistant", "tool")
 RESPONSE_FIELDS = ("response", "completion")
@@ -326,11 +328,7 @@ def _read_error(path, fmt, compression, e):
             return LoopfitError(f"{path} is not UTF-8 (bad byte {x.object[x.start:x.start + 1]!r} at offset {x.start}"
                                 " of a block): convert it (`iconv -f latin1 -t utf-8`), or pass --encoding-errors "
                                 "replace to `loopfit prepare`")
-        if isinstance(x, ImportError) and compression == ".zst":
-            return LoopfitError(f"{path}: reading .zst needs the zstandard package: `pip install zstandard`")
-        if isinstance(x, ImportError) and compression == ".lz4":
-            return LoopfitError(f"{path}: reading .lz4 needs the lz4 package: `pip install lz4`")
-    if compression and isinstance(e, (EOFError, OSError, ValueError)) and not type(e).__module__.startswith("pyarrow"):
+    if compression and not type(e).__module__.startswith("pyarrow"):  # the decompressor's error, whatever its type
         return LoopfitError(f"{path} is not a complete {compression[1:]} file ({_first_line(e)}): "
                             "re-download or re-compress it")
     return LoopfitError(f"{path} is not readable as {fmt.upper()} ({_first_line(e)}): fix or re-create the file")
@@ -430,6 +428,11 @@ def check_source(source):
                                f"{'/'.join(COMPRESSIONS)}): rename or convert it")
         if source.split is not None:
             raise LoopfitError(f"{path} is a file: '@{source.split}' chooses a split of a save_to_disk folder")
+        compression = file_format(path)[1]
+        module = DECOMPRESSORS.get(compression)
+        if module and importlib.util.find_spec(module) is None:
+            raise LoopfitError(f"{path}: reading {compression} files needs the {module} package: "
+                               f"`pip install {module}`")
 
 
 def _path_documents(path, source, text_field, errors):
