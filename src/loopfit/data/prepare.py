@@ -48,6 +48,7 @@ import hashlib
 import json
 import multiprocessing
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -224,44 +225,52 @@ def encoded_documents(docs, tokenizer, workers, limit=None, chat_template=None):
 
 
 class _ShardWriter:
-    """Accumulates documents of one split and writes `{split}-{k:05d}.tokens.npy` / `.docs.npy` shards (and
-    `.mask.npy`, 1 where a token is in the loss, for a dataset with a loss mask)."""
+    """Writes the documents of one split into `{split}-{k:05d}.tokens.npy` / `.docs.npy` shards (and `.mask.npy`,
+    1 where a token is in the loss, for a dataset with a loss mask). Tokens go to disk as they come, so memory
+    holds a document's end offset per document, never a shard's tokens."""
 
     def __init__(self, folder, split, dtype, shard_tokens, masked=False):
         self.folder, self.split, self.dtype, self.shard_tokens = folder, split, dtype, shard_tokens
         self.masked = masked
-        self.pending, self.pending_masks, self.pending_tokens, self.shards = [], [], 0, []
+        self.shards, self.files, self.ends = [], None, []
         self.tokens = self.documents = self.loss_tokens = 0
 
+    def _stem(self):
+        return f"{self.split}-{len(self.shards):05d}"
+
     def add(self, doc, mask=None):
-        self.pending.append(doc)
+        if self.files is None:  # a shard's raw token (and mask) bytes, made into .npy files by flush()
+            kinds = ("tokens", "mask") if self.masked else ("tokens",)
+            self.files = {kind: open(self.folder / f"{self._stem()}.{kind}.raw", "wb") for kind in kinds}
+        self.files["tokens"].write(doc.astype(self.dtype).tobytes())
         if self.masked:
-            mask = np.ones(len(doc), dtype=np.uint8) if mask is None else mask
-            self.pending_masks.append(mask)
+            mask = np.ones(len(doc), dtype=np.uint8) if mask is None else mask.astype(np.uint8)
+            self.files["mask"].write(mask.tobytes())
             self.loss_tokens += int(mask.sum())
-        self.pending_tokens += len(doc)
+        self.ends.append((self.ends[-1] if self.ends else 0) + len(doc))
         self.tokens += len(doc)
         self.documents += 1
-        if self.pending_tokens >= self.shard_tokens:
+        if self.ends[-1] >= self.shard_tokens:
             self.flush()
 
     def flush(self):
-        if not self.pending:
+        if not self.ends:
             return
-        stem = f"{self.split}-{len(self.shards):05d}"
-        tokens = np.concatenate(self.pending).astype(self.dtype)
-        ends = np.cumsum([len(d) for d in self.pending], dtype=np.int64)
-        shard = {"tokens_file": f"{stem}.tokens.npy", "docs_file": f"{stem}.docs.npy", "tokens": len(tokens),
-                 "documents": len(ends), "sha256": {}}  # fmt: skip
-        arrays = [(shard["tokens_file"], tokens), (shard["docs_file"], ends)]
+        stem, length = self._stem(), self.ends[-1]
+        shard = {"tokens_file": f"{stem}.tokens.npy", "docs_file": f"{stem}.docs.npy", "tokens": length,
+                 "documents": len(self.ends), "sha256": {}}  # fmt: skip
         if self.masked:
             shard["mask_file"] = f"{stem}.mask.npy"
-            arrays.append((shard["mask_file"], np.concatenate(self.pending_masks)))
-        for file, array in arrays:
-            np.save(self.folder / file, array)
-            shard["sha256"][file] = sha256_file(self.folder / file)
+        for kind, f in self.files.items():
+            f.close()
+            dtype = self.dtype if kind == "tokens" else np.uint8
+            _npy_from_raw(self.folder / f"{stem}.{kind}.raw", self.folder / shard[f"{kind}_file"], dtype, length)
+        np.save(self.folder / shard["docs_file"], np.asarray(self.ends, dtype=np.int64))
+        for key in ("tokens_file", "docs_file", "mask_file"):
+            if key in shard:
+                shard["sha256"][shard[key]] = sha256_file(self.folder / shard[key])
         self.shards.append(shard)
-        self.pending, self.pending_masks, self.pending_tokens = [], [], 0
+        self.files, self.ends = None, []
 
     def summary(self):
         self.flush()
@@ -269,6 +278,15 @@ class _ShardWriter:
         if self.masked:
             out["loss_tokens"] = self.loss_tokens
         return out
+
+
+def _npy_from_raw(raw, dest, dtype, length):
+    """A 1-D .npy file (the bytes np.save writes) from a file of raw values, copied in blocks; `raw` is removed."""
+    header = {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False, "shape": (length,)}
+    with open(dest, "wb") as out, open(raw, "rb") as src:
+        np.lib.format.write_array_header_1_0(out, header)
+        shutil.copyfileobj(src, out, 1 << 22)
+    raw.unlink()
 
 
 def is_holdout(i, holdout):
