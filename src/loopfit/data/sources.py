@@ -198,7 +198,7 @@ def is_path_spec(spec):
 
 def parse_source(text):
     """'SOURCE[@SPLIT][:FIELD]' -> Source. Built-ins and rg: specs take neither suffix."""
-    if not is_path_spec(text):
+    if not is_path_spec(text) or Path(text).exists():  # a file named "a:b.txt" is that file
         return Source(text)
     spec, split, field = text, None, None
     head, colon, tail = spec.rpartition(":")
