@@ -24,8 +24,8 @@ CHAT_TEMPLATES = {
         "'<|im_end|>\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
     ),
     "plain": (
-        "{% for message in messages %}{{ message['role'] | capitalize }}: {{ message['content'] }}\\n\\n"
-        "{% endfor %}{% if add_generation_prompt %}Assistant: {% endif %}"
+        "{% for message in messages %}{{ message['role'] | capitalize + ': ' + message['content'] + '\\n\\n' }}"
+        "{% endfor %}{% if add_generation_prompt %}{{ 'Assistant: ' }}{% endif %}"
     ),
 }
 
