@@ -13,7 +13,7 @@ import sys
 VERBS = {
     "analyze": ("loopfit.analyze", "per-layer importance on sample text; suggests (prelude, core, coda) layers"),
     "convert": ("loopfit.convert", "pretrained model (folder, GGUF or short name) -> recurrent loopfit model folder"),
-    "prepare": ("loopfit.data.prepare", "text / JSONL / Parquet / generators -> token shards for training"),
+    "prepare": ("loopfit.data.prepare", "text, JSONL, CSV, Parquet, Arrow, chats, generators -> token shards"),
     "train": ("loopfit.train.trainer", "continue pretraining a recurrent or plain model from a YAML recipe"),
     "eval": ("loopfit.eval.run", "loss and GSM8K / MATH accuracy as test-time recurrence grows"),
     "compare": ("loopfit.eval.compare", "equal-FLOPs comparison report of several runs (markdown + PNG)"),

@@ -11,7 +11,8 @@ from loopfit import LoopfitError
 from loopfit.cli import main as cli
 from loopfit.data import check_tokenizer, iter_eval_batches, open_dataset, prepare, verify_dataset
 from loopfit.data.prepare import split_name
-from loopfit.data.shards import tokenizer_fingerprint
+from loopfit.data.shards import document_end_token, tokenizer_fingerprint
+from loopfit.data.sources import Source
 
 TEXTS = [f"Document number {i}: " + "the quick brown fox jumps over the lazy dog. " * (i % 7 + 1) for i in range(60)]
 
@@ -31,7 +32,8 @@ def test_shards_hold_each_document_then_eos(tmp_path, corpus, smollm2_tokenizer)
                                            progress=False, shard_tokens=500)  # fmt: skip
     assert status == "written" and folder == tmp_path / "data" / "corpus"
     ds = open_dataset(folder)
-    eos = smollm2_tokenizer.eos_token_id
+    eos = smollm2_tokenizer.convert_tokens_to_ids("<|endoftext|>")  # not the Instruct EOS <|im_end|>: see below
+    assert document_end_token(smollm2_tokenizer) == eos == manifest["tokenizer"]["eos_token_id"] == 0
     expected = [smollm2_tokenizer(t, add_special_tokens=False)["input_ids"] + [eos] for t in TEXTS]
     assert ds.num_docs == 60 and ds.num_tokens == sum(map(len, expected))
     assert len(manifest["splits"]["train"]["shards"]) > 1  # shard_tokens=500 forces several
@@ -102,12 +104,15 @@ def test_bad_input(tmp_path, corpus, smollm2_tokenizer, monkeypatch, sources, kw
     assert not (tmp_path / "data").exists() or not any((tmp_path / "data").iterdir())
 
 
-def test_names():
-    assert split_name("general") == ("general", "general")
-    assert split_name("rg:gsm_symbolic:10") == ("gsm_symbolic", "rg:gsm_symbolic:10")
-    assert split_name("qa=x/y.jsonl") == ("qa", "x/y.jsonl")
-    assert split_name("corpus/part.jsonl.gz") == ("part", "corpus/part.jsonl.gz")
-    assert split_name("texts/**/*.txt") == ("texts", "texts/**/*.txt")
+def test_names_splits_and_fields():
+    assert split_name("general") == ("general", Source("general"))
+    assert split_name("rg:gsm_symbolic:10") == ("gsm_symbolic", Source("rg:gsm_symbolic:10"))
+    assert split_name("qa=x/y.jsonl") == ("qa", Source("x/y.jsonl"))
+    assert split_name("corpus/part.jsonl.gz") == ("part", Source("corpus/part.jsonl.gz"))
+    assert split_name("texts/**/*.txt") == ("texts", Source("texts/**/*.txt"))
+    assert split_name("web=crawl.csv.zst:body") == ("web", Source("crawl.csv.zst", field="body"))
+    assert split_name("saved@test:question") == ("saved", Source("saved", split="test", field="question"))
+    assert split_name("chat=a/b@train_sft") == ("chat", Source("a/b", split="train_sft"))
 
 
 def test_truncated_or_corrupt_shards_are_refused(tmp_path, corpus, smollm2_tokenizer):

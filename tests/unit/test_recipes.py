@@ -28,14 +28,18 @@ GPU = {"tinyllama-448": (22, (4, 8, 4), ([0, 1, 2, 3], list(range(10, 18)), [18,
 
 @pytest.fixture(scope="module")
 def data_root(tmp_path_factory):
-    """Tiny prepared `general` and `math` datasets (what the recipes' blends name), over 2 x 1024 tokens each, with
-    a held-out split."""
+    """Tiny prepared `general`, `math` and `math-chat` datasets (what the recipes' blends name), over 2 x 1024
+    tokens each, with a held-out split."""
     root = tmp_path_factory.mktemp("recipe-data")
     for name, line in (("general", "The river ran past the old mill and the town. "),
                        ("math", "Tom has 3 apples and buys 4 more, so he has 3 + 4 = 7 apples. ")):
         src = root.parent / f"{root.name}-{name}.jsonl"  # 100 documents: the recipes' data.eval needs a 'val' split
         src.write_text("".join(json.dumps({"text": line * 3}) + "\n" for _ in range(100)))
         prepare([f"{name}={src}"], tiny_models.tokenizer(), root, holdout=0.1, progress=False)
+    chats = root.parent / f"{root.name}-chat.jsonl"  # what the sft recipe names: conversations, with a loss mask
+    chats.write_text("".join(json.dumps({"prompt": f"What is {i} + 4?", "response": f"{i} + 4 = {i + 4}\n#### {i + 4}"})
+                             + "\n" for i in range(200)))
+    prepare([f"math-chat={chats}"], tiny_models.tokenizer(), root, holdout=0.1, progress=False, chat_template="chatml")
     return root
 
 

@@ -15,9 +15,9 @@ from .shards import (
     tokenizer_fingerprint,
     verify_dataset,
 )
-from .sources import read_documents
+from .sources import Chat, Source, read_documents
 
 __all__ = [
-    "Blend", "BlendSampler", "Phase", "TokenDataset", "check_tokenizer", "iter_eval_batches", "load_blend",
-    "open_dataset", "prepare", "read_documents", "tokenizer_fingerprint", "verify_dataset",
+    "Blend", "BlendSampler", "Chat", "Phase", "Source", "TokenDataset", "check_tokenizer", "iter_eval_batches",
+    "load_blend", "open_dataset", "prepare", "read_documents", "tokenizer_fingerprint", "verify_dataset",
 ]  # fmt: skip

@@ -19,7 +19,10 @@ How a global batch is drawn (every rank computes the same plan and keeps its own
    starts at a document and takes the following whole documents that fit; the rest is EOS padding with
    labels -100 (a document longer than `seq_len` is cut). No sequence then starts mid-document.
 
-Labels follow transformers: `labels` equals `input_ids` (-100 where no loss) and the model shifts them.
+Labels follow transformers: `labels` equals `input_ids` (-100 where no loss) and the model shifts them. A dataset
+of conversations (`prepare` wrote a loss mask) has labels -100 outside the assistant turns: its documents begin
+with masked template tokens and end with a masked end of text, so in either packing no loss reaches from one
+document into the next.
 
 Ranks: global slot j goes to rank j // (global_batch_size // world_size), so ranks get disjoint shares whose
 union is the single-process batch; changing world_size (same global batch) leaves the token stream unchanged.
@@ -199,20 +202,25 @@ class BlendSampler:
         return np.random.default_rng([self.seed, 3, d, epoch]).permutation(int(self.units[d]))
 
     def _row(self, d, k):
-        """(tokens, n_real) of the k-th draw from dataset d: seq_len tokens, the first n_real of them real."""
+        """(tokens, labels) of the k-th draw from dataset d: seq_len tokens; labels -100 on padding and where the
+        dataset's loss mask excludes a token."""
         ds, n = self.datasets[d], int(self.units[d])
         epoch, i = divmod(int(k), n)
         unit = int(self._permutation(d, epoch)[i])
         if self.pack == "concat":
             slack = ds.num_tokens - n * self.seq_len
             offset = int(uniform(self.seed, 4 + d, [epoch])[0] * (slack + 1))
-            return ds.tokens(offset + unit * self.seq_len, self.seq_len), self.seq_len
+            start = offset + unit * self.seq_len
+            row = ds.tokens(start, self.seq_len)
+            return row, (ds.labels(start, self.seq_len) if ds.masked else row.copy())
         start = ds.doc_start(unit)
         last = int(np.searchsorted(ds.doc_ends, start + self.seq_len, side="right")) - 1
         n_real = self.seq_len if last < unit else int(ds.doc_ends[last]) - start
         row = np.full(self.seq_len, ds.eos_token_id, dtype=np.int64)
         row[:n_real] = ds.tokens(start, n_real)
-        return row, n_real
+        label = np.full(self.seq_len, -100, dtype=np.int64)
+        label[:n_real] = ds.labels(start, n_real) if ds.masked else row[:n_real]
+        return row, label
 
     def batch(self, step, lr_fraction=None):
         """This rank's batch at `step`: dict of LongTensors input_ids / labels [local_batch, seq_len] and dataset
@@ -222,13 +230,7 @@ class BlendSampler:
 
         datasets, draws = self.plan(step, lr_fraction)
         mine = slice(self.rank * self.local_batch_size, (self.rank + 1) * self.local_batch_size)
-        rows, labels = [], []
-        for d, k in zip(datasets[mine], draws[mine]):
-            row, n_real = self._row(d, k)
-            label = row.copy()
-            label[n_real:] = -100
-            rows.append(row)
-            labels.append(label)
+        rows, labels = zip(*(self._row(d, k) for d, k in zip(datasets[mine], draws[mine])))
         return {
             "input_ids": torch.from_numpy(np.stack(rows)),
             "labels": torch.from_numpy(np.stack(labels)),

@@ -5,11 +5,13 @@ A prepared dataset is one folder, written whole by `loopfit prepare` (it appears
     DATA/NAME/manifest.json            what went in (sources, tokenizer fingerprint, options) and what came out
     DATA/NAME/train-00000.tokens.npy   1-D uint16 (uint32 if the vocabulary has more than 65536 tokens) token ids
     DATA/NAME/train-00000.docs.npy     1-D int64: the end offset of each document in that shard (EOS included)
+    DATA/NAME/train-00000.mask.npy     1-D uint8, only in a dataset of conversations: 1 where the token is in
+                                       the loss (assistant turns), 0 elsewhere (format loopfit-tokens/2)
     DATA/NAME/val-00000.tokens.npy     the held-out documents (`--holdout`), same layout
 
-Every document ends with the tokenizer's EOS token. `open_dataset` memory-maps the shards and checks them
-against the manifest (sizes, document offsets; with `verify=True` also sha256), so a truncated or damaged
-shard is an error, never silent garbage.
+Every document ends with the tokenizer's end-of-text token (`document_end_token`, the manifest's eos_token_id).
+`open_dataset` memory-maps the shards and checks them against the manifest (sizes, document offsets; with
+`verify=True` also sha256), so a truncated or damaged shard is an error, never silent garbage.
 """
 
 import hashlib
@@ -23,6 +25,7 @@ from ..io import sha256_file
 from ..loading import load_tokenizer
 
 FORMAT = "loopfit-tokens/1"
+FORMAT_MASKED = "loopfit-tokens/2"  # with a loss mask beside the tokens
 MANIFEST = "manifest.json"
 
 
@@ -35,6 +38,24 @@ def tokenizer_fingerprint(tokenizer):
     vocab = sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])
     blob = json.dumps({"vocab": vocab, "eos": tokenizer.eos_token_id}, ensure_ascii=False).encode()
     return "sha256:" + hashlib.sha256(blob).hexdigest()[:16]
+
+
+END_OF_TEXT = ("<|endoftext|>", "<|end_of_text|>", "</s>", "<eos>")
+
+
+def document_end_token(tokenizer):
+    """The token id written after each document: the tokenizer's EOS, unless its EOS is the chat template's
+    end-of-turn token (an instruct tokenizer: SmolLM2-Instruct's and Qwen2.5-Instruct's `<|im_end|>`, Llama 3's
+    `<|eot_id|>`) and the vocabulary holds a distinct end-of-text token (`<|endoftext|>`, ...): then that one, so
+    a document boundary is not a chat turn's end."""
+    eos, template = tokenizer.eos_token, getattr(tokenizer, "chat_template", None)
+    template = template.get("default") if isinstance(template, dict) else template
+    if eos and isinstance(template, str) and eos in template:
+        vocab = tokenizer.get_vocab()
+        for name in END_OF_TEXT:
+            if name != eos and name in vocab:
+                return vocab[name]
+    return tokenizer.eos_token_id
 
 
 def token_dtype(vocab_size):
@@ -57,8 +78,8 @@ def read_manifest(folder):
         manifest = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise LoopfitError(f"{path} is damaged: re-run `loopfit prepare` with --force") from None
-    if manifest.get("format") != FORMAT:
-        raise LoopfitError(f"{folder} has format {manifest.get('format')!r}, not {FORMAT!r}: "
+    if manifest.get("format") not in (FORMAT, FORMAT_MASKED):
+        raise LoopfitError(f"{folder} has format {manifest.get('format')!r}, not {FORMAT!r} or {FORMAT_MASKED!r}: "
                            "re-run `loopfit prepare` with --force")
     return manifest
 
@@ -67,7 +88,7 @@ class TokenDataset:
     """One split of a prepared dataset, memory-mapped: `tokens(start, length)` reads across shard boundaries.
 
     Attributes: `name`, `folder`, `manifest`, `num_tokens`, `num_docs`, `doc_ends` (int64 global end offset of
-    each document, EOS included), `eos_token_id`.
+    each document, EOS included), `eos_token_id`, `masked` (whether `loss_mask` holds anything but ones).
     """
 
     def __init__(self, folder, split="train", verify=False):
@@ -81,12 +102,17 @@ class TokenDataset:
             hint = " (prepare it with --holdout 0.01)" if split == "val" else ""
             raise LoopfitError(f"{self.folder} has no '{split}' split{hint}")
         dtype = np.dtype(self.manifest["dtype"])
-        self._shards, ends, offset = [], [], 0
+        self.masked = bool(self.manifest.get("loss_mask"))
+        self._shards, self._masks, ends, offset = [], [], [], 0
         for shard in info["shards"]:
             tokens = self._open(shard["tokens_file"], dtype, shard["tokens"], shard, verify)
             docs = self._open(shard["docs_file"], np.dtype(np.int64), shard["documents"], shard, verify)
             if len(docs) == 0 or docs[-1] != len(tokens) or np.any(np.diff(docs) <= 0) or docs[0] <= 0:
                 raise self._damaged(shard["docs_file"], "document offsets are inconsistent")
+            if self.masked:
+                if "mask_file" not in shard:
+                    raise self._damaged(shard["tokens_file"], "the manifest names no loss mask for it")
+                self._masks.append(self._open(shard["mask_file"], np.dtype(np.uint8), shard["tokens"], shard, verify))
             self._shards.append(tokens)
             ends.append(docs + offset)
             offset += len(tokens)
@@ -115,15 +141,29 @@ class TokenDataset:
 
     def tokens(self, start, length):
         """Tokens [start, start + length) of the split as an int64 array (reads only those bytes)."""
+        return self._read(self._shards, start, length, np.int64)
+
+    def loss_mask(self, start, length):
+        """Bool array: whether tokens [start, start + length) are in the loss (all True without a mask)."""
+        if not self.masked:
+            return np.ones(length, dtype=bool)
+        return self._read(self._masks, start, length, bool)
+
+    def labels(self, start, length):
+        """The tokens [start, start + length) as labels: -100 where the loss mask excludes them."""
+        tokens = self.tokens(start, length)
+        return np.where(self.loss_mask(start, length), tokens, -100) if self.masked else tokens
+
+    def _read(self, shards, start, length, dtype):
         if start < 0 or start + length > self.num_tokens:
             raise IndexError(f"tokens [{start}, {start + length}) outside [0, {self.num_tokens})")
         first = int(np.searchsorted(self._starts, start, side="right")) - 1
         pieces, pos = [], start
         while length > 0:
-            shard = self._shards[first]
+            shard = shards[first]
             lo = pos - self._starts[first]
             take = min(length, len(shard) - lo)
-            pieces.append(np.asarray(shard[lo : lo + take], dtype=np.int64))
+            pieces.append(np.asarray(shard[lo : lo + take], dtype=dtype))
             pos, length, first = pos + take, length - take, first + 1
         return pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
 
@@ -176,8 +216,9 @@ def iter_eval_batches(data_dir, seq_len, batch_size, split="val", max_batches=No
     """Held-out loss batches: consecutive, non-overlapping `seq_len` windows over the split, in order.
 
     Yields dicts {input_ids, labels} of LongTensors [n, seq_len] (n = batch_size except maybe the last), labels
-    equal to input_ids (the model shifts them, transformers-style). Batches are dealt round-robin to ranks:
-    rank r gets batches r, r + world_size, ... The same call always yields the same batches.
+    equal to input_ids (the model shifts them, transformers-style), -100 where a loss mask excludes a token.
+    Batches are dealt round-robin to ranks: rank r gets batches r, r + world_size, ... The same call always
+    yields the same batches.
     """
     import torch
 
@@ -191,5 +232,7 @@ def iter_eval_batches(data_dir, seq_len, batch_size, split="val", max_batches=No
         n_batches = min(n_batches, max_batches)
     for b in range(rank, n_batches, world_size):
         first, last = b * batch_size, min(windows, (b + 1) * batch_size)
-        ids = torch.from_numpy(ds.tokens(first * seq_len, (last - first) * seq_len).reshape(-1, seq_len))
-        yield {"input_ids": ids, "labels": ids.clone()}
+        start, length = first * seq_len, (last - first) * seq_len
+        ids = torch.from_numpy(ds.tokens(start, length).reshape(-1, seq_len))
+        labels = torch.from_numpy(ds.labels(start, length).reshape(-1, seq_len)) if ds.masked else ids.clone()
+        yield {"input_ids": ids, "labels": labels}

@@ -5,6 +5,8 @@
 - GSM8K 1-shot "Let's think step by step." (the retrofitted-recurrence paper's setting): the first exemplar,
   with every answer opening with that sentence.
 - MATH: the Minerva 4-shot prompt (`Problem:\\n...\\n\\nSolution:`), answers ending `Final Answer: ...`.
+- As conversations (`loopfit eval --chat`): each exemplar a user turn (the question) and an assistant turn (its
+  answer), then the question, for the model's chat template (lm-evaluation-harness's few-shot as multi-turn).
 """
 
 GSM8K_EXEMPLARS = [
@@ -82,3 +84,23 @@ def math_prompt(problem):
     """The Minerva 4-shot MATH prompt for one problem."""
     blocks = [f"Problem:\n{p}\n\nSolution: {s}" for p, s in MATH_EXEMPLARS]
     return "\n\n".join(blocks + [f"Problem:\n{problem}\n\nSolution:"])
+
+
+def gsm8k_messages(question, style="8shot"):
+    """The GSM8K prompt as a conversation: the exemplars as earlier turns, then the question."""
+    if style not in GSM8K_PROMPTS:
+        raise ValueError(f"unknown GSM8K prompt style {style!r}: choose one of {GSM8K_PROMPTS}")
+    shots, lead = (GSM8K_EXEMPLARS, "") if style == "8shot" else (GSM8K_EXEMPLARS[:1], f"{STEP_BY_STEP} ")
+    return _turns([(q, lead + a) for q, a in shots], question)
+
+
+def math_messages(problem):
+    """The Minerva MATH prompt as a conversation: the exemplars as earlier turns, then the problem."""
+    return _turns(MATH_EXEMPLARS, problem)
+
+
+def _turns(shots, question):
+    messages = []
+    for q, a in shots:
+        messages += [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
+    return messages + [{"role": "user", "content": question}]

@@ -3,8 +3,9 @@
   loopfit eval runs/smol-448 --loops 1,2,4,8,16,32 --tasks loss,gsm8k --limit 100
 
 tasks (comma-separated):
-  loss          held-out loss and perplexity (--data FILE.txt/.jsonl or a prepared folder; default held-out
-                LAMBADA passages, which `loopfit prepare general` leaves out)
+  loss          held-out loss and perplexity (--data: a prepared folder's 'val' split, or any source `loopfit
+                prepare` reads, e.g. notes.txt, qa.csv.gz:answer, saved@test:text, chats.jsonl (assistant tokens
+                only); default held-out LAMBADA passages, which `loopfit prepare general` leaves out)
   gsm8k         GSM8K test, standard 8-shot chain-of-thought prompt, strict (`#### N` / `The (final) answer is N`)
                 and flexible (last number) extraction
   gsm8k_1shot   GSM8K test, 1-shot "Let's think step by step." prompt (the retrofitted-recurrence paper's)
@@ -72,16 +73,16 @@ def run_task(task, model, tok, loops, opts):
     """(rows, samples) of one task at every r."""
     gen = {"limit": opts["limit"], "seed": opts["seed"], "batch_size": opts["batch_size"],
            "exit_criterion": opts.get("exit_criterion"), "draft_loops": opts.get("draft_loops"),
-           "draft_tokens": opts.get("draft_tokens")}
+           "draft_tokens": opts.get("draft_tokens"), "chat": opts.get("chat", False)}
     if opts.get("max_new_tokens"):
         gen["max_new_tokens"] = opts["max_new_tokens"]
     if task == "loss":
         data = opts.get("data")
-        if data and Path(data).is_dir():
-            rows = loss.prepared_rows(data, tok, opts["seq_len"], opts["max_tokens"])
+        if data and loss.is_prepared(data):
+            rows, labels = loss.prepared_rows(data, tok, opts["seq_len"], opts["max_tokens"])
         else:
-            rows = loss.pack(tok, loss.read_texts(data), opts["seq_len"], opts["max_tokens"])
-        return loss.evaluate(model, rows, loops, opts["batch_size"]), []
+            rows, labels = loss.pack_documents(tok, loss.loss_documents(data), opts["seq_len"], opts["max_tokens"])
+        return loss.evaluate(model, rows, loops, opts["batch_size"], labels), []
     if task in accuracy.TASKS:
         return accuracy.evaluate(model, tok, task, loops, **gen)
     from .harness import run_tasks
@@ -95,10 +96,11 @@ def run_task(task, model, tok, loops, opts):
 
 def evaluate(model, loops=(1, 2, 4, 8), tasks=("loss",), out=None, limit=None, seed=1234, batch_size=8,
              max_new_tokens=None, data=None, seq_len=512, max_tokens=16384, plot=True, exit_criterion=None,
-             draft_loops=None, draft_tokens=DRAFT_TOKENS, include_path=None):
+             draft_loops=None, draft_tokens=DRAFT_TOKENS, include_path=None, chat=False):
     """Run `tasks` at each r in `loops` on a model folder / name (or a loaded (model, tokenizer) pair).
     `exit_criterion` ('kl:5e-4') lets generated tokens stop looping early (recurrent models); `draft_loops` D
-    decodes generations at every r > D by exact self-speculation (`draft_tokens` a round).
+    decodes generations at every r > D by exact self-speculation (`draft_tokens` a round). `chat` renders the
+    GSM8K / MATH prompts with the model's chat template (the exemplars as earlier turns), for a chat-finetuned model.
     `include_path`: folders of your own lm-eval task YAMLs for `lm:` tasks.
     Returns the results dict and, when `out` is given, writes results.json, samples.jsonl and sweep.png there."""
     loops = parse_loops(loops)
@@ -117,7 +119,11 @@ def evaluate(model, loops=(1, 2, 4, 8), tasks=("loss",), out=None, limit=None, s
     run_loops = loops if recurrent else loops[:1]  # a plain model ignores r: run once
     opts = dict(limit=limit, seed=seed, batch_size=batch_size, max_new_tokens=max_new_tokens, data=data,
                 seq_len=seq_len, max_tokens=max_tokens, exit_criterion=exit_criterion, draft_loops=draft_loops,
-                draft_tokens=draft_tokens, include_path=include_path)
+                draft_tokens=draft_tokens, include_path=include_path, chat=chat)
+    if chat:
+        from ..data.chat import resolve_template
+
+        resolve_template(tok, None, "--chat")  # a tokenizer without a chat template is refused before any work
     rows, samples, started = [], [], time.time()
     for task in tasks:
         task_rows, task_samples = run_task(task, model, tok, run_loops, opts)
@@ -190,8 +196,12 @@ def add_arguments(parser):
     option("--seed", type=int, help="seed of the --limit subset (default %(default)s)")
     option("--max-new-tokens", type=int, help="generation budget (default 256 GSM8K, 512 MATH)")
     option("--batch-size", type=int, help="prompts (or loss rows) per batch (default %(default)s)")
-    option("--data", help="loss text: .txt (blank-line separated), .jsonl ('text'), or prepared folder")
+    option("--data", metavar="SOURCE", help="loss text: a prepared folder, or a source as `loopfit prepare` takes "
+           "it (FILE[:FIELD], SAVED[@SPLIT][:FIELD], GLOB, built-in name)")
     option("--seq-len", type=int, help="loss sequence length (default %(default)s)")
+    parser.add_argument("--chat", action="store_true", help="render the GSM8K / MATH prompts with the model's chat "
+                        "template, the exemplars as earlier turns (for a model finetuned on conversations, e.g. by "
+                        "the sft recipe); answers are scored the same way")
     option("--max-tokens", type=int, help="loss tokens in all (default %(default)s)")
     parser.add_argument("--exit", dest="exit_criterion", metavar="RULE",
                         help="adaptive exit while generating, e.g. latent:0.005:1 (the rule that saves time; see "
@@ -223,8 +233,11 @@ def run(args):
     require_extras(tasks)
     if args.exit_criterion:
         check_exit(args.exit_criterion, recurrent=True)  # the rule's syntax; plain models are refused once loaded
-    if args.data and not Path(args.data).is_dir():
-        loss.read_texts(args.data)  # missing, non-UTF-8 or malformed text is refused before the model loads
+    if args.data and not loss.is_prepared(args.data):
+        try:  # a missing file or a bad record is refused before the model loads
+            next(iter(loss.loss_documents(args.data)), None)
+        except LoopfitError as e:
+            raise LoopfitError(f"--data: {e}") from None
     out = args.out or (Path(args.model) / "eval" if Path(args.model).is_dir()
                        else Path(f"eval-{Path(args.model).stem}"))
     check_writable(out)
@@ -237,7 +250,7 @@ def run(args):
                        seed=args.seed, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
                        data=args.data, seq_len=args.seq_len, max_tokens=args.max_tokens,
                        exit_criterion=args.exit_criterion, draft_loops=args.draft_loops,
-                       draft_tokens=args.draft_tokens, include_path=args.include_path)
+                       draft_tokens=args.draft_tokens, include_path=args.include_path, chat=args.chat)
     if args.log_to:
         from ..train.trackers import log_sweep
 
