@@ -34,7 +34,7 @@ from loopfit.eval.generation import generate_at
 from loopfit.eval.loss import evaluate as loss_sweep
 from loopfit.eval.loss import pack, read_texts
 from loopfit.loading import load, load_base
-from loopfit.modeling import DRAFT_TOKENS, LoopfitCache
+from loopfit.model import DRAFT_TOKENS, LoopfitCache
 
 
 def copying_update(self, key, k, v):

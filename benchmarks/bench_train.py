@@ -294,7 +294,7 @@ def bench_muon_share(args):
 
 
 def loss_memory_child(tokens, vocab, kind):
-    from loopfit.modeling import causal_lm_loss, linear_cross_entropy
+    from loopfit.model import causal_lm_loss, linear_cross_entropy
 
     g = torch.Generator().manual_seed(0)
     hidden = torch.randn(1, tokens + 1, 576, generator=g).requires_grad_()

@@ -39,7 +39,7 @@ def build_fixtures(w):
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     from loopfit.assets import offline_gguf
-    from loopfit.modeling import LoopfitConfig, LoopfitForCausalLM
+    from loopfit.model import LoopfitConfig, LoopfitForCausalLM
 
     gguf = offline_gguf("smollm2-135m")
     tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)

@@ -1,6 +1,6 @@
 """loopfit: retrofit depth recurrence into pretrained language models and train them to think deeper."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 
 class LoopfitError(Exception):
@@ -34,7 +34,7 @@ def _register_with_auto_classes():
     # With loopfit imported, AutoConfig / AutoModelForCausalLM know the "loopfit" model type: no remote code needed.
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from .modeling import LoopfitConfig, LoopfitForCausalLM
+    from .model import LoopfitConfig, LoopfitForCausalLM
 
     try:
         AutoConfig.register("loopfit", LoopfitConfig)
@@ -45,7 +45,7 @@ def _register_with_auto_classes():
 
 if TRANSFORMERS_PROBLEM is None:
     _register_with_auto_classes()
-    from .modeling import LoopfitConfig, LoopfitForCausalLM  # noqa: E402
+    from .model import LoopfitConfig, LoopfitForCausalLM  # noqa: E402
 else:  # `import loopfit` still works (the CLI prints the problem as one line); the model classes do not
 
     def __getattr__(name):

@@ -29,7 +29,7 @@ import torch
 from . import LoopfitError, __version__
 from .io import check_writable
 from .loading import base_config, check_family, is_recurrent, load_base, resolve_source
-from .modeling import ADAPTER_INITS, STATE_INITS, LoopfitConfig, LoopfitForCausalLM, init_adapter
+from .model import ADAPTER_INITS, STATE_INITS, LoopfitConfig, LoopfitForCausalLM, init_adapter
 
 INITS = ("pretrained", "random")
 
@@ -376,17 +376,20 @@ def convert(source, out, layers=None, prelude=None, core=None, coda=None, adapte
 
 
 def refresh_model_file(folder, log=print):
-    """Replace a loopfit folder's modeling.py by the installed loopfit's; weights and config stay as they are."""
-    from . import modeling
+    """Replace a loopfit folder's model files by the installed loopfit's; weights and config stay as they are (the
+    new modeling.py still answers a 0.1.0 config's `modeling.LoopfitConfig`)."""
     from .io import atomic_file
+    from .model import model_files
 
     folder = Path(folder)
     if not is_recurrent(folder):
         raise LoopfitError(f"{folder} is not a loopfit model folder (no config.json of model_type 'loopfit'): "
                            "give a folder that `loopfit convert` or `loopfit train` wrote")
-    with atomic_file(folder / "modeling.py", "w") as f:
-        f.write(Path(modeling.__file__).read_text())
-    log(f"refreshed {folder / 'modeling.py'} from loopfit {__import__('loopfit').__version__}")
+    for path in model_files():
+        with atomic_file(folder / path.name, "w") as f:
+            f.write(path.read_text())
+    names = ", ".join(path.name for path in model_files())
+    log(f"refreshed {names} in {folder} from loopfit {__import__('loopfit').__version__}")
 
 
 def _save_dtype(dtype, source, base):
@@ -439,8 +442,9 @@ def add_arguments(parser):
     option("--seed", type=int, help="seed of the random inits (adapter, --init random) (default %(default)s)")
     parser.add_argument("--force", action="store_true", help="replace --out if it exists")
     parser.add_argument("--no-parity", action="store_true", help="skip the parity report against the original")
-    parser.add_argument("--refresh", action="store_true", help="SRC is a loopfit folder: replace its modeling.py "
-                        "by this loopfit's (for folders written by an earlier loopfit); nothing else changes")
+    parser.add_argument("--refresh", action="store_true", help="SRC is a loopfit folder: replace its model files "
+                        "(configuration.py, modeling.py, cache.py, losses.py, generation.py) by this loopfit's (for "
+                        "folders written by an earlier loopfit); weights and config stay as they are")
 
 
 def run(args):

@@ -31,7 +31,7 @@ import time
 import torch
 
 from . import LoopfitError
-from .modeling import DRAFT_TOKENS
+from .model import DRAFT_TOKENS
 
 RENAMED_FLAGS = {"--steps": "--loops", "--draft-steps": "--draft-loops"}  # old names, accepted for one release
 
@@ -84,7 +84,7 @@ def add_arguments(parser):
 
 def check_arguments(prompts, loops=None, exit_criterion=None, max_new_tokens=64, temperature=0.0, top_p=1.0):
     """Refuse bad generation settings with one line, before any model is loaded."""
-    from .modeling import exit_rule
+    from .model import exit_rule
 
     if not prompts or any(not str(p).strip() for p in prompts):
         raise LoopfitError("a prompt is empty: give some text to continue, e.g. --prompt \"Once upon a time\"")

@@ -185,13 +185,15 @@ def _say(msg):
 # ------------------------------------------------------------------------------------------------ stages
 
 
-def stage_convert(s, out):
+def stage_convert(s, out, recipe):
     from .convert import _compact, convert, default_layers, plan_layers
     from .loading import base_config
+    from .train.config import load_recipe
 
     n_layers = base_config(s["model"]).num_hidden_layers
     layers = tuple(s["layers"] or default_layers(n_layers))
-    same = dict(layers=layers, adapter_init=s["adapter_init"], recurrence=4, force=True)
+    depth = load_recipe(recipe).recurrence.mean  # the converted folder's default r is the one it trains at
+    same = dict(layers=layers, adapter_init=s["adapter_init"], recurrence=depth, force=True)
     _, report = convert(s["model"], out / "model", **same, log=lambda m: _say(f"  {m}"))
     plan = plan_layers(n_layers, layers)
     summary = {"layers": list(layers), "plan": plan.describe(), "dropped": _compact(plan.dropped) or "none",
@@ -540,7 +542,7 @@ def quickstart(model="smollm2-135m", out="quickstart", minutes=DEFAULT_MINUTES, 
         _say(f"{prefix} ...")
         t0 = time.time()
         if stage == "convert":
-            summary = stage_convert(s, out)
+            summary = stage_convert(s, out, args.recipe)
         elif stage == "prepare":
             summary = stage_prepare(s, out)
         elif stage == "train":

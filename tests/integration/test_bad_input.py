@@ -203,6 +203,13 @@ def test_min_transformers_matches_pyproject():
     assert f'"transformers>={MIN_TRANSFORMERS},' in (ROOT / "pyproject.toml").read_text()
 
 
+def test_version_matches_pyproject_and_the_changelog():
+    from loopfit import __version__
+
+    assert f'\nversion = "{__version__}"\n' in (ROOT / "pyproject.toml").read_text()
+    assert f"## {__version__}" in (ROOT / "CHANGELOG.md").read_text()
+
+
 def test_convert_records_its_version_and_a_newer_folder_is_refused(fx, tmp_path):
     from loopfit import __version__
 

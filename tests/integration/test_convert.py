@@ -111,24 +111,43 @@ def test_real_qwen25_identity_parity():
 
 
 def test_folder_loads_without_loopfit_installed(tiny_llama_dir, tmp_path, capsys):
-    """The written modeling file is self-contained: trust_remote_code loads it where loopfit cannot be imported."""
+    """The written model package is self-contained: where loopfit cannot be imported, trust_remote_code loads the
+    folder, and its forward, generate and self-speculative generate equal the installed loopfit's."""
+    from loopfit.model import MODEL_FILES
+
     out = tmp_path / "converted"
     rc, err = run_cli(tiny_llama_dir, "--layers", "1,2,1", "--recurrence", "3", "--out", out, capsys=capsys)
     assert rc == 0, err
+    assert all((out / name).is_file() for name in MODEL_FILES)
+    ids = torch.tensor([[5, 9, 3, 7, 1, 8], [0, 0, 4, 6, 2, 9]])
+    mask = (ids != 0).long()
     script = f"""
 import sys; sys.modules["loopfit"] = None  # make loopfit unimportable
 import torch
 torch.set_num_threads({torch.get_num_threads()})  # this process's thread count: the same float sums, bit for bit
+try:
+    import loopfit
+    raise SystemExit("loopfit imported")
+except ImportError:
+    pass
 from transformers import AutoModelForCausalLM
 m = AutoModelForCausalLM.from_pretrained({str(out)!r}, trust_remote_code=True)
 assert type(m).__module__.startswith("transformers_modules"), type(m).__module__
-ids = torch.arange(10)[None]
-torch.save(m(ids).logits, {str(tmp_path / "remote.pt")!r})
+ids, mask = torch.tensor({ids.tolist()}), torch.tensor({mask.tolist()})
+greedy = m.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0)
+drafted = m.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0, draft_steps=1)
+assert torch.equal(greedy, drafted), (greedy, drafted)
+torch.save({{"logits": m(torch.arange(10)[None]).logits, "greedy": greedy}}, {str(tmp_path / "remote.pt")!r})
 """
-    subprocess.run([sys.executable, "-c", script], check=True, capture_output=True, timeout=300)
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    remote = torch.load(tmp_path / "remote.pt")
     local = AutoModelForCausalLM.from_pretrained(out)
     with torch.no_grad():
-        assert torch.equal(torch.load(tmp_path / "remote.pt"), local(torch.arange(10)[None]).logits)
+        assert torch.equal(remote["logits"], local(torch.arange(10)[None]).logits)
+    expected = local.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0)
+    assert torch.equal(remote["greedy"], expected)
+    assert len(set(expected[0, -8:].tolist())) > 1  # a real continuation, not a constant token
 
 
 def test_random_init_keeps_shape_and_config_but_draws_new_weights(tiny_llama_dir, tmp_path, capsys):

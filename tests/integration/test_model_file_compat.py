@@ -1,4 +1,4 @@
-"""A converted folder carries its own modeling.py and meets whatever transformers the user has: folders written by
+"""A converted folder carries its own model files and meets whatever transformers the user has: folders written by
 an earlier loopfit load and generate with the installed loopfit, and a refreshed folder works on its own."""
 
 import importlib.util
@@ -73,9 +73,10 @@ def test_convert_refresh_rewrites_only_the_model_file(tmp_path, capsys):
     weights = (tmp_path / "model.safetensors").read_bytes()
     assert main(["convert", str(tmp_path), "--refresh"]) == 0
     assert "refreshed" in capsys.readouterr().err
-    import loopfit.modeling
+    from loopfit.model import model_files
 
-    assert (tmp_path / "modeling.py").read_text() == Path(loopfit.modeling.__file__).read_text()
+    for path in model_files():  # the whole model package, modeling.py now importing its siblings
+        assert (tmp_path / path.name).read_text() == path.read_text(), path.name
     assert (tmp_path / "model.safetensors").read_bytes() == weights
     ids, mask = batch()
     # without loopfit, the folder's own file (trust_remote_code) now serves this transformers' generate

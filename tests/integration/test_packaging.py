@@ -24,6 +24,9 @@ def test_wheel_ships_the_recipes_and_train_finds_them_by_name(tmp_path):
     shipped = {f"loopfit/recipes/{p.name}" for p in (ROOT / "src/loopfit/recipes").glob("*.yaml")}
     assert "loopfit/recipes/quickstart.yaml" in shipped and shipped <= names
     assert {"loopfit/py.typed", "loopfit/eval/tasks/gsm8k_loopfit.yaml", "loopfit/eval/tasks/loopfit_data.py"} <= names
+    from loopfit.model import MODEL_FILES
+
+    assert {f"loopfit/model/{name}" for name in MODEL_FILES} <= names  # what converted folders copy
 
     site = tmp_path / "site"  # the installed package alone, imported from an empty folder
     zipfile.ZipFile(wheel).extractall(site)

@@ -84,6 +84,23 @@ def test_recurrent_loss_falls_and_final_folder_loads(tiny_dir, tmp_path):
     assert list((out / "tb").iterdir())
 
 
+def test_final_folder_carries_the_depth_it_was_trained_at(tiny_dir, tmp_path):
+    """Converted at r = 4, trained at recurrence.mean = 6: final/ says 6, so generate's default depth and eval's
+    train_mean_recurrence tell the truth."""
+    from transformers import AutoModelForCausalLM
+
+    assert json.loads((tiny_dir / "config.json").read_text())["mean_recurrence"] == 4
+    out = tmp_path / "run"
+    train(recipe(tiny_dir, out, recurrence={"mean": 6, "mode": "fixed", "curriculum": "none"},
+                 train={"steps": 1, "eval_every": 0}, checkpoint={"every": 0}))
+    assert json.loads((out / "final" / "config.json").read_text())["mean_recurrence"] == 6
+    model = AutoModelForCausalLM.from_pretrained(out / "final")
+    assert model.config.mean_recurrence == 6
+    ids = torch.tensor([[3, 1, 4, 1, 5]])
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, model(ids, num_steps=6).logits)
+
+
 def test_plain_baseline_cli_with_overrides(plain_dir, tmp_path):
     path = tmp_path / "plain.yaml"
     path.write_text(yaml.safe_dump(recipe(plain_dir, tmp_path / "unused")))

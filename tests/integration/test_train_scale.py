@@ -15,7 +15,7 @@ import yaml
 from safetensors.torch import load_file
 
 from loopfit import LoopfitError
-from loopfit.modeling import causal_lm_loss, linear_cross_entropy
+from loopfit.model import causal_lm_loss, linear_cross_entropy
 from loopfit.train.config import load_recipe
 from loopfit.train.flops import param_counts, train_flops
 from loopfit.train.optim import Muon, _newton_schulz, _same_shape_batches

@@ -5,7 +5,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from loopfit.cli import main
-from loopfit.modeling import LoopfitConfig, LoopfitForCausalLM
+from loopfit.model import LoopfitConfig, LoopfitForCausalLM
 
 
 @pytest.fixture(scope="module")

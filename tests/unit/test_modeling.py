@@ -16,7 +16,7 @@ from transformers import (
 
 import loopfit
 from loopfit.convert import LayerPlan, build_loopfit, plan_layers
-from loopfit.modeling import LoopfitCache, LoopfitConfig
+from loopfit.model import LoopfitCache, LoopfitConfig
 
 VOCAB = 128
 COMMON = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
@@ -219,7 +219,9 @@ def test_save_load_round_trip_is_bit_exact(tmp_path):
         assert torch.equal(a, b), n
     ids, mask = padded_batch()
     assert torch.equal(model(ids, attention_mask=mask).logits, loaded(ids, attention_mask=mask).logits)
-    assert (tmp_path / "modeling.py").exists()
+    from loopfit.model import MODEL_FILES
+
+    assert all((tmp_path / name).exists() for name in MODEL_FILES)  # the whole package, for trust_remote_code
 
 
 def test_inference_is_deterministic_and_training_state_is_random():
@@ -371,7 +373,7 @@ def test_adaptive_exit_looks_cost_little_latent_runs_no_coda_and_kl_scores_candi
     """latent decides on the state alone: the coda runs once per token (for its output), not once per loop. kl
     runs the head on the whole vocabulary once per token's first look and for its output, and scores only the
     first look's top candidates in later looks; a threshold of 0 still changes nothing (vocab 512 > 256)."""
-    from loopfit.modeling import EXIT_CANDIDATES
+    from loopfit.model import EXIT_CANDIDATES
 
     torch.manual_seed(0)
     model = tiny_models.recurrent(2 * EXIT_CANDIDATES, adapter_init="mean", state_init="zeros").eval()
@@ -391,3 +393,13 @@ def test_adaptive_exit_looks_cost_little_latent_runs_no_coda_and_kl_scores_candi
     finally:
         for h in hooks:
             h.remove()
+
+
+def test_the_old_module_name_still_imports_with_a_deprecation_warning():
+    import importlib
+    import sys
+
+    sys.modules.pop("loopfit.modeling", None)
+    with pytest.warns(DeprecationWarning, match="import from loopfit.model"):
+        old = importlib.import_module("loopfit.modeling")
+    assert old.LoopfitForCausalLM is loopfit.LoopfitForCausalLM and old.LoopfitCache is LoopfitCache

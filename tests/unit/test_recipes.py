@@ -100,3 +100,12 @@ def test_gpu_blend_switches_at_a_fifth_of_the_lr_after_warmup(name, data_root):
     switch = next(s for s in range(steps) if source.sampler.phase_at(s) == 1)
     assert lr_factor(switch, *sched(cfg)) <= 0.2 < lr_factor(switch - 1, *sched(cfg))  # ... but only the decay counts
     assert 0.74 < switch / steps < 0.78  # cosine decay over the last 80%: lr_start / 5 at about 76%
+
+
+@pytest.mark.parametrize("path", [p for p in RECIPES if "loopfit convert" in p.read_text()], ids=lambda p: p.stem)
+def test_the_header_converts_at_the_depth_the_recipe_trains_at(path):
+    """A recipe's header command converts with `--recurrence` equal to its recurrence.mean, so the folder's default
+    r is the trained one from the start (training's final/ writes it too)."""
+    (line,) = [line for line in path.read_text().splitlines() if "loopfit convert" in line]
+    depth = re.search(r"--recurrence (\d+)", line)
+    assert depth and int(depth.group(1)) == load_recipe(path).recurrence.mean, line

@@ -303,7 +303,7 @@ def test_real_smollm2_eval_sweep_equals_generation_per_r():
 def test_lean_loss_does_no_gradient_work_under_no_grad():
     """Evaluation (no_grad) through `linear_cross_entropy` runs one head matmul per chunk, not the three that
     training's forward runs to form gradients; the loss is the same."""
-    from loopfit.modeling import linear_cross_entropy
+    from loopfit.model import linear_cross_entropy
 
     weight = torch.nn.Parameter(torch.randn(300, 16))
     hidden, labels = torch.randn(2, 9, 16), torch.randint(0, 300, (2, 9))

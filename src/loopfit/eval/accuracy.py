@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from functools import partial
 
 from ..loading import is_recurrent
-from ..modeling import DRAFT_TOKENS
+from ..model import DRAFT_TOKENS
 from . import items as test_sets
 from .extract import flexible_answer, math_answer, math_equal, strict_answer
 from .generation import generate_at, generate_sweep

@@ -14,7 +14,7 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 
 from .. import LoopfitError
 from ..loading import is_recurrent
-from ..modeling import DRAFT_TOKENS
+from ..model import DRAFT_TOKENS
 from .loading import steps_kwargs
 
 STOP_TAIL_TOKENS = 24  # stop strings are looked for in the text of a row's latest tokens

@@ -38,7 +38,7 @@ class LoopfitLM(HFLM):
         self.draft_tokens = int(draft_tokens) if draft_tokens not in (None, "") else None
         if self.draft_steps is not None:
             from ..generate import check_speculation
-            from ..modeling import DRAFT_TOKENS
+            from ..model import DRAFT_TOKENS
 
             r = self.num_steps or getattr(self.model.config, "mean_recurrence", None)
             check_speculation(self.model, r, self.draft_steps, self.draft_tokens or DRAFT_TOKENS)

@@ -37,7 +37,7 @@ from .. import LoopfitError, __version__
 from ..data.shards import tokenizer_fingerprint
 from ..io import atomic_file, check_empty_or_force, check_writable
 from ..loading import is_recurrent, load
-from ..modeling import DRAFT_TOKENS
+from ..model import DRAFT_TOKENS
 from . import accuracy, loss
 from .loading import parse_loops
 from .plots import plot_sweep
@@ -126,7 +126,7 @@ def evaluate(model, loops=(1, 2, 4, 8), tasks=("loss",), out=None, limit=None, s
 
 def check_exit(spec, recurrent):
     """Refuse an adaptive-exit rule that is malformed or given for a plain model, before any work is done."""
-    from ..modeling import exit_rule
+    from ..model import exit_rule
 
     if not recurrent:
         raise LoopfitError("--exit needs a loopfit (recurrent) model; this one is plain: drop --exit")

@@ -40,7 +40,7 @@ import yaml
 from .. import LoopfitError, __version__
 from ..io import atomic_dir, atomic_file, check_writable
 from ..loading import OFFLINE_MODELS, from_pretrained, is_recurrent, offline_folder
-from ..modeling import causal_lm_loss
+from ..model import causal_lm_loss
 from . import checkpoint, distributed
 from .config import describe_keys, load_recipe
 from .flops import param_counts, peak_flops, train_flops
@@ -147,6 +147,9 @@ def _export_final(out_dir, model, cfg, d):
         inner = distributed.unwrap(model)
         if is_recurrent(inner):  # the loopfit that wrote the folder: a newer one's folder is refused by an older
             inner.config.loopfit_version = __version__
+            # the depth it was trained for (the curriculum's end), not the one `convert` gave it: `generate`
+            # without --loops, eval's train_mean_recurrence and its plot read this
+            inner.config.mean_recurrence = cfg.recurrence.mean
         with atomic_dir(dest, force=True) as tmp:
             inner.save_pretrained(tmp, state_dict=sd)
             src = Path(cfg.model.init_from)
