@@ -5,7 +5,7 @@
     s_i = Core(Adapter(concat[s_{i-1}, e]))   i = 1..r
     y   = LMHead(Norm(Coda(s_r)))
 
-The same computation as `loopfit.modeling` at r = the folder's `mean_recurrence` (or `hf_overrides`'
+The same computation as `loopfit.model` at r = the folder's `mean_recurrence` (or `hf_overrides`'
 "mean_recurrence"). The core's weights are shared across loops, but each (loop, core layer) has its own vLLM
 `Attention`, so the paged KV cache holds every loop's keys and values, exactly as loopfit's "exact" cache.
 Projections are vLLM's tensor-parallel linear layers; norms, RoPE and the state noise are loopfit's own code,
@@ -36,7 +36,7 @@ from vllm.model_executor.model_loader.weight_utils import default_weight_loader
 from vllm.model_executor.models.utils import maybe_prefix
 from vllm.sequence import IntermediateTensors
 
-from loopfit.modeling import RMSNorm, apply_rope, rope_inv_freq
+from loopfit.model.modeling import RMSNorm, apply_rope, rope_inv_freq
 
 from .plugin import refuse, serving_problem
 
@@ -127,7 +127,7 @@ class LoopfitMLP(nn.Module):
 
 
 class LoopfitBlock(nn.Module):
-    """One layer of the base family, norms by role as in loopfit.modeling.Block."""
+    """One layer of the base family, norms by role as in loopfit.model.modeling.Block."""
 
     def __init__(self, config, layer_type, attention_names, cache_config, quant_config, prefix):
         super().__init__()
