@@ -143,6 +143,7 @@ def test_tensor_parallel_equals_loopfit(family, tmp_path, make_llm, monkeypatch)
     """Two tensor-parallel ranks (two worker processes on the CPU): heads split across ranks, OLMo-2's norm over
     all heads gathered, the head's vocabulary split."""
     monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "1")
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0|1")  # one core per rank (vLLM binds by NUMA node otherwise)
     model, folder = tiny_folder(family, tmp_path / family)
     llm = make_llm(folder, skip_tokenizer_init=True, tensor_parallel_size=2, hf_overrides={"mean_recurrence": 4})
     check_parity(model, llm, PROMPTS, 4)
