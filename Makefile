@@ -110,4 +110,4 @@ bench: setup
 	for b in benchmarks/bench_*.py; do $(PY) $$b || exit 1; done
 
 clean:
-	rm -rf $(VENV) .venv-latest .venv-oldest .venv-lock .venv-vllm build *.egg-info
+	rm -rf $(VENV) .venv-latest .venv-oldest .venv-lock .venv-vllm .venv-vllm-lock build *.egg-info
