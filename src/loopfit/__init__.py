@@ -12,7 +12,7 @@ class LoopfitError(Exception):
 
 
 # The oldest transformers loopfit supports: keep equal to the lower bound in pyproject.toml (a test checks).
-MIN_TRANSFORMERS = "5.23"
+MIN_TRANSFORMERS = "5.16.1"
 
 
 def _transformers_problem():

@@ -139,7 +139,7 @@ def load_tokenizer(source, pad=False):
             path = offline_gguf(str(source))
         try:
             if path.is_file():
-                tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+                tok = _gguf_eos(AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name), path)
             else:
                 tok = AutoTokenizer.from_pretrained(str(path))
         except Exception as e:  # transformers raises OSError, ValueError, TypeError and others for unusable folders
@@ -148,6 +148,19 @@ def load_tokenizer(source, pad=False):
                                ) from None
     if pad and tok.pad_token is None:
         tok.pad_token = tok.eos_token
+    return tok
+
+
+def _gguf_eos(tok, path):
+    """The GGUF file's own EOS token: transformers before 5.2x reads some (SmolLM2's <|im_end|>) as another token,
+    and data prepared with one EOS would not match a model converted with the other."""
+    from gguf import GGUFReader
+
+    field = GGUFReader(str(path)).fields.get("tokenizer.ggml.eos_token_id")
+    if field is not None:
+        eos = tok.convert_ids_to_tokens(int(field.contents()))
+        if eos is not None and tok.eos_token != eos:
+            tok.eos_token = eos
     return tok
 
 

@@ -213,7 +213,7 @@ def test_a_transformers_older_than_supported_is_one_line(tmp_path):
     (info / "METADATA").write_text("Metadata-Version: 2.1\nName: transformers\nVersion: 4.57.0\n")
     env = {"PYTHONPATH": os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")])}
     one_line(loopfit("convert", "smollm2-135m", "--out", tmp_path / "x", env=env),
-             "transformers 4.57.0 is older than loopfit supports (>= 5.23)", "pip install -U")
+             "transformers 4.57.0 is older than loopfit supports (>= 5.16.1)", "pip install -U")
     nothing_written(tmp_path / "x")
 
 
