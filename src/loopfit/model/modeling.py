@@ -428,6 +428,8 @@ class LoopfitModel(LoopfitPreTrainedModel):
         if rows is not None:
             rope = {t: (cos[:rows], sin[:rows]) for t, (cos, sin) in rope.items()}
             mask = {w: None if m is None else m[:rows] for w, m in mask.items()}
+        for linear in self.loop_linears if segment == "core" else ():  # per-loop deltas read this loop's
+            linear.loop = loop
         for j, layer in enumerate(layers):
             if step.hidden is not None:
                 step.hidden.append(x)
