@@ -8,7 +8,7 @@ PIP    := $(PY) -m pip
 TORCH_CPU := 2.13.0
 TORCH  := $(shell command -v nvidia-smi >/dev/null 2>&1 && echo "torch>=2.13,<2.15" || echo "torch==$(TORCH_CPU)")
 # The tests that meet transformers, torch and lm-eval directly: run against the newest allowed releases too.
-COMPAT_TESTS := tests/unit/test_modeling.py tests/unit/test_generate.py tests/unit/test_speculative.py \
+COMPAT_TESTS := tests/unit/test_modeling.py tests/integration/test_generate.py tests/unit/test_speculative.py \
 	tests/unit/test_sweep_decoding.py \
 	tests/integration/test_model_file_compat.py tests/integration/test_eval_adaptive_exit.py \
 	tests/integration/test_eval_harness.py tests/integration/test_readme.py

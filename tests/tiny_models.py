@@ -1,7 +1,18 @@
-"""The tiny random models the unit tests build: a (1, 2, 1) loopfit model and a plain Llama of the same width.
-Neither seeds torch: a test seeds where its weights must repeat."""
+"""The tests' shared set-up: the tiny random models they build (a (1, 2, 1) loopfit model, a plain Llama of the
+same width, loopfit's block variants, a tiny transformers model of every family) and a left-padded batch.
+`recurrent` and `llama` do not seed torch: a test seeds where its weights must repeat."""
 
-from transformers import LlamaConfig, LlamaForCausalLM
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    Gemma3TextConfig,
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    Olmo2Config,
+    Qwen2Config,
+    Qwen3Config,
+)
 
 from loopfit import LoopfitConfig, LoopfitForCausalLM
 
@@ -42,3 +53,66 @@ FAMILIES = {
 def recurrent_family(family, **overrides):
     """`recurrent()` with the block flags of `family` (a key of FAMILIES)."""
     return recurrent(**{**FAMILIES[family], **overrides})
+
+
+# Tiny transformers models of every family loopfit converts (parity tests compare against them).
+VOCAB = 128
+COMMON = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
+              num_key_value_heads=2, max_position_embeddings=256)
+LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 8}
+BASE_FAMILIES = {
+    "llama": lambda: LlamaConfig(**COMMON),
+    "llama3-rope": lambda: LlamaConfig(**COMMON, rope_parameters=LLAMA3_ROPE),
+    "tinyllama-mha": lambda: LlamaConfig(**{**COMMON, "num_key_value_heads": 4}, tie_word_embeddings=True),
+    "mistral-window": lambda: MistralConfig(**COMMON, sliding_window=5),
+    "qwen2": lambda: Qwen2Config(**COMMON),
+    "qwen3": lambda: Qwen3Config(**COMMON, head_dim=24),
+    "olmo2": lambda: Olmo2Config(**COMMON),
+    "gemma3": lambda: Gemma3TextConfig(**COMMON, head_dim=16, sliding_window=4, query_pre_attn_scalar=16,
+                                       layer_types=["sliding_attention", "full_attention"] * 2),
+}
+
+
+def random_base(name, seed=0):
+    """A tiny transformers model of the family, with norms and biases randomised so every weight matters."""
+    torch.manual_seed(seed)
+    base = AutoModelForCausalLM.from_config(BASE_FAMILIES[name]()).eval()
+    with torch.no_grad():
+        for pname, p in base.named_parameters():
+            if p.dim() == 1:
+                p.normal_(0.2 if name == "gemma3" else 1.0, 0.1) if "norm" in pname else p.normal_(0, 0.1)
+    return base
+
+
+def padded_batch(seed=0, length=14):
+    """Three rows of random tokens; rows 1 and 2 left padded by 3 and 6."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, VOCAB, (3, length), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    mask[2, :6] = 0
+    return ids, mask
+
+
+WORDS = ("the a an and or of to in on at by for with from as is was are be has have had he she it they we you i "
+         "what how many much more less plus minus times so then story river ran past old mill mills bridge town "
+         "tom apples buys q a answer question total each").split()
+
+
+def tokenizer():
+    """A small word-level tokenizer built in-process, so unit tests need no downloaded model: the words above,
+    single digits, letters and ASCII punctuation, lower-cased; an unknown word is <unk>, and <|endoftext|> is
+    EOS and padding."""
+    import string
+
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    symbols = ["<|endoftext|>", "<unk>", *dict.fromkeys([*WORDS, *string.ascii_letters, *string.digits,
+                                                          *string.punctuation])]
+    tok = Tokenizer(models.WordLevel({s: i for i, s in enumerate(symbols)}, unk_token="<unk>"))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Whitespace(), pre_tokenizers.Digits(True)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>",
+                                   unk_token="<unk>")

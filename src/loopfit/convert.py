@@ -443,8 +443,8 @@ def add_arguments(parser):
     parser.add_argument("--force", action="store_true", help="replace --out if it exists")
     parser.add_argument("--no-parity", action="store_true", help="skip the parity report against the original")
     parser.add_argument("--refresh", action="store_true", help="SRC is a loopfit folder: replace its model files "
-                        "(configuration.py, modeling.py, cache.py, losses.py, generation.py) by this loopfit's (for "
-                        "folders written by an earlier loopfit); weights and config stay as they are")
+                        "(configuration.py, modeling.py, depth.py, cache.py, losses.py, generation.py) by this "
+                        "loopfit's (for folders written by an earlier loopfit); weights and config stay as they are")
 
 
 def run(args):

@@ -31,32 +31,10 @@ import time
 import torch
 
 from . import LoopfitError
+from .loops import check_speculation
 from .model import DRAFT_TOKENS
 
 RENAMED_FLAGS = {"--steps": "--loops", "--draft-steps": "--draft-loops"}  # old names, accepted for one release
-
-
-def check_speculation(model, loops, draft_loops, draft_tokens=DRAFT_TOKENS, exit_criterion=None, warm_start=False):
-    """Refuse --draft-loops settings that cannot run, before any work, with the CLI's names. `loops` is one r or a
-    list of r (an eval sweep: an r <= D decodes plainly there, so only the largest r must exceed D)."""
-    if draft_loops is None:
-        return
-    from .loading import is_recurrent
-
-    if not is_recurrent(model):
-        raise LoopfitError("--draft-loops needs a loopfit (recurrent) model; this one is plain: drop --draft-loops")
-    if draft_loops < 1 or draft_tokens < 1:
-        raise LoopfitError(f"--draft-loops and --draft-tokens must be >= 1 (got {draft_loops} and {draft_tokens})")
-    top = max(loops) if isinstance(loops, (list, tuple)) else (loops or model.config.mean_recurrence)
-    if draft_loops >= top:
-        raise LoopfitError(f"--draft-loops {draft_loops} must be below --loops {top}: the draft runs the first D of "
-                           "the r loops")
-    if model.config.cache_policy != "exact":
-        raise LoopfitError(f"--draft-loops needs the exact cache, but this model's cache_policy is "
-                           f"'{model.config.cache_policy}': set \"cache_policy\": \"exact\" in its config.json")
-    if exit_criterion or warm_start:
-        raise LoopfitError(f"--draft-loops does not combine with {'--exit' if exit_criterion else '--warm-start'}: "
-                           "choose one")
 
 
 def add_arguments(parser):

@@ -1,9 +1,9 @@
 """The whole loopfit path on a real small model, offline, on a CPU: convert, prepare, train, eval, report.
 
-  loopfit quickstart                         # SmolLM2-135M, ~15 minutes on an idle 2-core CPU (--minutes 8)
+  loopfit quickstart                         # SmolLM2-135M; --minutes (default 8) is the training budget
   loopfit quickstart --minutes 20            # train longer (steps scale with the minutes)
   loopfit quickstart --steps 1 --limit 200 --gsm8k 2 --max-new-tokens 8 --eval-loops 1,2 --gsm8k-loops 1,2 \
-      --eval-tokens 256 --out /tmp/qs        # the smallest setting (the test's): a few minutes
+      --eval-tokens 256 --out /tmp/qs        # the smallest setting
   loopfit quickstart --model qwen2.5-0.5b --device cuda --steps 500 --out quickstart-qwen
 
 Stages (each prints one summary line; a finished stage is reused when re-run with the same settings):
@@ -50,9 +50,7 @@ from .io import check_writable
 STAGES = ("convert", "prepare", "train", "eval", "report")
 RECIPE = recipes.resolve("quickstart")  # shipped inside the package
 # Recurrent-model steps per training minute on an idle 2-core CPU, the plain model's equal-FLOPs steps and the
-# control's equal steps included: measured ~9 s a recurrent 1024-token step, ~11 s a plain one and ~9 s a control
-# one, so ~30 s a triple (benchmarks/BENCHMARKS.md: 16 + 17 + 16 steps in 8.4 minutes). --no-control trains
-# about 30% faster.
+# control's equal steps included (benchmarks/BENCHMARKS.md has the timing this comes from).
 STEPS_PER_MINUTE = 2
 DEFAULT_MINUTES = 8.0
 HOLDOUT = 0.02
@@ -99,8 +97,8 @@ def add_arguments(parser):
 
 def _settings(args):
     """Validated settings that decide the results (a change of any needs a fresh --out)."""
-    from .eval.loading import parse_loops
     from .loading import OFFLINE_MODELS
+    from .loops import parse_loops
 
     if args.model not in OFFLINE_MODELS:
         raise LoopfitError(f"unknown model '{args.model}': the quickstart runs offline on {', '.join(OFFLINE_MODELS)}")

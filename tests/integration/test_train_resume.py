@@ -38,9 +38,36 @@ def recipe_path(tmp_path_factory):
     return path
 
 
+# `loopfit train` with a pause where a kill must land: after a checkpoint's files are written and before its
+# manifest, and after final/ is written and before it is renamed into place (patched in here, not in loopfit).
+SLOW_WRITER = """
+import contextlib, runpy, sys, time
+import loopfit.train.checkpoint as checkpoint, loopfit.train.trainer as trainer
+pause = float(sys.argv.pop(1))
+hash_file, atomic_dir, paused = checkpoint.sha256_file, trainer.atomic_dir, set()
+
+def slow_hash(path):
+    if path.parent not in paused:
+        paused.add(path.parent)
+        time.sleep(pause)
+    return hash_file(path)
+
+@contextlib.contextmanager
+def slow_atomic_dir(*args, **kwargs):
+    with atomic_dir(*args, **kwargs) as tmp:
+        yield tmp
+        time.sleep(pause)
+
+checkpoint.sha256_file, trainer.atomic_dir = slow_hash, slow_atomic_dir
+sys.argv[0] = "loopfit"
+runpy.run_module("loopfit.cli", run_name="__main__")
+"""
+
+
 def launch(recipe_path, out, *extra, pause=0.0):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "LOOPFIT_TEST_CHECKPOINT_PAUSE": str(pause)}
-    cmd = [sys.executable, "-m", "loopfit.cli", "train", str(recipe_path), f"--train.out_dir={out}", *extra]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    start = [sys.executable, "-c", SLOW_WRITER, str(pause)] if pause else [sys.executable, "-m", "loopfit.cli"]
+    cmd = [*start, "train", str(recipe_path), f"--train.out_dir={out}", *extra]
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
 
 

@@ -5,6 +5,7 @@ import warnings
 
 import numpy as np
 import pytest
+import tiny_models
 import torch
 
 from loopfit import LoopfitError
@@ -14,14 +15,14 @@ SEQ, BATCH = 16, 8
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory, smollm2_tokenizer):
+def data(tmp_path_factory):
     root = tmp_path_factory.mktemp("data")
     a = root / "a.jsonl"
     b = root / "b.jsonl"
     a.write_text("".join(f'{{"text": "Story {i}: the river ran past {i % 13} old mills and a bridge."}}\n'
                          for i in range(300)))
     b.write_text("".join(f'{{"text": "Q: what is {i} plus {i}? A: {2 * i}"}}\n' for i in range(300)))
-    prepare([f"a={a}", f"b={b}"], smollm2_tokenizer, root / "prepared", holdout=0.05, progress=False)
+    prepare([f"a={a}", f"b={b}"], tiny_models.tokenizer(), root / "prepared", holdout=0.05, progress=False)
     return root / "prepared"
 
 

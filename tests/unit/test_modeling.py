@@ -4,56 +4,13 @@ backprop, save/load. Tiny random models built here; fp32; tolerances stated per 
 import pytest
 import tiny_models
 import torch
-from transformers import (
-    AutoModelForCausalLM,
-    Gemma3TextConfig,
-    LlamaConfig,
-    MistralConfig,
-    Olmo2Config,
-    Qwen2Config,
-    Qwen3Config,
-)
+from tiny_models import BASE_FAMILIES as FAMILIES
+from tiny_models import VOCAB, padded_batch, random_base
+from transformers import AutoModelForCausalLM
 
 import loopfit
 from loopfit.convert import LayerPlan, build_loopfit, plan_layers
 from loopfit.model import LoopfitCache, LoopfitConfig
-
-VOCAB = 128
-COMMON = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
-              num_key_value_heads=2, max_position_embeddings=256)
-LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
-               "high_freq_factor": 4.0, "original_max_position_embeddings": 8}
-FAMILIES = {
-    "llama": lambda: LlamaConfig(**COMMON),
-    "llama3-rope": lambda: LlamaConfig(**COMMON, rope_parameters=LLAMA3_ROPE),
-    "tinyllama-mha": lambda: LlamaConfig(**{**COMMON, "num_key_value_heads": 4}, tie_word_embeddings=True),
-    "mistral-window": lambda: MistralConfig(**COMMON, sliding_window=5),
-    "qwen2": lambda: Qwen2Config(**COMMON),
-    "qwen3": lambda: Qwen3Config(**COMMON, head_dim=24),
-    "olmo2": lambda: Olmo2Config(**COMMON),
-    "gemma3": lambda: Gemma3TextConfig(**COMMON, head_dim=16, sliding_window=4, query_pre_attn_scalar=16,
-                                       layer_types=["sliding_attention", "full_attention"] * 2),
-}
-
-
-def random_base(name, seed=0):
-    """A tiny transformers model of the family, with norms and biases randomised so every weight matters."""
-    torch.manual_seed(seed)
-    base = AutoModelForCausalLM.from_config(FAMILIES[name]()).eval()
-    with torch.no_grad():
-        for pname, p in base.named_parameters():
-            if p.dim() == 1:
-                p.normal_(0.2 if name == "gemma3" else 1.0, 0.1) if "norm" in pname else p.normal_(0, 0.1)
-    return base
-
-
-def padded_batch(seed=0, length=14):
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, VOCAB, (3, length), generator=g)
-    mask = torch.ones_like(ids)
-    mask[1, :3] = 0
-    mask[2, :6] = 0
-    return ids, mask
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -6,6 +6,7 @@ import re
 from pathlib import Path
 
 import pytest
+import tiny_models
 
 from loopfit import recipes
 from loopfit.convert import plan_layers
@@ -25,14 +26,14 @@ GPU = {"tinyllama-448": (22, (4, 8, 4), ([0, 1, 2, 3], list(range(10, 18)), [18,
 
 
 @pytest.fixture(scope="module")
-def data_root(tmp_path_factory, smollm2_tokenizer):
+def data_root(tmp_path_factory):
     """Tiny prepared `general` and `math` datasets (what the recipes' blends name), over 2 x 1024 tokens each."""
     root = tmp_path_factory.mktemp("recipe-data")
     for name, line in (("general", "The river ran past the old mill and the town. "),
                        ("math", "Tom has 3 apples and buys 4 more, so he has 3 + 4 = 7 apples. ")):
         src = root.parent / f"{root.name}-{name}.txt"
         src.write_text(line * 300)
-        prepare([f"{name}={src}"], smollm2_tokenizer, root, holdout=0.0, progress=False)
+        prepare([f"{name}={src}"], tiny_models.tokenizer(), root, holdout=0.0, progress=False)
     return root
 
 

@@ -131,6 +131,20 @@ def test_param_counts_split_model():
     assert param_counts(plain)["plain"] == n(plain) - 256 * 64
 
 
+def test_fsdp_units_are_the_models_own_blocks():
+    """FSDP shards what the model names: every block of a loopfit model, by part, in order; a plain model's
+    layers."""
+    from loopfit.train.distributed import blocks
+
+    model = tiny_models.recurrent()
+    inner = model.model
+    assert blocks(model) == model.fsdp_units()
+    assert [part for part, _ in blocks(model)] == ["prelude", "core", "core", "coda"]
+    assert [b for _, b in blocks(model)] == [*inner.prelude, *inner.core, *inner.coda]
+    plain = tiny_models.llama()
+    assert [b for _, b in blocks(plain)] == list(plain.model.layers)
+
+
 # ------------------------------------------------------------------ optimizers and recipes
 
 

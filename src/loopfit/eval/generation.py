@@ -14,14 +14,11 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 
 from .. import LoopfitError
 from ..loading import is_recurrent
-from ..model import DRAFT_TOKENS
+from ..model import DRAFT_TOKENS, DepthPlan
+from ..model.generation import DraftPolicy, draft_step, verify
 from .loading import steps_kwargs
 
 STOP_TAIL_TOKENS = 24  # stop strings are looked for in the text of a row's latest tokens
-# a sweep's batch stops drafting once it has kept under 70% of 32 or more drafts: a round costs its drafts and a
-# verification, and below about that share it gains less than a plain step of the deep r's costs (measured on a
-# CPU: 92% kept on the quickstart's trained model, 1.4x; 38% on an untrained conversion, 0.7x without this rule)
-MIN_DRAFTS_JUDGED, MIN_DRAFTS_KEPT = 32, 0.7
 
 
 class StopOnStrings(StoppingCriteria):
@@ -135,7 +132,8 @@ def generate_sweep(model, tokenizer, prompts, loops, max_new_tokens=256, stop=()
     agreeing prefix plus one token: positions it did not keep stay in the cache as holes the attention mask
     hides, so no row waits for another. Deep loops then read their weights once for many tokens, and reading is
     what a decoding step is bound by (memory on a CPU, kernel launches on a GPU). A round drafts what the best
-    pair kept last time and two more; a batch that keeps under MIN_DRAFTS_KEPT of its drafts stops drafting."""
+    pair kept last time and one more, and a batch whose drafts are mostly rejected stops drafting (`DraftPolicy`,
+    the rule `generate`'s self-speculation follows too)."""
     depths = sorted({int(r) for r in loops}, reverse=True)
     d = int(draft_loops) if draft_loops is not None and 0 < int(draft_loops) < depths[0] else None
     # decoding rows: one per prompt read at every r >= d (its r's share their loops while their tokens agree; the
@@ -175,12 +173,13 @@ def generate_sweep(model, tokenizer, prompts, loops, max_new_tokens=256, stop=()
                           [reads[0] for _, reads in rows])
         mask = mask[torch.tensor([k for k, _ in rows], device=device)]
         rows, new = [(k, reads, last[k]) for k, reads in rows], {(r, k): [] for r in depths for k in range(b)}
-        drafts, length, checked, kept_drafts = d, draft_tokens, 0, 0
+        policy = DraftPolicy(draft_tokens)
         while rows:
+            drafts = d if policy.drafting else None
             verify_above = drafts or depths[0]  # the r's this round drafts at d loops and verifies
             n_deep = sum(reads[0] > verify_above for _, reads, _ in rows)
             left = max_new_tokens - min(len(new[(r, k)]) for k, reads, _ in rows for r in reads)
-            q, start, best = min(length, left) if n_deep else 1, cache.seen, 0
+            q, start, best, checked, kept_drafts = min(policy.length, left) if n_deep else 1, cache.seen, 0, 0, 0
             first = [0]  # output index of each row's first read
             for _, reads, _ in rows:
                 first.append(first[-1] + len(reads))
@@ -192,20 +191,19 @@ def generate_sweep(model, tokenizer, prompts, loops, max_new_tokens=256, stop=()
             token = torch.tensor([[t] for *_, t in rows], device=device)
             fed, picks, embeds, states = [token[:, 0].tolist()], [], [], []
             for _ in range(q):  # the deep rows draft; the others decode at their own r
-                x, _, _ = model.model(token, mask, None, cache, None, None, False, True, row_steps=drafting)
+                x, e, s = draft_step(model, token, mask, cache, DepthPlan.per_row(drafting, len(rows)),
+                                     slice(n_deep), torch.tensor(first[:n_deep], dtype=torch.long, device=device))
                 mask = torch.cat([mask, mask.new_ones(len(rows), 1)], 1)  # the mask covers the token fed next
                 picks.append(dict(zip(heads, model.head_logits(x[heads, -1]).argmax(-1).tolist())))
                 if n_deep:
-                    embeds.append(cache.last_embed[:n_deep])
-                    states.append(cache.last_state[torch.tensor(first[:n_deep], device=device)])
+                    embeds.append(e)
+                    states.append(s)
                 fed.append([picks[-1][o] for o in first[:-1]])
                 token = torch.tensor([[t] for t in fed[-1]], device=device)
             verified = {}
             if n_deep:  # loops d..r-1 of every drafted token of the deep rows, in one forward
-                cache.seen = start
-                x, _, _ = model.model(None, mask[:n_deep, :start + q], None, cache, None, None, False, True,
-                                      row_steps=[reads for _, reads, _ in rows[:n_deep]],
-                                      resume=(torch.cat(embeds, 1), torch.cat(states, 1), drafts))
+                plan = DepthPlan.per_row([reads for _, reads, _ in rows[:n_deep]], n_deep, first_loop=drafts)
+                x = verify(model, cache, start, mask[:n_deep, :start + q], embeds, states, plan)
                 deep = [o for a, (_, reads, _) in enumerate(rows[:n_deep]) for o, r in enumerate(reads, first[a])
                         if r > verify_above]  # a deep row's r = d output was its draft: no second head
                 verified = dict(zip(deep, model.head_logits(x[deep]).argmax(-1).tolist()))
@@ -227,11 +225,8 @@ def generate_sweep(model, tokenizer, prompts, loops, max_new_tokens=256, stop=()
                     after.append((k, tuple(r for r, _ in members), t, a, [o for _, o in members], kept + 1))
             if not after:
                 break
-            # draft what the best pair kept and one more, up to draft_tokens; a batch whose drafts are mostly
-            # rejected decodes on without them (a verification costs about a plain step's deep loops)
-            length = min(draft_tokens, best + 2)
-            if checked >= MIN_DRAFTS_JUDGED and kept_drafts < MIN_DRAFTS_KEPT * checked:
-                drafts = None
+            if n_deep:
+                policy.update(judged=checked, kept=kept_drafts, best=best)
             after.sort(key=lambda row: -row[1][0])  # deepest rows first (stable)
             old, outputs = [row[3] for row in after], [o for row in after for o in row[4]]
             if old != list(range(len(rows))) or outputs != list(range(first[-1])):  # a split or an ending

@@ -37,7 +37,7 @@ class LoopfitLM(HFLM):
         self.draft_steps = _one_of("draft_steps", draft_steps, "draft_loops", draft_loops)
         self.draft_tokens = int(draft_tokens) if draft_tokens not in (None, "") else None
         if self.draft_steps is not None:
-            from ..generate import check_speculation
+            from ..loops import check_speculation
             from ..model import DRAFT_TOKENS
 
             r = self.num_steps or getattr(self.model.config, "mean_recurrence", None)

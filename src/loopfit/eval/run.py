@@ -37,9 +37,9 @@ from .. import LoopfitError, __version__
 from ..data.shards import tokenizer_fingerprint
 from ..io import atomic_file, check_empty_or_force, check_writable
 from ..loading import is_recurrent, load
+from ..loops import check_speculation, parse_loops
 from ..model import DRAFT_TOKENS
 from . import accuracy, loss
-from .loading import parse_loops
 from .plots import plot_sweep
 
 TASKS = ("loss", *accuracy.TASKS)
@@ -87,17 +87,14 @@ def evaluate(model, loops=(1, 2, 4, 8), tasks=("loss",), out=None, limit=None, s
     `exit_criterion` ('kl:5e-4') lets generated tokens stop looping early (recurrent models); `draft_loops` D
     decodes generations at every r > D by exact self-speculation (`draft_tokens` a round).
     Returns the results dict and, when `out` is given, writes results.json, samples.jsonl and sweep.png there."""
-    loops = parse_loops(",".join(map(str, loops)) if not isinstance(loops, str) else loops)
+    loops = parse_loops(loops)
     tasks = parse_tasks(",".join(tasks) if not isinstance(tasks, str) else tasks)
     name = str(model) if not isinstance(model, tuple) else getattr(model[0].config, "_name_or_path", "model")
     model, tok = model if isinstance(model, tuple) else load(model)
     recurrent = is_recurrent(model)
     if exit_criterion:
         check_exit(exit_criterion, recurrent)
-    if draft_loops is not None:
-        from ..generate import check_speculation
-
-        check_speculation(model, loops, draft_loops, draft_tokens or DRAFT_TOKENS, exit_criterion)
+    check_speculation(model, loops, draft_loops, draft_tokens or DRAFT_TOKENS, exit_criterion)
     run_loops = loops if recurrent else loops[:1]  # a plain model ignores r: run once
     opts = dict(limit=limit, seed=seed, batch_size=batch_size, max_new_tokens=max_new_tokens, data=data,
                 seq_len=seq_len, max_tokens=max_tokens, exit_criterion=exit_criterion, draft_loops=draft_loops,
@@ -198,7 +195,7 @@ def run(args):
         value = getattr(args, flag)
         if value is not None and value < 1:
             raise LoopfitError(f"--{flag.replace('_', '-')} must be >= 1, got {value}")
-    parse_loops(args.loops), parse_tasks(args.tasks)  # malformed lists are refused before the model loads
+    loops, tasks = parse_loops(args.loops), parse_tasks(args.tasks)  # refused before the model loads
     if args.exit_criterion:
         check_exit(args.exit_criterion, recurrent=True)  # the rule's syntax; plain models are refused once loaded
     if args.data and not Path(args.data).is_dir():
@@ -207,7 +204,7 @@ def run(args):
                        else Path(f"eval-{Path(args.model).stem}"))
     check_writable(out)
     check_empty_or_force(out, args.force)
-    results = evaluate(args.model, parse_loops(args.loops), parse_tasks(args.tasks), out=out, limit=args.limit,
+    results = evaluate(args.model, loops, tasks, out=out, limit=args.limit,
                        seed=args.seed, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
                        data=args.data, seq_len=args.seq_len, max_tokens=args.max_tokens,
                        exit_criterion=args.exit_criterion, draft_loops=args.draft_loops,

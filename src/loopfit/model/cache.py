@@ -46,7 +46,6 @@ class LoopfitCache:
         self.start = 0
         self.last_state = None  # final recurrent state of the last token (continuous chain of thought)
         self.loops_used = []  # per decoded token, loops each row ran under adaptive exit
-        self.last_embed = None  # prelude output of the last token (a speculative draft keeps it for verification)
         self.drafts = []  # per speculative round: (tokens drafted, tokens emitted, draft tokens accepted)
 
     def key(self, segment, loop, layer):
@@ -62,11 +61,44 @@ class LoopfitCache:
         self.slots = {key: (k[:, :, :length], v[:, :, :length]) for key, (k, v) in self.slots.items()}
         self.seen = min(self.seen, length)
 
+    def rewind(self, length):
+        """The next forward writes from position `length` on, over what is there (a speculative verification
+        rewrites the deep loops of the tokens its draft wrote); unlike `crop`, nothing is forgotten."""
+        self.seen = length
+
     def begin(self, q_len):
         self.start = self.seen
 
-    def end(self, q_len):
+    def end(self, q_len, last_state=None):
+        """Close a forward of q_len tokens; `last_state` is its last token's final state (for `warm_start`)."""
         self.seen = self.start + q_len
+        self.last_state = last_state
+
+    def record_loops(self, loops):
+        """Log the loops each row ran for one decoded token under an adaptive exit."""
+        self.loops_used.append(loops)
+
+    def record_round(self, drafted, emitted, accepted):
+        """Log one self-speculative round: tokens drafted, tokens emitted, drafted tokens accepted."""
+        self.drafts.append((drafted, emitted, accepted))
+
+    def read_only(self):
+        """A view that reads this cache's earlier tokens without writing this forward's (peeking at the coda)."""
+        return _ReadOnlyCache(self)
+
+    def fall_back_to_earlier_loops(self, loops, first, last, core_layers):
+        """After an adaptive exit: the last token's slot of core loop u (first <= u < last) takes, in rows that
+        stopped after `loops` <= u, what loop u - 1 left there, so later tokens read what an unbatched run would
+        have left (Huginn's fallback). Only the exact policy keeps one slot per loop."""
+        if self.policy != "exact":
+            return
+        for j in range(core_layers):
+            for u in range(first, last):
+                k_u, v_u = self.slots[("core", u, j)]
+                k_p, v_p = self.slots[("core", u - 1, j)]
+                skip = (loops <= u)[:, None, None, None]
+                k_u[:, :, -1:] = torch.where(skip, k_p[:, :, -1:], k_u[:, :, -1:])
+                v_u[:, :, -1:] = torch.where(skip, v_p[:, :, -1:], v_u[:, :, -1:])
 
     def _earlier(self, key, upto):
         segment, loop, layer = key
@@ -123,7 +155,7 @@ class LoopfitCache:
 
         self.slots = {key: (pick(key[0], key[1], k), pick(key[0], key[1], v)) for key, (k, v) in self.slots.items()}
         self.buffers = {}
-        self.last_state = self.last_embed = None
+        self.last_state = None
         return self
 
     def unpack(self, lengths, length):
@@ -143,7 +175,7 @@ class LoopfitCache:
 
         self.slots = {key: (spread(k), spread(v)) for key, (k, v) in self.slots.items()}
         self.buffers, self.seen = {}, length
-        self.last_state = self.last_embed = None
+        self.last_state = None
         return self
 
     def repeat_rows(self, repeats):
@@ -152,7 +184,7 @@ class LoopfitCache:
         self.slots = {key: (k.repeat_interleave(repeats, 0), v.repeat_interleave(repeats, 0))
                       for key, (k, v) in self.slots.items()}
         self.buffers = {}
-        self.last_state = self.last_embed = None
+        self.last_state = None
         return self
 
     def reorder_cache(self, beam_idx):

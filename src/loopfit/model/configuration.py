@@ -6,7 +6,6 @@ sibling files.
 
 import math
 
-import torch
 from transformers import PretrainedConfig
 
 HUGINN_STATE_STD = math.sqrt(2 / (5 * 5280))  # 0.0087039, the state-init sigma of Huginn and the paper
@@ -111,22 +110,6 @@ class LoopfitConfig(PretrainedConfig):
         for t in set(self.layer_types):
             if t not in self.rope:
                 raise ValueError(f"rope has no parameters for layer type {t!r}")
-
-
-def resolve_steps(num_steps, default):
-    """num_steps -> (n loops without gradient, k loops with gradient)."""
-    if num_steps is None:
-        num_steps = default
-    if isinstance(num_steps, torch.Tensor):
-        num_steps = num_steps.tolist()
-    if isinstance(num_steps, (tuple, list)):
-        n, k = (int(s) for s in num_steps)
-    else:
-        n, k = 0, int(num_steps)
-    if n < 0 or k < 0 or n + k < 1:
-        raise ValueError(f"num_steps must be r >= 1 or (n, k) with n, k >= 0 and n + k >= 1 (got {num_steps})")
-    return n, k
-
 
 
 LoopfitConfig.register_for_auto_class()

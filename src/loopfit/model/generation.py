@@ -3,43 +3,40 @@ sampling warps. Functions here take the model as their first argument; `LoopfitF
 
 import torch
 
-from .cache import _ReadOnlyCache
-from .configuration import resolve_steps
+from .depth import DepthPlan, resolve_steps
 
 EXIT_CANDIDATES = 256  # tokens an adaptive exit's later looks score (see `exit_rule`)
 EXIT_LOOK_AGAIN = 2  # latent:T:M: a near-tie found at loop t is looked at again at loop 2t
 DRAFT_TOKENS = 4  # tokens a speculative round drafts by default (see `speculative_generate`)
+# speculation stops once at least MIN_DRAFTS_JUDGED drafts have been judged and under MIN_DRAFTS_KEPT of them were
+# kept: a round costs its drafts and a verification, which a low share does not pay back
+MIN_DRAFTS_JUDGED, MIN_DRAFTS_KEPT = 32, 0.7
 
 
 @torch.no_grad()
-def loop_with_exit(model, s, e, max_loops, run, rule, head, rope, mask, cache):
-    """Decode one token per row, each row stopping its loops once `rule` says its next-token distribution has
-    settled. Rows that stopped keep their state; the loop ends when every row has stopped. Afterwards each
-    cache slot of a loop a row skipped holds that row's latest loop (Huginn's fallback), so later tokens
-    read what an unbatched run would have left there."""
-    peek, candidates = _ReadOnlyCache(cache), None
+def loop_with_exit(lm, step, s, e, max_loops, rule):
+    """The core loop of a decoding step under an adaptive exit: each row stops looping once `rule` says its
+    next-token distribution has settled, up to `max_loops`. Rows that stopped keep their state; the loop ends
+    when every row has stopped. Afterwards each cache slot of a loop a row skipped holds that row's latest loop
+    (Huginn's fallback), so later tokens read what an unbatched run would have left there. `lm` is the
+    LoopfitForCausalLM (its head scores a look). Returns (state, loops each row ran)."""
+    inner, candidates = lm.model, None
 
     def next_token_logprobs(state):  # None for a rule on the state alone (no coda, no head: nearly free)
         nonlocal candidates
         if not rule.reads_logits:
             return None
-        x = state
-        for j, layer in enumerate(model.coda):
-            x = layer(x, rope, mask, peek, cache.key("coda", 0, j))
-        x = model.norm(x)[:, -1]
+        x = inner.read_coda(step, state)[:, -1]
         if candidates is None:  # first look: the whole vocabulary; later looks: its top candidates only
-            logits = head(x).float()
+            logits = lm.lm_head(x).float()
             candidates = logits.topk(min(EXIT_CANDIDATES, logits.shape[-1]), -1).indices
             logits = logits.gather(-1, candidates)
         else:
-            logits = torch.einsum("bh,bkh->bk", x, head.weight[candidates]).float()
+            logits = torch.einsum("bh,bkh->bk", x, lm.lm_head.weight[candidates]).float()
         return torch.log_softmax(logits, dim=-1)
 
     def margin(state):  # one look: top-1 minus top-2 next-token logit (a near-tie flips with a little more depth)
-        x = state
-        for j, layer in enumerate(model.coda):
-            x = layer(x, rope, mask, peek, cache.key("coda", 0, j))
-        top = head(model.norm(x)[:, -1]).float().topk(2, -1).values
+        top = lm.lm_head(inner.read_coda(step, state)[:, -1]).float().topk(2, -1).values
         return top[:, 0] - top[:, 1]
 
     b = s.shape[0]
@@ -48,7 +45,7 @@ def loop_with_exit(model, s, e, max_loops, run, rule, head, rope, mask, cache):
     loops = torch.full((b,), max_loops, dtype=torch.long, device=s.device)
     prev, history = None, []
     for t in range(max_loops):
-        new = run("core", model.core, model.adapter(torch.cat([s, e], dim=-1)), loop=t)
+        new = inner.core_step(step, s, e, t)
         new = torch.where(done[:, None, None], s, new)
         logp = next_token_logprobs(new)
         if prev is not None:
@@ -68,19 +65,10 @@ def loop_with_exit(model, s, e, max_loops, run, rule, head, rope, mask, cache):
         if bool(done.all()):
             break
     used = loops.cpu()
-    last = min(max_loops, t + 1)
-    if cache.policy == "exact":  # rows that stopped early: later loops' slots fall back to their last loop
-        # only the loops past the earliest stop have such rows (none when every row ran to the end or stopped
-        # together, e.g. batch 1): thousands of small kernels saved per token, which a GPU feels
-        for j in range(len(model.core)):
-            for u in range(max(1, int(used.min())), last):
-                k_u, v_u = cache.slots[("core", u, j)]
-                k_p, v_p = cache.slots[("core", u - 1, j)]
-                skip = (loops <= u)[:, None, None, None]
-                k_u[:, :, -1:] = torch.where(skip, k_p[:, :, -1:], k_u[:, :, -1:])
-                v_u[:, :, -1:] = torch.where(skip, v_p[:, :, -1:], v_u[:, :, -1:])
-    cache.loops_used.append(used)
-    return s
+    # only the loops past the earliest stop have rows that skipped them (none when every row ran to the end or
+    # stopped together, e.g. batch 1): the fallback is skipped for the rest
+    step.cache.fall_back_to_earlier_loops(loops, max(1, int(used.min())), min(max_loops, t + 1), len(inner.core))
+    return s, used
 
 
 def exit_rule(spec):
@@ -132,6 +120,40 @@ def exit_rule(spec):
         raise ValueError(f"unknown exit rule {kind!r}: choose one of {', '.join(rules)} (e.g. kl:5e-4)")
     rules[kind].reads_logits, rules[kind].margin = kind != "latent", margin
     return rules[kind]
+
+
+class DraftPolicy:
+    """When and how much a self-speculative decoding loop drafts; `speculative_generate` and the eval's sweep both
+    follow it. A round drafts what the best row kept last round and one more, up to `max_tokens` (rejected drafts
+    are the loss, so rows that disagree early draft little, and rows that agree draft `max_tokens` again); once
+    MIN_DRAFTS_JUDGED drafts have been judged and under MIN_DRAFTS_KEPT of them were kept, drafting stops and
+    decoding goes on plainly."""
+
+    def __init__(self, max_tokens):
+        self.max_tokens, self.length, self.judged, self.kept, self.drafting = max_tokens, max_tokens, 0, 0, True
+
+    def update(self, judged, kept, best):
+        """After a round: `judged` drafts were checked, `kept` of them kept, `best` by the row that kept most."""
+        self.judged, self.kept = self.judged + judged, self.kept + kept
+        self.length = min(self.max_tokens, best + 2)
+        if self.judged >= MIN_DRAFTS_JUDGED and self.kept < MIN_DRAFTS_KEPT * self.judged:
+            self.drafting = False
+
+
+def draft_step(model, token, attention_mask, cache, plan, inputs=slice(None), outputs=slice(None)):
+    """One drafted token a row: a forward at the draft's depth (its loops < d enter the cache, exact for any r).
+    Returns (hidden, e, s): the coda's output, then the prelude output of input rows `inputs` and the state of
+    output rows `outputs` (what the verification resumes the rows it checks from)."""
+    fwd = model.model(token, attention_mask=attention_mask, cache=cache, plan=plan)
+    return fwd.last_hidden_state, fwd.prelude_output[inputs, -1:], fwd.final_state[outputs, -1:]
+
+
+def verify(model, cache, start, attention_mask, embeds, states, plan):
+    """One forward over all the drafted tokens (from cache position `start`) that runs only loops
+    `plan.first_loop`.. and the coda, resuming from the states the drafts left. Returns the coda's output."""
+    cache.rewind(start)
+    return model.model(attention_mask=attention_mask, cache=cache, plan=plan,
+                       resume_from=(torch.cat(embeds, 1), torch.cat(states, 1))).last_hidden_state
 
 
 SPECULATIVE_SETTINGS = ("max_new_tokens", "max_length", "min_new_tokens", "do_sample", "temperature", "top_k",
@@ -231,21 +253,25 @@ def speculative_generate(model, input_ids, draft_steps, draft_tokens=DRAFT_TOKEN
 
     if max_new <= 0:
         return input_ids
-    x, _, _ = model.model(input_ids, mask[:, :prompt_len], None, cache, None, r, False, True)
-    done, generated, length = emit(pick(scores(model.head_logits(x[:, -1:]), 0))), 1, k
+    full, draft_plan = DepthPlan.fixed(r, r, b), DepthPlan.fixed(d, d, b)
+    verify_plan = DepthPlan.fixed(r, r, b, first_loop=d)
+    x = model.model(input_ids, attention_mask=mask[:, :prompt_len], cache=cache, plan=full).last_hidden_state
+    done, generated, policy = emit(pick(scores(model.head_logits(x[:, -1:]), 0))), 1, DraftPolicy(k)
     while not done and generated < max_new:
-        q, start, active = min(length, max_new - generated), cache.seen, ~finished
+        q, start, active = min(policy.length, max_new - generated), cache.seen, ~finished
+        if not policy.drafting:  # a plain r-loop step
+            x = model.model(out[:, -1:], attention_mask=mask[:, :start + 1], cache=cache, plan=full).last_hidden_state
+            done, generated = emit(pick(scores(model.head_logits(x), generated))), generated + 1
+            continue
         token, embeds, states, drafted, draft_scores = out[:, -1:], [], [], [], []
         for i in range(q):  # draft at d loops; the cache keeps loops < d of these tokens, which are exact
-            x, _, _ = model.model(token, mask[:, :start + i + 1], None, cache, None, d, False, True)
-            embeds.append(cache.last_embed)
-            states.append(cache.last_state)
+            x, e, s = draft_step(model, token, mask[:, :start + i + 1], cache, draft_plan)
+            embeds.append(e)
+            states.append(s)
             draft_scores.append(scores(model.head_logits(x), generated + i))
             token = pick(draft_scores[-1])
             drafted.append(token)
-        cache.seen = start  # verify: loops d..r-1 and the coda of all q tokens in one pass
-        x, _, _ = model.model(None, mask[:, :start + q], None, cache, None, r, False, True,
-                             resume=(torch.cat(embeds, 1), torch.cat(states, 1), d))
+        x = verify(model, cache, start, mask[:, :start + q], embeds, states, verify_plan)
         target, drafted = scores(model.head_logits(x), generated), torch.cat(drafted, 1)
         if sample:
             p, p_draft = target.softmax(-1), torch.cat(draft_scores, 1).softmax(-1)
@@ -265,10 +291,9 @@ def speculative_generate(model, input_ids, draft_steps, draft_tokens=DRAFT_TOKEN
         released = (finished | ends) if len(eos) else torch.zeros_like(finished)
         step = int(torch.where(released, q, usable).min())
         cache.crop(start + step)
-        cache.drafts.append((q, step, min(step, int(kept[active].min()))))
-        # draft what the last round kept and one more, up to k: rejected drafts are the loss, so a batch
-        # whose rows disagree early drafts little, and one that agrees drafts k again
-        length = min(k, step + 1)
+        accepted = min(step, int(kept[active].min()))
+        cache.record_round(q, step, accepted)
+        policy.update(judged=q, kept=accepted, best=step - 1)  # the batch advances by its shortest kept prefix
         done, generated = emit(tokens[:, :step]), generated + step
     return out
 

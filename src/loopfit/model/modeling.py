@@ -12,6 +12,8 @@ converted folder carries all of it, so the folder loads with `trust_remote_code=
 """
 
 import math
+from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -21,16 +23,19 @@ from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.utils import ModelOutput
 
 from .cache import CACHE_NAMES, LoopfitCache, find_cache
-from .configuration import ADAPTER_INITS, CACHE_POLICIES, HUGINN_STATE_STD, STATE_INITS, LoopfitConfig, resolve_steps
+from .configuration import ADAPTER_INITS, CACHE_POLICIES, HUGINN_STATE_STD, STATE_INITS, LoopfitConfig
+from .depth import DepthPlan, resolve_steps
 from .generation import DRAFT_TOKENS, exit_rule, loop_with_exit, speculative_generate, warp_logits
 from .losses import causal_lm_loss, linear_cross_entropy
 
 __all__ = [
     "ADAPTER_INITS", "CACHE_NAMES", "CACHE_POLICIES", "DRAFT_TOKENS", "HUGINN_STATE_STD", "STATE_INITS",
-    "LoopfitCache", "LoopfitConfig", "LoopfitForCausalLM", "LoopfitModel", "LoopfitPreTrainedModel",
-    "causal_lm_loss", "exit_rule", "init_adapter", "linear_cross_entropy", "resolve_steps", "warp_logits",
+    "DepthPlan", "LoopfitCache", "LoopfitConfig", "LoopfitForCausalLM", "LoopfitModel", "LoopfitModelOutput",
+    "LoopfitPreTrainedModel", "causal_lm_loss", "exit_rule", "init_adapter", "linear_cross_entropy",
+    "resolve_steps", "warp_logits",
 ]
 
 OUTPUT_CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
@@ -209,36 +214,27 @@ def init_adapter(weight, kind):
         return init.copy_(weight, torch.cat(halves, dim=1))
 
 
-def _ints(values):
-    return [int(r) for r in (values.tolist() if isinstance(values, torch.Tensor) else values)]
+@dataclass
+class LoopfitModelOutput(ModelOutput):
+    """What the inner model returns. `last_hidden_state`: the coda's normed output, one row per read of the depth
+    plan; `final_state`: the recurrent state the coda read (same rows); `prelude_output`: e, one row per input
+    row; `loops_used`: the loops each row ran under an adaptive exit."""
+
+    last_hidden_state: torch.FloatTensor | None = None
+    final_state: torch.FloatTensor | None = None
+    prelude_output: torch.FloatTensor | None = None
+    loops_used: torch.LongTensor | None = None
+    hidden_states: tuple | None = None
+    cache: LoopfitCache | None = None
 
 
-def check_row_steps(row_steps, batch, unsupported):
-    """row_steps -> per row, the r it is read at, deepest first (several r for a row that reads several); rows in
-    non-increasing order of their deepest r (so the rows that run loop t are the first few)."""
-    reads = [tuple(_ints(r)) if isinstance(r, (tuple, list, torch.Tensor)) else (int(r),) for r in row_steps]
-    depth = [rs[0] if rs else 0 for rs in reads]
-    if len(reads) != batch or min(depth, default=0) < 1 or any(a < b for a, b in zip(depth, depth[1:])) \
-            or any(a < b for rs in reads for a, b in zip(rs, rs[1:])) or min(min(rs) for rs in reads) < 1:
-        raise ValueError(f"row_steps must give one r >= 1 (or several r, deepest first) per row, deepest rows first "
-                         f"(got {[rs[0] if len(rs) == 1 else list(rs) for rs in reads]} for {batch} rows)")
-    if unsupported:
-        raise ValueError("row_steps is for inference alone: not with training, sweep, exit_criterion, warm_start "
-                         "or output_hidden_states")
-    return reads
+class ForwardStep:
+    """One forward's view for its blocks: positions, RoPE tables and masks (by layer type and window), the cache,
+    the hidden states kept, and whether it decodes one token a row after cached ones."""
 
-
-def check_sweep(sweep, unsupported, cache_policy):
-    """sweep -> a list of distinct r, deepest first."""
-    depth = _ints(sweep)
-    if not depth or min(depth) < 1 or any(a <= b for a, b in zip(depth, depth[1:])):
-        raise ValueError(f"sweep must list distinct r >= 1, deepest first (got {depth})")
-    if unsupported:
-        raise ValueError("sweep is for inference alone: not with training, row_steps, exit_criterion, warm_start, "
-                         "drafts or output_hidden_states")
-    if cache_policy != "exact":
-        raise ValueError(f"sweep needs cache_policy 'exact', not {cache_policy!r}: a ring slot holds one r's loop")
-    return depth
+    def __init__(self, position_ids, rope, mask, cache, hidden, decoding):
+        self.position_ids, self.rope, self.mask = position_ids, rope, mask
+        self.cache, self.hidden, self.decoding = cache, hidden, decoding
 
 
 class LoopfitModel(LoopfitPreTrainedModel):
@@ -329,20 +325,46 @@ class LoopfitModel(LoopfitPreTrainedModel):
             self._noise_bank = torch.cat(blocks)
         return self._noise_bank[position_ids.cpu()]
 
-    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
-                inputs_embeds=None, num_steps=None, output_hidden_states=False, use_cache=False,
-                exit_rule=None, head=None, warm_start=False, resume=None, row_steps=None, sweep=None):
-        """`resume=(e, s, t)` skips the prelude and starts the core at loop t from state s, with e the prelude's
-        output (speculative verification: loops t.. of tokens whose first t loops a draft already ran).
-        `row_steps` gives each row its own r, `sweep` reads the output at several r (see `LoopfitForCausalLM`)."""
-        if resume is None:
+    def forward(self, input_ids=None, *, attention_mask=None, position_ids=None, cache=None, inputs_embeds=None,
+                plan=None, output_hidden_states=False, warm_start=False, resume_from=None, core_loop=None):
+        """Embed, prelude, the core looped as `plan` says (a DepthPlan; default `config.mean_recurrence` loops for
+        every row), coda. `resume_from=(e, s)` skips the prelude and starts the core at `plan.first_loop` from
+        state s, with e the prelude's output (a speculative verification: loops d.. of tokens whose first d loops
+        a draft already ran). While decoding (one token a row, after cached ones), `core_loop(step, s, e)` replaces
+        the plan's loop by one that picks each row's depth as it goes (the adaptive exit) and returns (state,
+        loops per row). Returns a LoopfitModelOutput."""
+        if resume_from is None:
             x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
             if self.config.embed_scale != 1.0:
                 x = x * torch.tensor(self.config.embed_scale, dtype=x.dtype)
         else:
-            x = resume[0]
+            x = resume_from[0]
+        step = self.begin(x, attention_mask, position_ids, cache, output_hidden_states)
+        plan = plan if plan is not None else DepthPlan.fixed(None, self.config.mean_recurrence, x.shape[0])
+        if resume_from is not None:
+            e, s = resume_from
+        else:
+            e = self.run(step, "prelude", self.prelude, x)
+            if warm_start and step.decoding and cache.last_state is not None:  # continuous chain of thought
+                s = cache.last_state
+            else:
+                s = self.initial_state(e, step.position_ids)
+        loops_used = None
+        if core_loop is not None and step.decoding:
+            s, loops_used = core_loop(step, s, e)
+        else:
+            s = self.loop(step, s, e, plan)
+        x = self.norm(self.run(step, "coda", self.coda, s))
+        if step.hidden is not None:
+            step.hidden.append(x)
+        if cache is not None:
+            cache.end(x.shape[1], last_state=s[:, -1:].detach())
+        return LoopfitModelOutput(last_hidden_state=x, final_state=s, prelude_output=e, loops_used=loops_used,
+                                  hidden_states=tuple(step.hidden) if step.hidden else None, cache=cache)
+
+    def begin(self, x, attention_mask, position_ids, cache, output_hidden_states=False):
+        """What every block of this forward reads: positions, RoPE tables, attention masks, the cache."""
         b, q_len, _ = x.shape
-        cache = past_key_values if use_cache or past_key_values is not None else None
         past = cache.seen if cache is not None else 0
         if attention_mask is not None and attention_mask.dim() == 4 and position_ids is None:
             raise ValueError("a 4D attention_mask (packed sequences) needs position_ids")
@@ -351,77 +373,60 @@ class LoopfitModel(LoopfitPreTrainedModel):
                 position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:past + q_len]
             else:
                 position_ids = torch.arange(past, past + q_len, device=x.device)[None].expand(b, -1)
-        rope = self.rope(position_ids, x.dtype)
-        mask = self.masks(attention_mask, q_len, past, x.device, position_ids)
-        hidden = [] if output_hidden_states else None
         if cache is not None:
             cache.begin(q_len)
+        return ForwardStep(position_ids, self.rope(position_ids, x.dtype),
+                           self.masks(attention_mask, q_len, past, x.device, position_ids), cache,
+                           [] if output_hidden_states else None, cache is not None and q_len == 1 and past > 0)
 
-        def run(segment, layers, x, loop=0, rows=None):  # rows: only the first `rows` rows take part
-            rope_, mask_ = (rope, mask) if rows is None else (
-                {t: (cos[:rows], sin[:rows]) for t, (cos, sin) in rope.items()},
-                {w: None if m is None else m[:rows] for w, m in mask.items()})
-            for j, layer in enumerate(layers):
-                if hidden is not None:
-                    hidden.append(x)
-                key = cache.key(segment, loop, j) if cache is not None else None
-                x = layer(x, rope_, mask_, cache, key)
-            return x
+    def run(self, step, segment, layers, x, loop=0, rows=None):
+        """x through `layers` (cache slots of `segment`, loop); with `rows`, only the first `rows` rows."""
+        rope, mask = step.rope, step.mask
+        if rows is not None:
+            rope = {t: (cos[:rows], sin[:rows]) for t, (cos, sin) in rope.items()}
+            mask = {w: None if m is None else m[:rows] for w, m in mask.items()}
+        for j, layer in enumerate(layers):
+            if step.hidden is not None:
+                step.hidden.append(x)
+            key = step.cache.key(segment, loop, j) if step.cache is not None else None
+            x = layer(x, rope, mask, step.cache, key)
+        return x
 
-        decoding = cache is not None and q_len == 1 and past > 0
-        if resume is not None:
-            e, s, first_loop = resume
-        else:
-            e, first_loop = run("prelude", self.prelude, x), 0
-            if warm_start and decoding and cache.last_state is not None:  # continuous chain of thought
-                s = cache.last_state
-            else:
-                s = self.initial_state(e, position_ids)
-        n, k = resolve_steps(num_steps, self.config.mean_recurrence)
-        inference_only = self.training or exit_rule is not None or warm_start or hidden is not None \
-            or (row_steps is not None and sweep is not None)
-        if sweep is not None:  # loops 0..t are the same whatever r: run the deepest r once, keep s_r for each r
-            depth, states = check_sweep(sweep, inference_only or resume is not None,
-                                        cache.policy if cache is not None else "exact"), {}
-            for t in range(depth[0]):
-                s = run("core", self.core, self.adapter(torch.cat([s, e], dim=-1)), loop=t)
-                states[t + 1] = s
-            s, g = torch.cat([states[r] for r in depth]), len(depth)  # the coda reads every r: rows r-major
-            rope = {t: tuple(x if x.shape[0] == 1 else x.repeat(g, 1, 1, 1) for x in cs) for t, cs in rope.items()}
-            mask = {w: m if m is None or m.shape[0] == 1 else m.repeat(g, 1, 1, 1) for w, m in mask.items()}
-        elif row_steps is not None:  # row i runs its deepest r; deepest rows first, so loop t runs rows [:m]
-            reads = check_row_steps(row_steps, b, inference_only)
-            if min(rs[-1] for rs in reads) < first_loop:
-                raise ValueError(f"a row_steps pass resumed at loop {first_loop} reads only r >= {first_loop}")
-            depth, wanted, after = [rs[0] for rs in reads], {r for rs in reads for r in rs[1:]}, {}
-            if first_loop in wanted:  # a resumed row read at its first loop: the state it resumes from
-                after[first_loop] = s
-            for t in range(first_loop, depth[0]):  # a resumed row (speculative verification) starts at its loop
-                m = sum(r > t for r in depth)
-                new = run("core", self.core, self.adapter(torch.cat([s[:m], e[:m]], dim=-1)), loop=t, rows=m)
-                s = new if m == b else torch.cat([new, s[m:]])
-                if t + 1 in wanted:
-                    after[t + 1] = s
-            if wanted:  # rows reading several r: one output row per (row, r), row-major, so the coda reads each
-                rows = torch.tensor([i for i, rs in enumerate(reads) for _ in rs], device=s.device)
-                s = torch.cat([(s if j == 0 else after[r])[i:i + 1] for i, rs in enumerate(reads)
-                               for j, r in enumerate(rs)])
-                rope = {t: tuple(x if x.shape[0] == 1 else x[rows] for x in cs) for t, cs in rope.items()}
-                mask = {w: m if m is None or m.shape[0] == 1 else m[rows] for w, m in mask.items()}
-        elif exit_rule is not None and decoding:
-            s = loop_with_exit(self, s, e, n + k, run, exit_rule, head, rope, mask, cache)
-        else:
-            for t in range(first_loop, n + k):
-                with torch.set_grad_enabled(torch.is_grad_enabled() and t >= n):  # truncated backprop: last k loops
-                    s = run("core", self.core, self.adapter(torch.cat([s, e], dim=-1)), loop=t)
-        if cache is not None:
-            cache.last_state, cache.last_embed = s[:, -1:].detach(), e[:, -1:].detach()
-        x = self.norm(run("coda", self.coda, s))
-        if hidden is not None:
-            hidden.append(x)
-        if cache is not None:
-            cache.end(q_len)
-        return x, cache, hidden
+    def core_step(self, step, s, e, loop, rows=None):
+        """One loop of the core: s_{t+1} = Core(Adapter(concat[s_t, e]))."""
+        return self.run(step, "core", self.core, self.adapter(torch.cat([s, e], dim=-1)), loop=loop, rows=rows)
+
+    def read_coda(self, step, s):
+        """The normed coda output for states s, reading earlier tokens from the cache without writing this
+        forward's (the adaptive exit looks at a state's next token before deciding to loop on)."""
+        peek = step.cache.read_only()
+        for j, layer in enumerate(self.coda):
+            s = layer(s, step.rope, step.mask, peek, step.cache.key("coda", 0, j))
+        return self.norm(s)
+
+    def loop(self, step, s, e, plan):
+        """The core loop: row i runs to its deepest r (rows deepest first, so loop t runs the first few rows), and
+        the states the coda reads come out one row per plan output."""
+        b, wanted, kept = s.shape[0], plan.read_on_the_way, {}
+        if plan.first_loop in wanted:  # a resumed row read at its first loop: the state it resumes from
+            kept[plan.first_loop] = s
+        for t in range(plan.first_loop, plan.depth):
+            m = plan.rows_at(t)
+            with torch.set_grad_enabled(torch.is_grad_enabled() and t >= plan.no_grad_loops):  # truncated backprop
+                if m == b:
+                    s = self.core_step(step, s, e, t)
+                else:
+                    s = torch.cat([self.core_step(step, s[:m], e[:m], t, rows=m), s[m:]])
+            if t + 1 in wanted:
+                kept[t + 1] = s
+        if plan.one_read_per_row:
+            return s
+        # one output row per (row, r): the coda reads each, and its rows take their input row's positions and mask
+        s = torch.cat([(s if r == plan.reads[i][0] else kept[r])[i:i + 1] for i, r in plan.outputs])
+        rows = torch.tensor([i for i, _ in plan.outputs], device=s.device)
+        step.rope = {t: tuple(x if x.shape[0] == 1 else x[rows] for x in cs) for t, cs in step.rope.items()}
+        step.mask = {w: m if m is None or m.shape[0] == 1 else m[rows] for w, m in step.mask.items()}
+        return s
 
 
 class LoopfitForCausalLM(LoopfitPreTrainedModel, GenerationMixin):
@@ -466,10 +471,25 @@ class LoopfitForCausalLM(LoopfitPreTrainedModel, GenerationMixin):
         if use_cache and past_key_values is None:
             past_key_values = self.new_cache()
         rule = exit_rule(exit_criterion) if exit_criterion else None
-        x, cache, hidden = self.model(
-            input_ids, attention_mask, position_ids, past_key_values, inputs_embeds, num_steps,
-            bool(output_hidden_states), use_cache, rule, self.lm_head, warm_start, row_steps=row_steps, sweep=sweep,
-        )
+        batch = (input_ids if input_ids is not None else inputs_embeds).shape[0]
+        inference_only = self.training or rule is not None or warm_start or bool(output_hidden_states) \
+            or (row_steps is not None and sweep is not None)
+        if sweep is not None:
+            policy = past_key_values.policy if past_key_values is not None else "exact"
+            plan = DepthPlan.sweep(sweep, batch, inference_only, policy)
+        elif row_steps is not None:
+            plan = DepthPlan.per_row(row_steps, batch, unsupported=inference_only)
+        else:
+            plan = DepthPlan.fixed(num_steps, self.config.mean_recurrence, batch)
+        core_loop = None
+        if rule is not None:  # while decoding, each row loops until the rule says its next token has settled
+            core_loop = partial(loop_with_exit, self, max_loops=plan.depth, rule=rule)
+        out = self.model(input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=past_key_values,
+                         inputs_embeds=inputs_embeds, plan=plan, output_hidden_states=bool(output_hidden_states),
+                         warm_start=warm_start, core_loop=core_loop)
+        x, cache, hidden = out.last_hidden_state, out.cache, out.hidden_states
+        if out.loops_used is not None:
+            cache.record_loops(out.loops_used)
         if labels is not None and sweep is not None:  # one loss per r, without the full logits
             rows = labels.shape[0]
             loss = torch.stack([linear_cross_entropy(x[j * rows:(j + 1) * rows], self.lm_head.weight, labels,
@@ -480,15 +500,33 @@ class LoopfitForCausalLM(LoopfitPreTrainedModel, GenerationMixin):
         if labels is not None and not return_logits:
             loss = linear_cross_entropy(x, self.lm_head.weight, labels, num_items_in_batch,
                                         self.config.final_logit_softcapping)
-            return CausalLMOutputWithPast(loss=loss, logits=None, hidden_states=tuple(hidden) if hidden else None,
+            return CausalLMOutputWithPast(loss=loss, logits=None, hidden_states=hidden,
                                           **{OUTPUT_CACHE_FIELD: cache})
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) and logits_to_keep else slice(None)
         logits = self.head_logits(x[:, keep])
         loss = None
         if labels is not None:
             loss = causal_lm_loss(logits, labels, num_items_in_batch)
-        return CausalLMOutputWithPast(loss=loss, logits=logits, hidden_states=tuple(hidden) if hidden else None,
+        return CausalLMOutputWithPast(loss=loss, logits=logits, hidden_states=hidden,
                                       **{OUTPUT_CACHE_FIELD: cache})
+
+    def flop_groups(self):
+        """Non-embedding parameters by how often a token's forward uses them: the prelude, the coda and the final
+        norm once, the core and the adapter once per loop (the training FLOPs count reads these)."""
+        inner = self.model
+
+        def count(*modules):
+            return sum(p.numel() for m in modules for p in m.parameters())
+
+        return {"prelude": count(inner.prelude), "core": count(inner.core), "coda": count(inner.coda),
+                "adapter": count(inner.adapter), "final_norm": count(inner.norm)}
+
+    def fsdp_units(self):
+        """(part, block) for every transformer block, the units FSDP shards one by one; the core's blocks run every
+        loop, so a caller keeps them unsharded between loops."""
+        inner = self.model
+        return ([("prelude", b) for b in inner.prelude] + [("core", b) for b in inner.core]
+                + [("coda", b) for b in inner.coda])
 
     def head_logits(self, x):
         logits = self.lm_head(x)

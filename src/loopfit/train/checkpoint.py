@@ -14,7 +14,6 @@ skipped on resume with a message, falling back to the previous good one.
 """
 
 import json
-import os
 import re
 import shutil
 import time
@@ -120,21 +119,12 @@ def save(out_dir, step, model, optimizers, trainer_state, d, keep=3, recipe=None
             torch.save({**trainer_state, "rng": rngs, "world": d.world}, tmp / "state.pt")
             readable = {k: v for k, v in trainer_state.items() if isinstance(v, (int, float, str))}
             (tmp / "trainer.json").write_text(json.dumps({**readable, "world": d.world, "recipe": recipe}, indent=1))
-            _test_pause()
             sums = {name: sha256_file(tmp / name) for name in FILES}
             (tmp / "manifest.json").write_text(json.dumps({"sha256": sums, "time": time.time()}))
         for _, old in list_checkpoints(out_dir)[max(1, keep):]:
             shutil.rmtree(old, ignore_errors=True)
     distributed.barrier()
     return path
-
-
-def _test_pause():
-    # Fault-injection knob for the crash-during-write tests: sleep between writing a checkpoint's files and its
-    # manifest, and before final/ is renamed into place.
-    delay = float(os.environ.get("LOOPFIT_TEST_CHECKPOINT_PAUSE", "0") or 0)
-    if delay:
-        time.sleep(delay)
 
 
 def load(path, model, optimizers, d):

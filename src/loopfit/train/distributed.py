@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from ..loading import is_recurrent
+
 
 @dataclass
 class Dist:
@@ -49,10 +51,9 @@ def teardown():
 
 def blocks(model):
     """The transformer blocks of a loopfit model (prelude, core, coda) or of a plain HF causal LM (model.layers)."""
+    if is_recurrent(model):
+        return model.fsdp_units()
     inner = getattr(model, "model", model)
-    if hasattr(inner, "core"):
-        return ([("prelude", b) for b in inner.prelude] + [("core", b) for b in inner.core]
-                + [("coda", b) for b in inner.coda])
     layers = getattr(inner, "layers", None) or getattr(inner, "h", None)
     if layers is None:
         raise ValueError(f"cannot find the transformer blocks of {type(model).__name__} for FSDP")

@@ -12,21 +12,17 @@ import time
 
 import torch
 
+from ..loading import is_recurrent
+
 # Dense bf16 peak FLOP/s (no sparsity) of common accelerators, by a substring of torch.cuda.get_device_name().
 GPU_PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12, "4090": 165e12}
-
-
-def _numel(modules):
-    return sum(p.numel() for m in modules for p in m.parameters())
 
 
 def param_counts(model):
     """Non-embedding parameters: {'prelude','core','coda','adapter','final_norm'} for a loopfit model, {'plain'}
     for any other causal LM."""
-    inner = getattr(model, "model", model)
-    if all(hasattr(inner, a) for a in ("prelude", "core", "coda", "adapter")):
-        return {"prelude": _numel(inner.prelude), "core": _numel(inner.core), "coda": _numel(inner.coda),
-                "adapter": _numel([inner.adapter]), "final_norm": _numel([inner.norm])}
+    if is_recurrent(model):
+        return model.flop_groups()
     skip = {id(p) for m in (model.get_input_embeddings(), model.get_output_embeddings()) if m is not None
             for p in m.parameters()}
     return {"plain": sum(p.numel() for p in {id(p): p for p in model.parameters()}.values() if id(p) not in skip)}

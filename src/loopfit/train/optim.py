@@ -27,9 +27,9 @@ def split_params(model):
 class Muon(torch.optim.Muon):
     """torch.optim.Muon with the Newton-Schulz orthogonalisation in fp32 on CPU, and batched over same-shaped
     matrices (the q, k, v, o, MLP matrices of every block): one bmm per iteration instead of one small matmul per
-    matrix, which on a CPU with small batches made Newton-Schulz about half of a step. torch runs it in bf16,
-    right on GPUs (and what the paper used) but on a CPU without fast bf16 matmul a SmolLM2 slice step took
-    minutes instead of seconds. Same math, state (momentum_buffer) and checkpoints as torch's."""
+    matrix, which dominates a small-batch step on a CPU. torch runs it in bf16, right on GPUs (and what the paper
+    used) but very slow on a CPU without fast bf16 matmul. Same math, state (momentum_buffer) and checkpoints as
+    torch's."""
 
     @torch.no_grad()
     def step(self, closure=None):

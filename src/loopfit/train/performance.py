@@ -5,8 +5,8 @@ model: every block of the same family shares one compiled graph (module paramete
 looped core runs that graph for every loop and every sampled (n, k) without recompiling; the loop itself, the
 no-grad / grad switch of truncated backprop and the loss stay eager Python. One graph is made for loops with
 gradients and one for loops without. `auto` compiles on CUDA only: on a CPU the first steps spend tens of seconds
-compiling (26 s for a tiny model on a 2-core machine) for a step about 0.76x eager on a SmolLM2 slice, which a
-short CPU run (tests, the quickstart) does not earn back; ask for it with `train.compile: true` on long CPU runs.
+compiling for a modest gain per step, which a short CPU run (tests, the quickstart) does not earn back; ask for it
+with `train.compile: true` on long CPU runs.
 
 Activation checkpointing (`train.activation_checkpointing`) recomputes blocks in the backward instead of keeping
 their activations: `core` the core blocks (the loops with gradients hold k copies of their activations), `all`

@@ -157,7 +157,6 @@ def _export_final(out_dir, model, cfg, d):
                 if f.is_file() and f.suffix not in (".safetensors", ".bin", ".pt") and f.name not in (
                         "config.json", "model.safetensors.index.json") and not (tmp / f.name).exists():
                     (tmp / f.name).write_bytes(f.read_bytes())
-            checkpoint._test_pause()  # fault injection: the kill-during-export test kills the run here
     distributed.barrier()
     return dest
 

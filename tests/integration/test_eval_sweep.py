@@ -13,9 +13,9 @@ from loopfit import LoopfitError, LoopfitForCausalLM
 from loopfit.cli import main as cli
 from loopfit.eval import run as eval_run
 from loopfit.eval.generation import generate
-from loopfit.eval.loading import parse_loops
 from loopfit.eval.prompts import gsm8k_prompt
 from loopfit.loading import load
+from loopfit.loops import parse_loops
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -83,6 +83,22 @@ def test_batched_left_padded_generation_equals_one_by_one(tiny_loopfit):
     assert tok.padding_side == "right"
     single = generate(model, tok, prompts, num_steps=3, max_new_tokens=6, stop=["\n\n"], batch_size=1)
     assert batched == single
+
+
+def test_eval_reads_loops_from_the_edge_module_not_another_verb():
+    """`--loops` and the speculation settings are read by `loopfit.loops`; no module of `loopfit.eval` imports
+    another verb's module (generate, convert, analyze, quickstart)."""
+    import ast
+    from pathlib import Path
+
+    import loopfit.eval
+
+    verbs = {"generate", "convert", "analyze", "quickstart"}
+    for path in Path(loopfit.eval.__file__).parent.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level == 2:
+                assert node.module not in verbs and not (node.module is None and
+                                                         {a.name for a in node.names} & verbs), path.name
 
 
 def test_bad_input_is_refused_with_one_line(tiny_loopfit, tmp_path, capsys):
