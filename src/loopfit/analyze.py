@@ -16,8 +16,6 @@ kept default to the paper's TinyLlama (4,8,4)-of-22 proportions; set them with -
 import json
 from pathlib import Path
 
-import torch
-
 from . import LoopfitError
 from .io import atomic_file, check_writable
 
@@ -40,11 +38,12 @@ def _hidden(x):
 
 def cosine_distance(h_in, h_out, mask):
     """1 - mean cosine similarity over the unmasked tokens."""
+    import torch
+
     cos = torch.nn.functional.cosine_similarity(h_in.float(), h_out.float(), dim=-1)
     return float(1 - (cos * mask).sum() / mask.sum())
 
 
-@torch.no_grad()
 def block_influence(model, input_ids, attention_mask):
     """[BI_0, ..., BI_{L-1}] from one forward pass with hooks on every layer."""
     layers, scores = decoder_layers(model), []
@@ -63,13 +62,11 @@ def block_influence(model, input_ids, attention_mask):
     return scores
 
 
-@torch.no_grad()
 def lm_loss(model, input_ids, attention_mask):
     labels = input_ids.masked_fill(attention_mask == 0, -100)
     return float(model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss)
 
 
-@torch.no_grad()
 def loss_without(model, layer, input_ids, attention_mask):
     """The loss with `layer` skipped: its output replaced by its input."""
 
@@ -86,13 +83,15 @@ def loss_without(model, layer, input_ids, attention_mask):
 
 def layer_importance(model, input_ids, attention_mask, progress=True):
     """{'base_loss', 'block_influence': [...], 'loss_increase': [...]} for every decoder layer."""
+    import torch
     from tqdm.auto import tqdm
 
-    base = lm_loss(model, input_ids, attention_mask)
-    bi = block_influence(model, input_ids, attention_mask)
-    layers = decoder_layers(model)
-    increase = [loss_without(model, layer, input_ids, attention_mask) - base
-                for layer in tqdm(layers, desc="remove layer", disable=not progress, leave=False)]
+    with torch.no_grad():
+        base = lm_loss(model, input_ids, attention_mask)
+        bi = block_influence(model, input_ids, attention_mask)
+        layers = decoder_layers(model)
+        increase = [loss_without(model, layer, input_ids, attention_mask) - base
+                    for layer in tqdm(layers, desc="remove layer", disable=not progress, leave=False)]
     return {"base_loss": base, "block_influence": bi, "loss_increase": increase}
 
 
@@ -145,6 +144,8 @@ def convert_command(source, s):
 
 def sample_batch(tokenizer, text_file=None, samples=4, seq_len=256):
     """`samples` rows of `seq_len` tokens from a text file, or from LAMBADA passages by default."""
+    import torch
+
     from .eval.loss import pack, read_texts
 
     rows = pack(tokenizer, read_texts(text_file, "--text"), seq_len, samples * seq_len)

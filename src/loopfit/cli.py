@@ -14,7 +14,7 @@ VERBS = {
     "analyze": ("loopfit.analyze", "per-layer importance on sample text; suggests (prelude, core, coda) layers"),
     "convert": ("loopfit.convert", "pretrained model (folder, GGUF or short name) -> recurrent loopfit model folder"),
     "prepare": ("loopfit.data.prepare", "text, JSONL, CSV, Parquet, Arrow, chats, generators -> token shards"),
-    "train": ("loopfit.train.trainer", "continue pretraining a recurrent or plain model from a YAML recipe"),
+    "train": ("loopfit.train.command", "continue pretraining a recurrent or plain model from a YAML recipe"),
     "eval": ("loopfit.eval.run", "loss and GSM8K / MATH accuracy as test-time recurrence grows"),
     "compare": ("loopfit.eval.compare", "equal-FLOPs comparison report of several runs (markdown + PNG)"),
     "generate": ("loopfit.generate", "generate text with a chosen number of loops, optionally exiting early"),

@@ -24,14 +24,15 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-
 from . import LoopfitError, __version__
 from .io import check_writable
 from .loading import base_config, check_family, is_recurrent, load_base, resolve_source
-from .model import ADAPTER_INITS, STATE_INITS, LoopfitConfig, LoopfitForCausalLM, init_adapter
 
 INITS = ("pretrained", "random")
+# the model's choices, written here too so that `convert --help` need not import the model (torch); keep equal to
+# loopfit.model.ADAPTER_INITS and STATE_INITS (a test checks)
+ADAPTER_INITS = ("random", "passthrough", "state", "mean")
+STATE_INITS = ("normal", "zeros", "embed")
 
 # Conversion is plan layers -> map weights -> parity report -> write the folder; reading the base model (short
 # names, GGUF, folders) is loopfit.loading's.
@@ -173,6 +174,8 @@ def loopfit_config(base_cfg, plan, adapter_init="random", state_init="normal", r
                    **extra):
     """The loopfit config for a base config and a layer plan; the head stays tied to the embeddings where the
     base's is, unless `untie_head`."""
+    from .model import LoopfitConfig
+
     cfg = base_cfg.get_text_config()
     tied = bool(getattr(base_cfg, "tie_word_embeddings", False) or getattr(cfg, "tie_word_embeddings", False))
     types = _layer_types(cfg)
@@ -221,6 +224,10 @@ def map_weights(base_state, base_cfg, plan):
 
 def build_loopfit(base_model, plan, **config_kwargs):
     """A loopfit model holding the base model's weights for the planned layers (fp32, eval mode)."""
+    import torch
+
+    from .model import LoopfitForCausalLM, init_adapter
+
     config = loopfit_config(base_model.config, plan, **config_kwargs)
     with torch.device("meta"):
         model = LoopfitForCausalLM(config)
@@ -244,6 +251,8 @@ def random_loopfit(base_model, plan, **config_kwargs):
     """A loopfit model of build_loopfit's shape and config with every weight drawn by the model's own init (normal
     with std config.initializer_range, norms at 1, the adapter per adapter_init): the control that shows what
     reusing the pretrained layers buys. Seed torch first for a reproducible draw."""
+    from .model import LoopfitForCausalLM
+
     model = LoopfitForCausalLM(loopfit_config(base_model.config, plan, **config_kwargs))
     return model.float().eval()
 
@@ -278,20 +287,23 @@ class ParityReport:
         ]
 
 
-@torch.no_grad()
 def parity_report(base_model, model, tokenizer, plan, text=SAMPLE_TEXT, random_init=False):
+    import torch
+
     ids = tokenizer(text, return_tensors="pt").input_ids
-    base_logits = base_model(ids).logits.float()
     split = len(plan.prelude)
     everything = LayerPlan(list(range(split)), list(range(split, plan.num_base_layers - len(plan.coda))),
                            list(range(plan.num_base_layers - len(plan.coda), plan.num_base_layers)),
                            plan.num_base_layers)
-    identity = build_loopfit(base_model, everything, adapter_init="passthrough", state_init="zeros", recurrence=1)
-    diff = (identity(ids, num_steps=1).logits.float() - base_logits).abs().max().item()
-    del identity
-    base_loss = torch.nn.functional.cross_entropy(base_logits[0, :-1], ids[0, 1:]).item()
-    r = model.config.mean_recurrence
-    conv_loss = model(ids, labels=ids, num_steps=r).loss.item()
+    with torch.no_grad():
+        base_logits = base_model(ids).logits.float()
+        identity = build_loopfit(base_model, everything, adapter_init="passthrough", state_init="zeros",
+                                 recurrence=1)
+        diff = (identity(ids, num_steps=1).logits.float() - base_logits).abs().max().item()
+        del identity
+        base_loss = torch.nn.functional.cross_entropy(base_logits[0, :-1], ids[0, 1:]).item()
+        r = model.config.mean_recurrence
+        conv_loss = model(ids, labels=ids, num_steps=r).loss.item()
     notes = []
     if random_init:
         notes.append(f"random init: every weight drawn afresh (normal, std {model.config.initializer_range}); only "
@@ -343,6 +355,8 @@ def model_card(config, plan, source, report, init="pretrained"):
 
 
 def save_folder(model, tokenizer, out, source, plan, report=None, dtype=None, force=False, init="pretrained"):
+    import torch
+
     from .io import atomic_dir
 
     out = Path(out)
@@ -364,6 +378,8 @@ def convert(source, out, layers=None, prelude=None, core=None, coda=None, adapte
     """Convert SOURCE into a loopfit folder at OUT; returns (model, ParityReport or None). `init="random"` keeps
     the planned shape and config but draws every weight afresh (see random_loopfit). A base whose head is tied
     to its embeddings keeps the tie unless `untie_head` (the head then trains as its own matrix)."""
+    import torch
+
     if recurrence < 1:
         raise LoopfitError(f"--recurrence must be >= 1 (got {recurrence}): it is the default number of loops")
     if adapter_init not in ADAPTER_INITS or state_init not in STATE_INITS:
@@ -417,6 +433,8 @@ def refresh_model_file(folder, log=print):
 
 
 def _save_dtype(dtype, source, base):
+    import torch
+
     if dtype != "auto":
         return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
     src = getattr(base.config, "dtype", None)

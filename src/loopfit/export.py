@@ -13,13 +13,11 @@ folder is already a transformers folder: it loads with `trust_remote_code=True`,
 import sys
 from pathlib import Path
 
-import torch
-
 from . import LoopfitError
 from .io import atomic_dir, check_writable
 from .loading import is_recurrent, load_base
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = ("float32", "bfloat16", "float16")  # torch dtype names
 
 
 def export(source, out, dtype="float32", force=False):
@@ -33,10 +31,12 @@ def export(source, out, dtype="float32", force=False):
     if Path(source).is_dir() and is_recurrent(source):
         raise LoopfitError(f"{source} is a loopfit (recurrent) model: it is already a transformers folder (load it "
                            "with trust_remote_code=True, or import loopfit); export takes plain models")
+    import torch
+
     model, tokenizer = load_base(source)
     model.config.__dict__.pop("loopfit_version", None)
     with atomic_dir(out, force=force) as tmp:
-        model.to(DTYPES[dtype]).save_pretrained(tmp)
+        model.to(getattr(torch, dtype)).save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
     return out
 
@@ -45,7 +45,7 @@ def add_arguments(parser):
     parser.add_argument("source", metavar="SRC", help="offline short name, .gguf file, or a plain transformers "
                         "folder (e.g. a trained baseline's final/)")
     parser.add_argument("--out", required=True, help="the folder to write (must not exist unless --force)")
-    parser.add_argument("--dtype", default="float32", choices=tuple(DTYPES), help="weights dtype (default float32)")
+    parser.add_argument("--dtype", default="float32", choices=DTYPES, help="weights dtype (default float32)")
     parser.add_argument("--force", action="store_true", help="replace --out if it exists")
 
 

@@ -28,11 +28,8 @@ benchmarks/BENCHMARKS.md); a batch advances by its shortest kept prefix, so it g
 import sys
 import time
 
-import torch
-
 from . import LoopfitError
-from .loops import check_speculation
-from .model import DRAFT_TOKENS
+from .loops import DRAFT_TOKENS, check_speculation
 
 RENAMED_FLAGS = {"--steps": "--loops", "--draft-steps": "--draft-loops"}  # old names, accepted for one release
 
@@ -123,6 +120,8 @@ def generate(model, tokenizer, prompts, loops=None, exit_criterion=None, warm_st
              temperature=0.0, top_p=1.0, chat=False, draft_loops=None, draft_tokens=DRAFT_TOKENS):
     """Generate continuations for a batch of prompts (left padded) at `loops` r per token. Returns (texts, mean
     loops or None). `draft_loops` decodes by exact self-speculation (`draft_tokens` a round)."""
+    import torch
+
     from .loading import is_recurrent
 
     check_arguments(prompts, loops, exit_criterion, max_new_tokens, temperature, top_p, draft_loops, draft_tokens,
@@ -175,6 +174,8 @@ def _context_of(source):
 
 
 def run(args):
+    import torch
+
     from .loading import load, load_tokenizer
 
     prompts = args.prompt

@@ -17,8 +17,6 @@ import struct
 from collections.abc import Mapping
 from pathlib import Path
 
-import torch
-
 from . import LoopfitError, __version__
 from .assets import CACHE_DIR, OFFLINE_MODELS, offline_gguf
 from .io import atomic_dir
@@ -188,17 +186,20 @@ def check_folder_version(folder):
                            f"newer than the installed loopfit {__version__}: upgrade with `pip install -U loopfit`")
 
 
-def from_pretrained(folder, dtype=torch.float32, what=None):
+def from_pretrained(folder, dtype=None, what=None):
     """AutoModelForCausalLM.from_pretrained(folder) (loopfit folders need no remote code: importing loopfit
     registers the model type) with one-line errors for a newer loopfit's folder and for missing, truncated or
-    corrupt weights. `what` names the setting the folder came from in the error (e.g. "model.init_from")."""
+    corrupt weights. `dtype` defaults to float32. `what` names the setting the folder came from in the error
+    (e.g. "model.init_from")."""
+    import torch
     from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM
 
     check_folder_version(folder)
     where = f"of {what}" if what else "in"
     try:
-        model, info = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype, output_loading_info=True)
+        model, info = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype or torch.float32,
+                                                           output_loading_info=True)
     except (OSError, ValueError, RuntimeError, KeyError, SafetensorError) as e:
         raise LoopfitError(f"cannot read the weights {where} {folder} ({type(e).__name__}: {_first_line(e)}): check "
                            "that its model.safetensors is complete (copy, convert or save it again)") from None
@@ -218,6 +219,7 @@ def from_pretrained(folder, dtype=torch.float32, what=None):
 
 def _dequantized_copy(model):
     # A model loaded from GGUF carries quantization_config, which save_pretrained refuses: rebuild it plain.
+    import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
     cfg = model.config.to_dict()
@@ -233,11 +235,13 @@ def _dequantized_copy(model):
     return plain
 
 
-def _load_gguf(path, dtype):
+def _load_gguf(path, dtype=None):
+    import torch
     from transformers import AutoModelForCausalLM
 
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
+                                                     dtype=dtype or torch.float32)
     except GGUF_ERRORS as e:
         raise _bad_gguf(path, e) from None
     check_family(model.config.get_text_config())
@@ -252,17 +256,17 @@ def offline_folder(name):
         return folder
     path = offline_gguf(name)
     base_config(path)
-    model, tokenizer = _load_gguf(path, torch.float32)
+    model, tokenizer = _load_gguf(path)
     with atomic_dir(folder, force=True) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
     return folder
 
 
-def load_base(source, dtype=torch.float32):
-    """A plain transformers causal LM (fp32, no quantization config) in eval mode and its tokenizer (as saved),
-    from a folder, GGUF file or short name (its cached fp32 folder). Raises LoopfitError for unsupported
-    architectures, missing or corrupt weights and a tokenizer of another model."""
+def load_base(source, dtype=None):
+    """A plain transformers causal LM (`dtype`, float32 by default; no quantization config) in eval mode and its
+    tokenizer (as saved), from a folder, GGUF file or short name (its cached fp32 folder). Raises LoopfitError for
+    unsupported architectures, missing or corrupt weights and a tokenizer of another model."""
     kind, path = resolve_source(source)
     if str(source) in OFFLINE_MODELS:
         kind, path = "folder", offline_folder(str(source))
@@ -278,10 +282,10 @@ def load_base(source, dtype=torch.float32):
     return model, tokenizer
 
 
-def load(source, dtype=torch.float32, device="cpu"):
-    """(model, tokenizer) in eval mode, to evaluate or generate with: a loopfit folder (recurrent), any plain
-    transformers folder (the baseline), or a base model `load_base` reads (GGUF file, short name). The tokenizer
-    pads with EOS where it has no pad token (batches need one)."""
+def load(source, dtype=None, device="cpu"):
+    """(model, tokenizer) in eval mode (`dtype`, float32 by default), to evaluate or generate with: a loopfit folder
+    (recurrent), any plain transformers folder (the baseline), or a base model `load_base` reads (GGUF file, short
+    name). The tokenizer pads with EOS where it has no pad token (batches need one)."""
     path = Path(source)
     if path.is_dir():
         if not (path / "config.json").exists():

@@ -3,7 +3,10 @@ model loads: `--loops` lists and the self-speculation settings (`--draft-loops`,
 them. `eval`, `generate`, `quickstart` and the lm-eval model type all check here."""
 
 from . import LoopfitError
-from .model import DRAFT_TOKENS
+
+# tokens a speculative round drafts by default: the model's own default, written here too so that the CLI's parsers
+# need not import the model (torch); keep equal to loopfit.model.DRAFT_TOKENS (a test checks)
+DRAFT_TOKENS = 4
 
 
 def parse_loops(value, flag="--loops"):

@@ -1,10 +1,13 @@
-"""`loopfit --help` and `loopfit --version` start at once: neither torch nor transformers is imported, and the
-"loopfit" model type is still known to transformers' Auto classes whenever transformers is imported."""
+"""`loopfit --help`, `loopfit VERB --help` and `loopfit --version` start at once: neither torch nor transformers is
+imported, and the "loopfit" model type is still known to transformers' Auto classes whenever transformers is
+imported."""
 
 import subprocess
 import sys
 
 import pytest
+
+from loopfit.cli import VERBS
 
 PROBE = """
 import sys
@@ -22,6 +25,14 @@ def test_top_level_help_and_version_import_neither_torch_nor_transformers(argv):
     proc = subprocess.run([sys.executable, "-c", PROBE.format(argv=argv)], capture_output=True, text=True, timeout=60)
     assert proc.stderr.strip().splitlines()[-1] == "[]", proc.stderr
     assert "loopfit" in proc.stdout
+
+
+@pytest.mark.parametrize("verb", sorted(VERBS))
+def test_each_verbs_help_imports_neither_torch_nor_transformers(verb):
+    proc = subprocess.run([sys.executable, "-c", PROBE.format(argv=[verb, "--help"])], capture_output=True,
+                          text=True, timeout=60)
+    assert proc.stderr.strip().splitlines()[-1] == "[]", proc.stderr
+    assert proc.stdout.startswith(f"usage: loopfit {verb}") and "--help" in proc.stdout, proc.stdout[:500]
 
 
 @pytest.mark.parametrize("first", ["import loopfit; import transformers",

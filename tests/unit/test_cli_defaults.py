@@ -40,3 +40,16 @@ def test_quickstart_help_shows_the_signature_defaults():
     help_text = " ".join(build_parser("quickstart")[0].format_help().split())
     assert "(default 1,2,4,8,16)" in help_text and "(default smollm2-135m)" in help_text
     assert inspect.signature(quickstart).parameters["eval_loops"].default == (1, 2, 4, 8, 16)
+
+
+def test_the_parsers_light_copies_of_the_models_choices_agree_with_the_model():
+    """The parsers read these without importing the model (torch): they must be the model's own."""
+    import loopfit.convert
+    import loopfit.loops
+    import loopfit.model
+
+    assert loopfit.loops.DRAFT_TOKENS == loopfit.model.DRAFT_TOKENS
+    assert loopfit.convert.ADAPTER_INITS == loopfit.model.ADAPTER_INITS
+    assert loopfit.convert.STATE_INITS == loopfit.model.STATE_INITS
+    choices = {a.dest: a.choices for a in build_parser("convert")[0]._actions}
+    assert choices["adapter_init"] == loopfit.model.ADAPTER_INITS and choices["state_init"] == loopfit.model.STATE_INITS

@@ -14,10 +14,9 @@ from dataclasses import dataclass
 from functools import partial
 
 from ..loading import is_recurrent
-from ..model import DRAFT_TOKENS
+from ..loops import DRAFT_TOKENS
 from . import items as test_sets
 from .extract import flexible_answer, math_answer, math_equal, strict_answer
-from .generation import generate_at, generate_sweep
 from .prompts import GSM8K_STOP, MATH_STOP, gsm8k_messages, gsm8k_prompt, math_messages, math_prompt
 
 
@@ -91,6 +90,8 @@ def evaluate(model, tokenizer, task, loops, limit=None, seed=1234, max_new_token
     `draft_loops` D decodes each r > D by exact self-speculation (the same completions): inside the sweep, or
     for each r on its own where there is no sweep. `chat` renders the prompts with the tokenizer's chat template
     (the exemplars as earlier turns); answers are scored the same way."""
+    from .generation import generate_at, generate_sweep
+
     spec = TASKS[task]
     items = test_sets.subset(items or spec.items(), limit, seed)
     prompts, stop = [spec.prompt(it["question"]) for it in items], spec.stop

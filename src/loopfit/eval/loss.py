@@ -12,9 +12,6 @@ import json
 import math
 from pathlib import Path
 
-import torch
-from tqdm.auto import tqdm
-
 from .. import LoopfitError
 from ..loading import is_recurrent
 from .items import held_out_passages
@@ -48,6 +45,8 @@ def read_texts(source=None, flag="--data"):
 
 def pack(tokenizer, texts, seq_len=512, max_tokens=16384):
     """Token ids of the texts joined by EOS, cut into rows of `seq_len` (at most `max_tokens` in all)."""
+    import torch
+
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     ids = []
     for text in texts:
@@ -82,6 +81,7 @@ def pack_documents(tokenizer, docs, seq_len=512, max_tokens=16384):
     """(input_ids, labels) rows of `seq_len`: the documents' tokens joined by the end-of-text token, cut into rows
     (at most `max_tokens` in all); labels are -100 outside the assistant turns of conversations."""
     import numpy as np
+    import torch
 
     from ..data.chat import encode_chat, resolve_template
     from ..data.shards import document_end_token
@@ -121,11 +121,13 @@ def prepared_rows(folder, tokenizer, seq_len=512, max_tokens=16384):
     return batch["input_ids"], batch["labels"]
 
 
-@torch.no_grad()
 def mean_losses(model, rows, loops, batch_size=4, desc=None, labels=None):
     """Token-weighted mean next-token loss over the rows at each r of `loops` (over the tokens whose `labels` are
     not -100, when given). A recurrent model runs every batch once at the deepest r and reads the loss at each r
     on the way (`sweep`): loops 0..t are the same whatever r. A plain model ignores r: one pass."""
+    import torch
+    from tqdm.auto import tqdm
+
     device = next(model.parameters()).device
     sweep = sorted({int(r) for r in loops}, reverse=True) if is_recurrent(model) else None
     labels = rows if labels is None else labels
@@ -135,7 +137,9 @@ def mean_losses(model, rows, loops, batch_size=4, desc=None, labels=None):
         n = int((target[:, 1:] != -100).sum())  # the predicted positions: all but each row's first, unless masked
         if n == 0:
             continue
-        loss = model(input_ids=ids, labels=target, **({"sweep": sweep, "return_logits": False} if sweep else {})).loss
+        with torch.no_grad():
+            loss = model(input_ids=ids, labels=target,
+                         **({"sweep": sweep, "return_logits": False} if sweep else {})).loss
         total, count = total + loss.double().cpu() * n, count + n  # one loss per r of the sweep, else one
     if count == 0:
         raise LoopfitError("no token of the loss text is in the loss (every one is masked): give text, or "

@@ -38,10 +38,8 @@ from .. import LoopfitError, __version__
 from ..data.shards import tokenizer_fingerprint
 from ..io import atomic_file, check_empty_or_force, check_writable
 from ..loading import is_recurrent, load
-from ..loops import check_speculation, parse_loops
-from ..model import DRAFT_TOKENS
+from ..loops import DRAFT_TOKENS, check_speculation, parse_loops
 from . import accuracy, loss
-from .plots import plot_sweep
 
 TASKS = ("loss", *accuracy.TASKS)
 RENAMED_FLAGS = {"--steps": "--loops", "--draft-steps": "--draft-loops"}  # old names, accepted for one release
@@ -166,6 +164,8 @@ def write(results, samples, out, plot=True):
         for s in samples:
             f.write(json.dumps(s) + "\n")
     if plot and results["rows"]:
+        from .plots import plot_sweep
+
         title = f"{Path(results['model']).name} ({'recurrent' if results['recurrent'] else 'plain: r ignored'})"
         plot_sweep(results["rows"], out / "sweep.png", title, results.get("train_mean_recurrence"))
 
