@@ -1,5 +1,6 @@
 """`loopfit prepare`: token shards with SmolLM2's real tokenizer, manifests, idempotence, damage detection."""
 
+import importlib
 import json
 import os
 from pathlib import Path
@@ -172,3 +173,43 @@ def test_builtin_general_prepares(tmp_path, smollm2_tokenizer):
     gsm = json.loads((Path(tmp_path) / "gsm8k-test" / "manifest.json").read_text())
     assert len(gsm["excluded"]["gsm8k_test_ids"]) == 100 and "gsm_symbolic" in gsm["excluded"]["why"]
     assert os.path.exists(folder / "val-00000.tokens.npy")
+
+
+def _long_document(chars, seed=0):
+    """Prose-like text: words, numbers, punctuation, accents, quotes, runs of spaces and blank lines."""
+    rng = np.random.default_rng(seed)
+    words = ("the of and to in a is that for it as was with be by on not he I this are or his from at which "
+             "but have an they you were 12 1999 3.14 don't it's (see) e.g. \"quoted\" café naïve — x=y+1").split()
+    paragraphs, size = [], 0
+    while size < chars:
+        sentence = " ".join(rng.choice(words, rng.integers(3, 30)))
+        sentence = ("    " if rng.random() < 0.2 else "") + sentence + str(rng.choice([".", "!", "?", ";", "  "]))
+        paragraphs.append(sentence)
+        size += len(sentence) + 2
+    return "".join(p + str(rng.choice(["\n\n", "\n", " ", "\t"])) for p in paragraphs)
+
+
+def test_a_long_document_is_tokenised_in_pieces_with_the_whole_documents_tokens(tmp_path, smollm2_tokenizer,
+                                                                              monkeypatch):
+    """The tokenizer's working memory is about a hundred times its text: a long document is handed to it in
+    pieces cut between words, never whole, and its tokens are those of the whole document."""
+    prep = importlib.import_module("loopfit.data.prepare")  # the module: loopfit.data.prepare is the function
+    text = _long_document(400_000)
+    expected = smollm2_tokenizer(text, add_special_tokens=False)["input_ids"]
+    monkeypatch.setattr(prep, "PIECE_CHARS", 5_000, raising=False)
+    monkeypatch.setattr(prep, "BATCH_CHARS", 20_000, raising=False)
+    handed = []
+    call = type(smollm2_tokenizer).__call__
+
+    def spy(self, texts, *args, **kwargs):
+        handed.append(sum(map(len, texts)) if isinstance(texts, list) else len(texts))
+        return call(self, texts, *args, **kwargs)
+
+    monkeypatch.setattr(type(smollm2_tokenizer), "__call__", spy)
+    (tmp_path / "book.txt").write_text(text)
+    [(folder, manifest, _)] = prepare([str(tmp_path / "book.txt")], smollm2_tokenizer, tmp_path / "data",
+                                      workers=1, progress=False)
+    assert max(handed) < 20_000 + 5_000 and len(handed) > 10, handed[:20]
+    ds = open_dataset(folder)
+    assert ds.num_docs == 1 and ds.tokens(0, ds.num_tokens).tolist() == expected + [document_end_token(
+        smollm2_tokenizer)]

@@ -28,7 +28,9 @@ assistant turns only (the prompt of a prompt/response pair is masked).
 Documents are tokenised without special tokens and each is followed by the tokenizer's end-of-text token
 (preceded by BOS if the tokenizer adds one by default). That is its EOS, except for an instruct tokenizer whose
 EOS is the chat end-of-turn token (SmolLM2-Instruct's `<|im_end|>`): then its distinct `<|endoftext|>`.
-Tokens are stored as uint16 when the vocabulary fits, else uint32.
+Tokens are stored as uint16 when the vocabulary fits, else uint32. A long document goes to the tokenizer in pieces
+of 100,000 characters cut between words (giving the whole document's tokens), so memory holds its text and tokens,
+not the tokenizer's working state for all of it (about a hundred times the text).
 `--holdout F` moves a fraction F of the documents (spread evenly) to a 'val' split for held-out loss.
 Re-running with the same inputs does nothing; a dataset folder appears only once complete, so an interrupted
 run leaves nothing that looks finished. Non-UTF-8 input is an error unless --encoding-errors replace/ignore.
@@ -64,6 +66,10 @@ from .shards import FORMAT, FORMAT_MASKED, MANIFEST, document_end_token, token_d
 DEFAULT_SHARD_TOKENS = 100_000_000
 DEFAULT_WORKERS = min(2, os.cpu_count() or 1)
 BATCH_DOCS = 256
+# A tokenizer's working memory is about a hundred times the text it is handed: long documents go to it in pieces
+# of at most PIECE_CHARS characters, and at most BATCH_CHARS characters go to it at once.
+PIECE_CHARS = 100_000
+BATCH_CHARS = 1_000_000
 
 
 def add_arguments(parser):
@@ -165,15 +171,59 @@ def _init_worker(tokenizer, chat_template=None):
     _TOKENIZER, _CHAT_TEMPLATE = tokenizer, chat_template
 
 
+def text_pieces(text, size=PIECE_CHARS):
+    """`text` cut into pieces of at most `size` characters. Each cut is made before a space that follows a
+    non-space and precedes a letter (`...word| word...`), where byte-level BPE and SentencePiece tokenizers start a
+    new word anyway, so the pieces' tokens, joined, are the whole text's; a stretch of `size` characters without
+    such a space (no words) is cut at its end."""
+    start = 0
+    while len(text) - start > size:
+        cut = text.rfind(" ", start + 1, start + size)
+        while cut > start and (text[cut - 1].isspace() or not text[cut + 1].isalpha()):
+            cut = text.rfind(" ", start + 1, cut)
+        if cut <= start:
+            cut = start + size
+        yield text[start:cut]
+        start = cut
+    yield text[start:]
+
+
+def encode_texts(tokenizer, texts):
+    """[ids uint32] of each text, without special tokens: long texts in pieces (`text_pieces`), and at most
+    BATCH_CHARS characters handed to the tokenizer at once, so memory holds the tokens, not the tokenizer's
+    working state of a whole document."""
+    parts = [[] for _ in texts]
+    group, owners = [], []
+
+    def flush():
+        for owner, ids in zip(owners, tokenizer(group, add_special_tokens=False)["input_ids"]):
+            parts[owner].append(np.asarray(ids, dtype=np.uint32))
+        group.clear()
+        owners.clear()
+
+    chars = 0
+    for i, text in enumerate(texts):
+        for piece in text_pieces(text, PIECE_CHARS):
+            group.append(piece)
+            owners.append(i)
+            chars += len(piece)
+            if chars >= BATCH_CHARS:
+                flush()
+                chars = 0
+    if group:
+        flush()
+    return [np.concatenate(p) if len(p) > 1 else p[0] if p else np.zeros(0, np.uint32) for p in parts]
+
+
 def _encode(docs):
-    """[(ids uint32, mask uint8 or None)] of a batch of documents: texts encoded together, conversations each
-    through the chat template."""
+    """[(ids uint32, mask uint8 or None)] of a batch of documents: texts encoded together (`encode_texts`),
+    conversations each through the chat template."""
     texts = [d for d in docs if isinstance(d, str)]
-    text_ids = iter(_TOKENIZER(texts, add_special_tokens=False)["input_ids"] if texts else [])
+    text_ids = iter(encode_texts(_TOKENIZER, texts))
     out = []
     for d in docs:
         if isinstance(d, str):
-            out.append((np.asarray(next(text_ids), dtype=np.uint32), None))
+            out.append((next(text_ids), None))
         else:
             out.append(encode_chat(_TOKENIZER, d, _CHAT_TEMPLATE))
     return out
@@ -188,16 +238,19 @@ def _adds_bos(tokenizer):
 
 
 def _batches(docs, limit):
-    batch, n = [], 0
+    """Lists of at most BATCH_DOCS non-empty documents; a list ends early once its texts reach BATCH_CHARS
+    characters."""
+    batch, n, chars = [], 0, 0
     for doc in docs:
         if limit is not None and n >= limit:
             break
         if doc:
             batch.append(doc)
             n += 1
-            if len(batch) == BATCH_DOCS:
+            chars += len(doc) if isinstance(doc, str) else 0
+            if len(batch) == BATCH_DOCS or chars >= BATCH_CHARS:
                 yield batch
-                batch = []
+                batch, chars = [], 0
     if batch:
         yield batch
 
