@@ -360,3 +360,25 @@ def test_the_old_module_name_still_imports_with_a_deprecation_warning():
     with pytest.warns(DeprecationWarning, match="import from loopfit.model"):
         old = importlib.import_module("loopfit.modeling")
     assert old.LoopfitForCausalLM is loopfit.LoopfitForCausalLM and old.LoopfitCache is LoopfitCache
+
+
+def test_a_sweep_holds_only_the_states_it_reads_whatever_its_depth():
+    """Loops 0..t are the same whatever r, so a sweep runs its deepest r once and reads the shallower r on the way:
+    it keeps the states of the r it reads, not one per loop, so memory does not grow with the deepest r."""
+    import weakref
+
+    torch.manual_seed(0)
+    model = tiny_models.recurrent(VOCAB).eval()
+    ids = torch.randint(0, VOCAB, (2, 12))
+    alive, most = [], [0]
+
+    def count(module, args, output):  # the state after each loop: how many loops' states are still held
+        alive.append(weakref.ref(output))
+        most[0] = max(most[0], sum(ref() is not None for ref in alive))
+
+    model.model.core[-1].register_forward_hook(count)
+    with torch.no_grad():
+        swept = model(ids, sweep=[64, 8, 1]).logits
+        assert len(alive) == 64 * 1 and most[0] <= 2 + 2  # the two read on the way, the previous and the new one
+        for j, r in enumerate((64, 8, 1)):
+            torch.testing.assert_close(swept[j * 2:(j + 1) * 2], model(ids, num_steps=r).logits, rtol=0, atol=1e-5)
