@@ -91,13 +91,14 @@ def add_arguments(parser):
     option("--max-new-tokens", type=int, help="GSM8K generation budget (default %(default)s)")
     option("--draft-loops", type=int, metavar="D",
            help="GSM8K of the recurrent models speculates inside the sweep: each r > D drafts at D loops and is "
-           "verified several tokens a pass, for the same completions (default %(default)s: 1.4x on the trained "
-           "model; 0 decodes without drafts; a batch whose drafts are mostly rejected stops drafting)")
+           "verified several tokens a pass, for the same completions, faster (the README's Benchmarks give the "
+           "speed-up); 0 decodes without drafts; a batch whose drafts are mostly rejected stops drafting "
+           "(default %(default)s)")
     option("--device", choices=("auto", "cpu", "cuda"), help="auto: a GPU when there is one (default %(default)s)")
     option("--recipe", help="training recipe file or shipped name (default %(default)s)")
     parser.add_argument("--no-control", dest="control", action="store_false",
                         help="skip the control run (the recurrent shape from random weights, same recipe and FLOPs), "
-                        "which shows what reusing the pretrained layers buys; saves about 30%% of the training time")
+                        "which shows what reusing the pretrained layers buys; saves one of the training runs")
     parser.add_argument("--no-distill", dest="distill", action="store_false",
                         help="skip the distilled run (the converted model healed from its base model by distillation, "
                         "at the cross-entropy run's total compute, teacher included)")

@@ -138,3 +138,27 @@ def test_every_flag_of_every_verb_is_described():
         parser, _ = build_parser(verb)
         bare = [a.option_strings or [a.dest] for a in parser._actions if not a.help and a.dest != "help"]
         assert not bare, f"loopfit {verb} --help leaves {bare} undescribed"
+
+
+def test_help_texts_carry_no_speed_up_figures():
+    """Measured figures live in the README's Benchmarks and benchmarks/BENCHMARKS.md, with their conditions;
+    a --help that quoted its own would drift from them."""
+    for verb in VERBS:
+        help_text = " ".join(build_parser(verb)[0].format_help().split())
+        figures = re.findall(r"\b\d+(?:\.\d+)?x\b|\b\d+(?:\.\d+)?% (?:faster|slower|less|more|of the \w+ time)",
+                             help_text)
+        assert not figures, f"loopfit {verb} --help quotes {figures}: point to the README's Benchmarks instead"
+
+
+def test_every_until_of_a_blend_is_listed_where_blends_are_documented():
+    from loopfit.data.blend import TRIGGERS
+    from loopfit.recipes import resolve, shipped
+    from loopfit.train.config import describe_keys
+
+    train_help = " ".join(describe_keys().split())
+    phased = [text for text in (resolve(name).read_text() for name in shipped()) if "phases:" in text]
+    assert len(phased) >= 7
+    for kind in TRIGGERS:
+        assert f"`{{{kind}: " in README, f"the README's blend section does not list until {kind}"
+        assert f"{{{kind}: " in train_help, f"loopfit train --help (data.phases) does not list until {kind}"
+        assert all(f"{{{kind}: " in text for text in phased), f"a shipped recipe with phases lacks until {kind}"

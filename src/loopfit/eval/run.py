@@ -22,8 +22,8 @@ read at every r, the shared few-shot prefix once, and every (r, prompt) pair dec
 completions as one run per r).
 --draft-loops D adds exact self-speculation (the same completions): in the GSM8K / MATH sweep, every r > D drafts
 at D loops in the same batch and is verified --draft-tokens at a time, so its deep loops read their weights once
-for several tokens (try D = 2: 1.4x on the quickstart's model); lm: generations decode each r > D on its own
-(worth it for one deep r at batch 1). r <= D decode plainly.
+for several tokens (try D = 2; the README's Benchmarks give the speed-up); lm: generations decode each r > D on
+its own (worth it for one deep r at batch 1). r <= D decode plainly.
 Writes OUT/results.json (one row per task, metric and r), OUT/samples.jsonl (every completion) and
 OUT/sweep.png (metric vs r); OUT defaults to MODEL/eval. Generation is greedy, batched, with the KV cache;
 --limit takes the same fixed random subset (--seed) for every r and every model.

@@ -77,9 +77,11 @@ class DataConfig(Section):
                                                                   "random, or pattern (learnable arithmetic sequences)")
     tokens: str | None = key(None, "one .npy / .pt file of token ids, sampled in windows (the last 5% held out)")
     root: str | None = key(None, "the --out folder of `loopfit prepare`")
-    blend: str | dict | None = key(None, "a blend YAML file (or mapping) of phases and datasets, see "
-                                                  "`loopfit prepare --help`")
-    phases: list | None = key(None, "inline blend: a list of {name, weights, until} phases")
+    blend: str | dict | None = key(None, "a blend YAML file (or mapping) of `phases` and `datasets`, the keys "
+                                                  "data.phases and data.datasets describe")
+    phases: list | None = key(None, "inline blend: a list of {name, weights, until} phases; every phase but the "
+                                    "last ends at its until: {step: N}, {fraction: F} (of train.steps) or "
+                                    "{lr_fraction: X} (once lr <= X * its starting lr)")
     weights: dict | None = key(None, "inline blend of one phase: {DATASET: weight}")
     datasets: dict | None = key(None, "inline blend: {DATASET: folder} where a name is not a folder under root")
     seq_len: int = key(1024, "tokens per training sequence")
