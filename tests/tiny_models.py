@@ -1,5 +1,6 @@
 """The tests' shared set-up: the tiny random models they build (a (1, 2, 1) loopfit model, a plain Llama of the
-same width, loopfit's block variants, a tiny transformers model of every family) and a left-padded batch.
+same width, loopfit's block variants, a tiny transformers model of every family), a left-padded batch and a long
+prose-like document.
 `recurrent` and `llama` do not seed torch: a test seeds where its weights must repeat."""
 
 import torch
@@ -126,3 +127,21 @@ def tokenizer():
     tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Whitespace(), pre_tokenizers.Digits(True)])
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>",
                                    unk_token="<unk>")
+
+
+PROSE_WORDS = ("the of and to in a is that for it as was with be by on not he I this are or his from at which but "
+               "have an they you were 12 1999 3.14 don't it's (see) e.g. \"quoted\" café naïve — x=y+1").split()
+
+
+def long_document(chars, seed=0):
+    """Prose-like text of about `chars` characters: words, numbers, punctuation, accents, runs of spaces, tabs and
+    blank lines."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    out, size = [], 0
+    while size < chars:
+        sentence = ("    " if rng.random() < 0.2 else "") + " ".join(rng.choice(PROSE_WORDS, rng.integers(3, 30)))
+        out.append(sentence + str(rng.choice([".", "!", "?", ";", "  "])) + str(rng.choice(["\n\n", "\n", " ", "\t"])))
+        size += len(out[-1])
+    return "".join(out)

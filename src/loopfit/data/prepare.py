@@ -67,8 +67,10 @@ DEFAULT_SHARD_TOKENS = 100_000_000
 DEFAULT_WORKERS = min(2, os.cpu_count() or 1)
 BATCH_DOCS = 256
 # A tokenizer's working memory is about a hundred times the text it is handed: long documents go to it in pieces
-# of at most PIECE_CHARS characters, and at most BATCH_CHARS characters go to it at once.
+# of at most PIECE_CHARS characters (each after at most CONTEXT_CHARS of the word before it), and at most
+# BATCH_CHARS characters go to it at once.
 PIECE_CHARS = 100_000
+CONTEXT_CHARS = 64
 BATCH_CHARS = 1_000_000
 
 
@@ -171,42 +173,54 @@ def _init_worker(tokenizer, chat_template=None):
     _TOKENIZER, _CHAT_TEMPLATE = tokenizer, chat_template
 
 
-def text_pieces(text, size=PIECE_CHARS):
-    """`text` cut into pieces of at most `size` characters. Each cut is made before a space that follows a
-    non-space and precedes a letter (`...word| word...`), where byte-level BPE and SentencePiece tokenizers start a
-    new word anyway, so the pieces' tokens, joined, are the whole text's; a stretch of `size` characters without
-    such a space (no words) is cut at its end."""
-    start = 0
+def text_pieces(text, size=PIECE_CHARS, context=CONTEXT_CHARS):
+    """(word before, piece) pairs that cut `text` into pieces of at most `size` characters. Each cut is made
+    before a space that follows a non-space and precedes a letter (`...word| word...`), where tokenizers start a
+    new word anyway; a stretch of `size` characters without such a space (no words) is cut at its end. `word
+    before` is the end (at most `context` characters) of the word the piece follows, '' for the first piece."""
+    start, before = 0, ""
     while len(text) - start > size:
         cut = text.rfind(" ", start + 1, start + size)
         while cut > start and (text[cut - 1].isspace() or not text[cut + 1].isalpha()):
             cut = text.rfind(" ", start + 1, cut)
         if cut <= start:
             cut = start + size
-        yield text[start:cut]
-        start = cut
-    yield text[start:]
+        yield before, text[start:cut]
+        word = cut
+        while word > max(start, cut - context) and not text[word - 1].isspace():
+            word -= 1
+        start, before = cut, text[word:cut]
+    yield before, text[start:]
 
 
 def encode_texts(tokenizer, texts):
-    """[ids uint32] of each text, without special tokens: long texts in pieces (`text_pieces`), and at most
-    BATCH_CHARS characters handed to the tokenizer at once, so memory holds the tokens, not the tokenizer's
-    working state of a whole document."""
+    """[ids uint32] of each text, without special tokens. A long text goes to the tokenizer in pieces
+    (`text_pieces`), each after the word it follows, whose tokens are then dropped: a tokenizer that starts every
+    text it is handed as a new word (SentencePiece's leading '▁') then gives each piece the tokens it has inside
+    the whole text. At most BATCH_CHARS characters go to the tokenizer at once, so memory holds the tokens, not
+    the tokenizer's working state for a whole document."""
     parts = [[] for _ in texts]
-    group, owners = [], []
+    group = []  # (text index, word before, piece)
 
     def flush():
-        for owner, ids in zip(owners, tokenizer(group, add_special_tokens=False)["input_ids"]):
+        encoded = tokenizer([before + piece for _, before, piece in group] + [b for _, b, _ in group if b],
+                            add_special_tokens=False)["input_ids"]
+        before_ids = iter(encoded[len(group):])
+        for (owner, before, piece), ids in zip(group, encoded):
+            if before:
+                drop = next(before_ids)
+                if ids[:len(drop)] == drop:
+                    ids = ids[len(drop):]
+                else:  # the word before merged into the piece's first token: the piece alone
+                    ids = tokenizer(piece, add_special_tokens=False)["input_ids"]
             parts[owner].append(np.asarray(ids, dtype=np.uint32))
         group.clear()
-        owners.clear()
 
     chars = 0
     for i, text in enumerate(texts):
-        for piece in text_pieces(text, PIECE_CHARS):
-            group.append(piece)
-            owners.append(i)
-            chars += len(piece)
+        for before, piece in text_pieces(text, PIECE_CHARS):
+            group.append((i, before, piece))
+            chars += len(before) + len(piece)
             if chars >= BATCH_CHARS:
                 flush()
                 chars = 0
