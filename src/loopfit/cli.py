@@ -1,7 +1,8 @@
 """`loopfit VERB ...`: each verb lives in its own module, which defines `add_arguments(parser)` and `run(args)`, and
 optionally `RENAMED_FLAGS` ({old spelling: new spelling}, still accepted for one release).
 
-Only the module of the verb being run is imported, so `loopfit --help` is instant.
+Only the module of the verb being run is imported, so `loopfit --help` is instant; and a verb module imports torch,
+transformers and the model inside the functions that use them, so its parser (`loopfit VERB --help`) is too.
 """
 
 import argparse
