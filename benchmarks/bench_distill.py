@@ -15,7 +15,8 @@
     The chunked losses hold one chunk of logits whatever the tokens, so fewer tokens (a 2-core CPU takes tens of
     minutes for 8 x 1024) leave the teacher's weights a larger share: the ratio there is an upper bound.
 
-Usage: python benchmarks/bench_distill.py [--part heal,memory] [--steps 16] [--work DIR (reuse conversion/data)]
+Usage: python benchmarks/bench_distill.py [--part heal,memory] [--steps 16] [--lr 0.002] [--alpha 0]
+    [--work DIR (reuse conversion/data)]
 """
 
 import argparse
@@ -68,10 +69,11 @@ def heal(args, work):
     every = [f"--train.eval_every={args.eval_every}", f"--train.eval_batches={args.eval_batches}",
              "--checkpoint.every=0"]
     teacher = ["--distill.teacher=base", f"--distill.alpha={args.alpha}", f"--distill.temperature={args.temperature}"]
-    tag = f"b{args.batch}"
-    ce = train_run(work, f"ce-{args.steps}-{tag}", args.steps, args.batch, *every)
+    lr = [f"--optim.lr={args.lr}"] if args.lr else []  # both runs: the two losses compared at one recipe
+    tag = f"b{args.batch}" + (f"-lr{args.lr:g}" if args.lr else "")
+    ce = train_run(work, f"ce-{args.steps}-{tag}", args.steps, args.batch, *every, *lr)
     kd = train_run(work, f"distill-{args.steps}-{tag}-a{args.alpha}-t{args.temperature}", args.steps, args.batch,
-                   *every, *teacher)
+                   *every, *lr, *teacher)
     ce_evals = [(r["step"], r["eval_loss"], compute(r)) for r in ce if "eval_loss" in r]
     kd_evals = [(r["step"], r["eval_loss"], compute(r)) for r in kd if "eval_loss" in r]
     target = ce_evals[-1][1]
@@ -87,12 +89,12 @@ def heal(args, work):
     if args.full_schedule:
         eq_steps = max(1, round(args.steps * per_step_ce / per_step_kd))
         kd_eq = train_run(work, f"distill-{eq_steps}-{tag}-a{args.alpha}-t{args.temperature}", eq_steps, args.batch,
-                          f"--train.eval_batches={args.eval_batches}", *teacher)
+                          f"--train.eval_batches={args.eval_batches}", *lr, *teacher)
         kd_eq_final = [r for r in kd_eq if "eval_loss" in r][-1]
         equal["full_schedule"] = {"distill_steps": eq_steps, "distill_compute": compute(kd_eq_final),
                                   "distill_eval_loss": round(kd_eq_final["eval_loss"], 4)}
     emit("distill_heal", model="smollm2-135m (5,10,5) passthrough", recipe="quickstart", steps=args.steps,
-         tokens_per_step=args.batch * 128, alpha=args.alpha, temperature=args.temperature,
+         tokens_per_step=args.batch * 128, lr=args.lr or "recipe", alpha=args.alpha, temperature=args.temperature,
          ce_final_eval_loss=round(target, 4), distill_final_eval_loss=round(kd_evals[-1][1], 4),
          distill_steps_to_ce_final=reached,
          steps_ratio=None if reached is None else round(reached / args.steps, 3),
@@ -150,6 +152,7 @@ def main():
     ap.add_argument("--eval-batches", type=int, default=4, help="held-out batches (the quickstart recipe's: 4)")
     ap.add_argument("--full-schedule", action="store_true", help="also a distillation run shortened to the CE "
                     "run's total compute with its own full schedule")
+    ap.add_argument("--lr", type=float, help="Muon's lr in both runs (default: the quickstart recipe's)")
     ap.add_argument("--alpha", type=float, default=0.5)
     ap.add_argument("--temperature", type=float, default=1.0)
     ap.add_argument("--limit", type=int, default=2000)

@@ -108,9 +108,23 @@ def test_linear_cross_entropy_in_many_chunks_matches_the_full_logits():
 # ------------------------------------------------------------------ activation checkpointing
 
 
-def test_activation_checkpointing_gives_the_same_gradients_and_keeps_less():
+# per-loop LoRA (relaxed recursion): each loop of the core reads its own delta, three loops of them
+LOOP_LORA = {"rank": 2, "alpha": 4.0, "loops": 3, "targets": ["q_proj", "up_proj"]}
+
+
+def relaxed(model):
+    """model with nonzero per-loop deltas (a fresh relaxed model's are zero, like the shared model)."""
+    with torch.no_grad():
+        for linear in model.model.loop_linears:
+            linear.loop_lora_A.normal_(std=0.3)
+            linear.loop_lora_B.normal_(std=0.3)
+    return model
+
+
+@pytest.mark.parametrize("loop_lora", [None, LOOP_LORA], ids=["shared", "per-loop-lora"])
+def test_activation_checkpointing_gives_the_same_gradients_and_keeps_less(loop_lora):
     torch.manual_seed(0)
-    base = tiny_models.recurrent(state_init="zeros").train()
+    base = relaxed(tiny_models.recurrent(state_init="zeros", loop_lora=loop_lora).train())
     ids, labels = batch()
     results = {}
     for which in ("none", "core", "all"):
@@ -145,14 +159,15 @@ def test_bf16_autocast_trains_every_family_on_cpu(family):
 # ------------------------------------------------------------------ compilation
 
 
-def test_compiled_blocks_run_every_loop_and_depth_without_recompiling():
+@pytest.mark.parametrize("loop_lora", [None, LOOP_LORA], ids=["shared", "per-loop-lora"])
+def test_compiled_blocks_run_every_loop_and_depth_without_recompiling(loop_lora):
     from torch._dynamo.utils import counters
 
     torch._dynamo.reset()
     counters.clear()
     torch.manual_seed(0)
-    eager = tiny_models.recurrent(num_prelude_layers=2, num_core_layers=3, num_coda_layers=2,
-                                  state_init="zeros").train()
+    eager = relaxed(tiny_models.recurrent(num_prelude_layers=2, num_core_layers=3, num_coda_layers=2,
+                                          state_init="zeros", loop_lora=loop_lora).train())
     model = copy.deepcopy(eager)
     set_activation_checkpointing(model, "core")
     compile_blocks(model)

@@ -79,3 +79,13 @@ def test_svd_init_at_full_rank_makes_each_loop_the_base_layer_it_stands_for(tmp_
             torch.testing.assert_close(effective[0], layers[1 + j].get_submodule(name).weight, atol=1e-5, rtol=0)
             torch.testing.assert_close(effective[1], linear.weight, atol=1e-6, rtol=0)
             assert linear.loop_lora_B[2].abs().max() == 0
+
+
+def test_a_relaxed_folder_is_refused_by_the_vllm_check_in_one_line(tmp_path):
+    """loopfit's vLLM model has one weight per core layer; the check vLLM runs before any engine starts says so."""
+    from loopfit.serve.plugin import serving_problem
+
+    relaxed().save_pretrained(tmp_path)
+    problem = serving_problem(LoopfitForCausalLM.config_class.from_pretrained(tmp_path), tmp_path)
+    assert "a low-rank delta per loop" in problem and "loopfit generate" in problem and "\n" not in problem
+    assert serving_problem(tiny_models.recurrent().config) is None

@@ -31,6 +31,8 @@ CASES = {
     "not a loopfit config": (lambda p: edit_config(tiny_llama(p), architectures=["LoopfitForCausalLM"]), {},
                              "is not a loopfit model"),
     "not loopfit weights": (lambda p: loopfit_config_over_llama_weights(p), {}, "weights are not a loopfit"),
+    "per-loop LoRA": (lambda p: tiny(p, loop_lora={"rank": 2, "alpha": 4.0, "loops": 2, "targets": ["q_proj"]}), {},
+                      "a low-rank delta per loop"),
 }
 
 

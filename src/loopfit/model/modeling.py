@@ -91,6 +91,34 @@ def apply_rope(x, cos, sin):
     return x * cos + rotate_half(x) * sin
 
 
+class LoopLoRALinear(nn.Linear):
+    """A core linear layer with its own low-rank delta for each loop (relaxed recursion, Bae et al., arXiv
+    2410.20672): at loop t it computes x W^T + b + (alpha / rank) x A_t^T B_t^T; a loop past the last delta runs
+    the shared weight alone. `loop` is a 0-d tensor, so one compiled block serves every loop, and an argument, so
+    a block recomputed in the backward (activation checkpointing) reads the same loop's delta."""
+
+    def __init__(self, in_features, out_features, bias, loops, rank, alpha):
+        super().__init__(in_features, out_features, bias=bias)
+        self.loop_lora_A = nn.Parameter(torch.zeros(loops, rank, in_features))
+        self.loop_lora_B = nn.Parameter(torch.zeros(loops, out_features, rank))
+        self.scale = alpha / rank
+
+    def forward(self, x, loop=None):
+        out = super().forward(x)
+        if loop is None:  # outside the core loop: the shared weight
+            return out
+        last = self.loop_lora_A.shape[0] - 1
+        t = loop.clamp(max=last).view(1)
+        a, b = (w.index_select(0, t)[0].to(x.dtype) for w in (self.loop_lora_A, self.loop_lora_B))
+        live = (loop <= last).to(x.dtype)  # a loop past the last delta adds nothing
+        return out + F.linear(F.linear(x, a), b) * (self.scale * live)
+
+
+def project(linear, x, loop):
+    """linear(x), plus loop `loop`'s low-rank delta where the layer is relaxed per loop."""
+    return linear(x, loop) if isinstance(linear, LoopLoRALinear) else linear(x)
+
+
 class Attention(nn.Module):
     def __init__(self, config, layer_type):
         super().__init__()
@@ -110,9 +138,9 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(self.n_heads * self.head_dim, c.rms_norm_eps, c.norm_offset)
             self.k_norm = RMSNorm(self.n_kv * self.head_dim, c.rms_norm_eps, c.norm_offset)
 
-    def forward(self, x, rope, mask, cache, cache_key):
+    def forward(self, x, rope, mask, cache, cache_key, loop=None):
         b, q_len, _ = x.shape
-        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q, k, v = (project(p, x, loop) for p in (self.q_proj, self.k_proj, self.v_proj))
         if self.qk_norm == "full":
             q, k = self.q_norm(q), self.k_norm(k)
         q = q.view(b, q_len, self.n_heads, self.head_dim).transpose(1, 2)
@@ -129,7 +157,7 @@ class Attention(nn.Module):
             q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None and q_len > 1,
             scale=self.scale, enable_gqa=self.n_kv != self.n_heads,
         )
-        return self.o_proj(out.transpose(1, 2).reshape(b, q_len, -1))
+        return project(self.o_proj, out.transpose(1, 2).reshape(b, q_len, -1), loop)
 
 
 class MLP(nn.Module):
@@ -141,8 +169,9 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(f, h, bias=config.mlp_bias)
         self.act = ACT2FN[config.hidden_act]
 
-    def forward(self, x):
-        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+    def forward(self, x, loop=None):
+        h = self.act(project(self.gate_proj, x, loop)) * project(self.up_proj, x, loop)
+        return project(self.down_proj, h, loop)
 
 
 class Block(GradientCheckpointingLayer):
@@ -162,10 +191,10 @@ class Block(GradientCheckpointingLayer):
         if self.post:
             self.post_attn_norm, self.post_mlp_norm = norm(), norm()
 
-    def forward(self, x, rope, mask, cache=None, cache_key=None):
-        h = self.self_attn(self.input_norm(x) if self.pre else x, rope[self.layer_type], mask, cache, cache_key)
+    def forward(self, x, rope, mask, cache=None, cache_key=None, loop=None):
+        h = self.self_attn(self.input_norm(x) if self.pre else x, rope[self.layer_type], mask, cache, cache_key, loop)
         x = x + (self.post_attn_norm(h) if self.post else h)
-        h = self.mlp(self.pre_mlp_norm(x) if self.pre else x)
+        h = self.mlp(self.pre_mlp_norm(x) if self.pre else x, loop)
         return x + (self.post_mlp_norm(h) if self.post else h)
 
 
@@ -238,26 +267,6 @@ class ForwardStep:
     def __init__(self, position_ids, rope, mask, cache, hidden, decoding):
         self.position_ids, self.rope, self.mask = position_ids, rope, mask
         self.cache, self.hidden, self.decoding = cache, hidden, decoding
-
-
-class LoopLoRALinear(nn.Linear):
-    """A core linear layer with its own low-rank delta for each loop (relaxed recursion, Bae et al., arXiv
-    2410.20672): at loop t it computes x W^T + b + (alpha / rank) x A_t^T B_t^T; a loop past the last delta runs
-    the shared weight alone. The core loop sets `loop` before each pass."""
-
-    def __init__(self, in_features, out_features, bias, loops, rank, alpha):
-        super().__init__(in_features, out_features, bias=bias)
-        self.loop_lora_A = nn.Parameter(torch.zeros(loops, rank, in_features))
-        self.loop_lora_B = nn.Parameter(torch.zeros(loops, out_features, rank))
-        self.scale = alpha / rank
-        self.loop = 0
-
-    def forward(self, x):
-        out = super().forward(x)
-        if self.loop < self.loop_lora_A.shape[0]:
-            a, b = self.loop_lora_A[self.loop], self.loop_lora_B[self.loop]
-            out = out + F.linear(F.linear(x, a.to(x.dtype)), b.to(x.dtype)) * self.scale
-        return out
 
 
 def relax_core(core, spec):
@@ -423,18 +432,15 @@ class LoopfitModel(LoopfitPreTrainedModel):
     def run(self, step, segment, layers, x, loop=0, rows=None):
         """x through `layers` (cache slots of `segment`, loop); with `rows`, only the first `rows` rows."""
         rope, mask = step.rope, step.mask
-        for linear in self.loop_linears if segment == "core" else ():
-            linear.loop = loop
         if rows is not None:
             rope = {t: (cos[:rows], sin[:rows]) for t, (cos, sin) in rope.items()}
             mask = {w: None if m is None else m[:rows] for w, m in mask.items()}
-        for linear in self.loop_linears if segment == "core" else ():  # per-loop deltas read this loop's
-            linear.loop = loop
+        loop_index = torch.full((), loop, device=x.device) if segment == "core" and self.loop_linears else None
         for j, layer in enumerate(layers):
             if step.hidden is not None:
                 step.hidden.append(x)
             key = step.cache.key(segment, loop, j) if step.cache is not None else None
-            x = layer(x, rope, mask, step.cache, key)
+            x = layer(x, rope, mask, step.cache, key, loop_index)
         return x
 
     def core_step(self, step, s, e, loop, rows=None):

@@ -60,6 +60,10 @@ def serving_problem(config, folder=None):
     if config.hidden_act not in SERVED_ACTIVATIONS:
         return (f"{where}uses the activation {config.hidden_act!r}, which loopfit's vLLM model does not serve "
                 f"({', '.join(SERVED_ACTIVATIONS)}); decode it with `loopfit generate` instead")
+    if getattr(config, "loop_lora", None):
+        return (f"{where}has a low-rank delta per loop (lora.per_loop), which loopfit's vLLM model does not serve: "
+                "decode it with `loopfit generate`, or train a shared LoRA (lora.per_loop=false), which is merged "
+                "into the weights")
     kinds = sorted({p.get("rope_type", "default") for p in (config.rope or {}).values()} - set(SERVED_ROPE))
     if kinds:
         return (f"{where}uses RoPE type {kinds[0]!r}, which loopfit does not support (it supports "
