@@ -145,3 +145,16 @@ def long_document(chars, seed=0):
         out.append(sentence + str(rng.choice([".", "!", "?", ";", "  "])) + str(rng.choice(["\n\n", "\n", " ", "\t"])))
         size += len(out[-1])
     return "".join(out)
+
+
+def record_tokenizer_calls(monkeypatch, tokenizer):
+    """The number of characters handed to `tokenizer` at each call from now on (a list that grows)."""
+    handed = []
+    call = type(tokenizer).__call__
+
+    def spy(self, texts, *args, **kwargs):
+        handed.append(sum(map(len, texts)) if isinstance(texts, list) else len(texts))
+        return call(self, texts, *args, **kwargs)
+
+    monkeypatch.setattr(type(tokenizer), "__call__", spy)
+    return handed

@@ -185,14 +185,7 @@ def test_a_long_document_is_tokenised_in_pieces_with_the_whole_documents_tokens(
     expected = smollm2_tokenizer(text, add_special_tokens=False)["input_ids"]
     monkeypatch.setattr(prep, "PIECE_CHARS", 5_000, raising=False)
     monkeypatch.setattr(prep, "BATCH_CHARS", 20_000, raising=False)
-    handed = []
-    call = type(smollm2_tokenizer).__call__
-
-    def spy(self, texts, *args, **kwargs):
-        handed.append(sum(map(len, texts)) if isinstance(texts, list) else len(texts))
-        return call(self, texts, *args, **kwargs)
-
-    monkeypatch.setattr(type(smollm2_tokenizer), "__call__", spy)
+    handed = tiny_models.record_tokenizer_calls(monkeypatch, smollm2_tokenizer)
     (tmp_path / "book.txt").write_text(text)
     [(folder, manifest, _)] = prepare([str(tmp_path / "book.txt")], smollm2_tokenizer, tmp_path / "data",
                                       workers=1, progress=False)

@@ -6,7 +6,7 @@ families: byte-level BPE (GPT-2, Llama 3, Qwen2, SmolLM2), SentencePiece as Llam
 import importlib
 
 import pytest
-from tiny_models import long_document
+from tiny_models import long_document, record_tokenizer_calls
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
@@ -37,14 +37,7 @@ def test_a_long_document_goes_in_pieces_and_keeps_the_whole_documents_tokens(sty
     expected = tok(text, add_special_tokens=False)["input_ids"]
     monkeypatch.setattr(prep, "PIECE_CHARS", 3_000, raising=False)
     monkeypatch.setattr(prep, "BATCH_CHARS", 10_000, raising=False)
-    handed = []
-    call = type(tok).__call__
-
-    def spy(self, texts, *args, **kwargs):
-        handed.append(sum(map(len, texts)) if isinstance(texts, list) else len(texts))
-        return call(self, texts, *args, **kwargs)
-
-    monkeypatch.setattr(type(tok), "__call__", spy)
+    handed = record_tokenizer_calls(monkeypatch, tok)
     (tmp_path / "book.txt").write_text(text)
     [(folder, _, _)] = prepare([str(tmp_path / "book.txt")], tok, tmp_path / "data", workers=1, progress=False)
     assert 10 < len(handed) and max(handed) < 2 * 10_000, handed[:20]
