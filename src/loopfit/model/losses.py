@@ -50,14 +50,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             grad = torch.exp(logits - lse[:, None])  # d loss / d logits = softmax - one_hot, for valid rows
             grad.scatter_add_(1, target, -torch.ones_like(target, dtype=grad.dtype))
             grad *= valid[:, None]
-            if softcap:
-                grad *= 1 - capped.square()
-            if not torch.is_autocast_enabled(h.device.type):  # under autocast, matmuls take its dtype as in autograd
-                grad = grad.to(weight.dtype)
-            if need_hidden:
-                grad_hidden[start:start + chunk] = grad @ weight
-            if need_weight:
-                grad_weight += grad.T @ h.to(grad.dtype)
+            backprop_head(grad, h, weight, capped if softcap else None, grad_hidden, grad_weight, start)
         ctx.save_for_backward(grad_hidden, grad_weight)
         ctx.weight_dtype = weight.dtype
         return total
@@ -68,3 +61,16 @@ class _LinearCrossEntropy(torch.autograd.Function):
         return (None if grad_hidden is None else grad_hidden * grad_total.to(grad_hidden.dtype),
                 None if grad_weight is None else (grad_weight * grad_total).to(ctx.weight_dtype),
                 None, None, None, None)
+
+
+def backprop_head(grad, h, weight, capped, grad_hidden, grad_weight, start):
+    """Carry one chunk's d loss / d logits (rows start.. of the batch) back through the soft-cap (`capped`: the
+    tanh it applied, or None) and the head, into grad_hidden's rows and grad_weight (each unless None)."""
+    if capped is not None:
+        grad *= 1 - capped.square()
+    if not torch.is_autocast_enabled(h.device.type):  # under autocast, matmuls take its dtype as in autograd
+        grad = grad.to(weight.dtype)
+    if grad_hidden is not None:
+        grad_hidden[start:start + h.shape[0]] = grad @ weight
+    if grad_weight is not None:
+        grad_weight += grad.T @ h.to(grad.dtype)

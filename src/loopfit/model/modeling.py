@@ -174,6 +174,18 @@ class MLP(nn.Module):
         return project(self.down_proj, h, loop)
 
 
+def add_norms(layer, config):
+    """Give a transformer layer its norms by role: `input_norm` and `pre_mlp_norm` before the sublayers (pre /
+    sandwich), `post_attn_norm` and `post_mlp_norm` after them (post / sandwich); `pre` and `post` say which."""
+    norm = lambda: RMSNorm(config.hidden_size, config.rms_norm_eps, config.norm_offset)  # noqa: E731
+    layer.pre = config.norm_style in ("pre", "sandwich")
+    layer.post = config.norm_style in ("post", "sandwich")
+    if layer.pre:
+        layer.input_norm, layer.pre_mlp_norm = norm(), norm()
+    if layer.post:
+        layer.post_attn_norm, layer.post_mlp_norm = norm(), norm()
+
+
 class Block(GradientCheckpointingLayer):
     """One transformer layer of the base family. Norms by role: `input_norm` and `pre_mlp_norm` before the
     sublayers (pre / sandwich), `post_attn_norm` and `post_mlp_norm` after them (post / sandwich)."""
@@ -183,13 +195,7 @@ class Block(GradientCheckpointingLayer):
         self.layer_type = layer_type
         self.self_attn = Attention(config, layer_type)
         self.mlp = MLP(config)
-        norm = lambda: RMSNorm(config.hidden_size, config.rms_norm_eps, config.norm_offset)  # noqa: E731
-        self.pre = config.norm_style in ("pre", "sandwich")
-        self.post = config.norm_style in ("post", "sandwich")
-        if self.pre:
-            self.input_norm, self.pre_mlp_norm = norm(), norm()
-        if self.post:
-            self.post_attn_norm, self.post_mlp_norm = norm(), norm()
+        add_norms(self, config)
 
     def forward(self, x, rope, mask, cache=None, cache_key=None, loop=None):
         h = self.self_attn(self.input_norm(x) if self.pre else x, rope[self.layer_type], mask, cache, cache_key, loop)

@@ -36,7 +36,7 @@ from vllm.model_executor.model_loader.weight_utils import default_weight_loader
 from vllm.model_executor.models.utils import maybe_prefix
 from vllm.sequence import IntermediateTensors
 
-from loopfit.model.modeling import RMSNorm, apply_rope, rope_inv_freq
+from loopfit.model.modeling import RMSNorm, add_norms, apply_rope, rope_inv_freq
 
 from .plugin import refuse, serving_problem
 
@@ -134,13 +134,7 @@ class LoopfitBlock(nn.Module):
         self.self_attn = LoopfitAttention(config, layer_type, attention_names, cache_config, quant_config,
                                           f"{prefix}.self_attn")
         self.mlp = LoopfitMLP(config, quant_config, f"{prefix}.mlp")
-        norm = lambda: RMSNorm(config.hidden_size, config.rms_norm_eps, config.norm_offset)  # noqa: E731
-        self.pre = config.norm_style in ("pre", "sandwich")
-        self.post = config.norm_style in ("post", "sandwich")
-        if self.pre:
-            self.input_norm, self.pre_mlp_norm = norm(), norm()
-        if self.post:
-            self.post_attn_norm, self.post_mlp_norm = norm(), norm()
+        add_norms(self, config)
 
     def forward(self, x, rope, loop=0):
         h = self.self_attn(self.input_norm(x) if self.pre else x, rope, loop)

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from .. import LoopfitError
 from ..loading import OFFLINE_MODELS, from_pretrained, is_recurrent, offline_folder, resolve_source
+from ..model.losses import backprop_head
 
 # ------------------------------------------------------------------------------------------------ the loss
 
@@ -79,14 +80,7 @@ class _LinearDistill(torch.autograd.Function):
             grad.add_(logq.exp_().sub_(t_p), alpha=(1 - alpha) * temp)
             del logq, t_p
             grad.mul_(valid)
-            if softcap:
-                grad *= 1 - capped.square()
-            if not torch.is_autocast_enabled(h.device.type):  # under autocast, matmuls take its dtype as in autograd
-                grad = grad.to(weight.dtype)
-            if need_hidden:
-                grad_hidden[start:start + chunk] = grad @ weight
-            if need_weight:
-                grad_weight += grad.T @ h.to(grad.dtype)
+            backprop_head(grad, h, weight, capped, grad_hidden, grad_weight, start)
         ctx.save_for_backward(grad_hidden, grad_weight)
         ctx.weight_dtype = weight.dtype
         ctx.mark_non_differentiable(ce_total, kl_total)
