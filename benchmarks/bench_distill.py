@@ -68,13 +68,11 @@ def heal(args, work):
     setup(work, args.limit)
     every = [f"--train.eval_every={args.eval_every}", f"--train.eval_batches={args.eval_batches}",
              "--checkpoint.every=0"]
-    teacher = ["--distill.teacher=base", f"--distill.alpha={args.alpha}", f"--distill.temperature={args.temperature}",
-               f"--distill.hidden={args.hidden}"]
+    teacher = ["--distill.teacher=base", f"--distill.alpha={args.alpha}", f"--distill.temperature={args.temperature}"]
     lr = [f"--optim.lr={args.lr}"] if args.lr else []  # both runs: the two losses compared at one recipe
     tag = f"b{args.batch}" + (f"-lr{args.lr:g}" if args.lr else "")
-    hid = f"-h{args.hidden:g}" if args.hidden else ""
     ce = train_run(work, f"ce-{args.steps}-{tag}", args.steps, args.batch, *every, *lr)
-    kd = train_run(work, f"distill-{args.steps}-{tag}-a{args.alpha}-t{args.temperature}{hid}", args.steps, args.batch,
+    kd = train_run(work, f"distill-{args.steps}-{tag}-a{args.alpha}-t{args.temperature}", args.steps, args.batch,
                    *every, *lr, *teacher)
     ce_evals = [(r["step"], r["eval_loss"], compute(r)) for r in ce if "eval_loss" in r]
     kd_evals = [(r["step"], r["eval_loss"], compute(r)) for r in kd if "eval_loss" in r]
@@ -90,14 +88,13 @@ def heal(args, work):
              "distill_eval_loss": round(within[-1][1], 4) if within else None}
     if args.full_schedule:
         eq_steps = max(1, round(args.steps * per_step_ce / per_step_kd))
-        kd_eq = train_run(work, f"distill-{eq_steps}-{tag}-a{args.alpha}-t{args.temperature}{hid}", eq_steps, args.batch,
+        kd_eq = train_run(work, f"distill-{eq_steps}-{tag}-a{args.alpha}-t{args.temperature}", eq_steps, args.batch,
                           f"--train.eval_batches={args.eval_batches}", *lr, *teacher)
         kd_eq_final = [r for r in kd_eq if "eval_loss" in r][-1]
         equal["full_schedule"] = {"distill_steps": eq_steps, "distill_compute": compute(kd_eq_final),
                                   "distill_eval_loss": round(kd_eq_final["eval_loss"], 4)}
     emit("distill_heal", model="smollm2-135m (5,10,5) passthrough", recipe="quickstart", steps=args.steps,
          tokens_per_step=args.batch * 128, lr=args.lr or "recipe", alpha=args.alpha, temperature=args.temperature,
-         hidden=args.hidden,
          ce_final_eval_loss=round(target, 4), distill_final_eval_loss=round(kd_evals[-1][1], 4),
          distill_steps_to_ce_final=reached,
          steps_ratio=None if reached is None else round(reached / args.steps, 3),
@@ -158,7 +155,6 @@ def main():
     ap.add_argument("--lr", type=float, help="Muon's lr in both runs (default: the quickstart recipe's)")
     ap.add_argument("--alpha", type=float, default=0.5)
     ap.add_argument("--temperature", type=float, default=1.0)
-    ap.add_argument("--hidden", type=float, default=0.0, help="distill.hidden: weight of the hidden-state term")
     ap.add_argument("--limit", type=int, default=2000)
     ap.add_argument("--batch", type=int, default=8, help="sequences of 128 tokens a step (the quickstart's: 8)")
     ap.add_argument("--mem-batch", type=int, default=8, help="sequences of the memory step")

@@ -285,17 +285,12 @@ class DistillConfig(Section):
                            "short name with the student's tokenizer | empty: off (cross-entropy only)")
     alpha: float = key(0.5, "loss = alpha * CE + (1 - alpha) * T^2 * KL(teacher || student); 0: pure distillation")
     temperature: float = key(1.0, "T: both distributions are softened by T in the KL term")
-    hidden: float = key(0.0, "weight of a hidden-state term added to the loss: per token, the squared error between "
-                             "the state the coda reads and the base's hidden state entering the layer the coda's "
-                             "first layer came from, over the latter's squared norm (teacher base only); 0: off")
 
     def check(self):
         if not 0 <= self.alpha <= 1:
             raise LoopfitError(f"distill.alpha is {self.alpha}: choose a weight in [0, 1] (1: cross-entropy only)")
         if not self.temperature > 0:
             raise LoopfitError(f"distill.temperature is {self.temperature}: use a temperature > 0 (1: unchanged)")
-        if not self.hidden >= 0:
-            raise LoopfitError(f"distill.hidden is {self.hidden}: use a weight >= 0 (0: logits only)")
 
     @property
     def enabled(self):

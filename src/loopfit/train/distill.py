@@ -9,14 +9,8 @@ Neither model's full logits are materialised: both give their final hidden state
 the two heads over chunks of rows, computing each chunk's loss and its gradients for the student's hidden
 states and head in the forward (as loopfit's `linear_cross_entropy` does), so at most one chunk of each model's
 fp32 logits exists at a time. The held-out loss stays plain cross-entropy.
-
-With `distill.hidden` > 0 and the base as teacher, the loss also matches hidden states where the two models line
-up: the state the coda reads should be the base's hidden state entering the base layer the coda's first layer came
-from (`source_layers` in the converted config), since from there on both run the same layers. The term is per
-token ||s - t||^2 / ||t||^2, so tokens with large hidden states (the first) weigh like the rest.
 """
 
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -101,16 +95,7 @@ class _LinearDistill(torch.autograd.Function):
                 None, None, None, None, None, None, None, None, None)
 
 
-def hidden_match(state, target, labels):
-    """Summed over the predicted tokens (labels != -100, shifted): ||state - target||^2 / ||target||^2 per token, in
-    fp32; state [b, s, h] carries gradients, target (the teacher's) does not."""
-    valid = (labels[:, 1:] != -100).to(state.device)
-    state, target = state[:, :-1].float(), target[:, :-1].float().detach()
-    err = (state - target).pow(2).sum(-1) / target.pow(2).sum(-1).clamp_min(1e-6)
-    return (err * valid).sum()
-
-
-# ------------------------------------------------------------------------------------------------ hidden states
+# ------------------------------------------------------------------------------------------------ final hidden states
 
 
 def final_norm(model):
@@ -136,28 +121,6 @@ def run_to_hidden(model, norm, **kwargs):
     finally:
         handle.remove()
     return captured[-1], out
-
-
-@contextmanager
-def inputs_of(module):
-    """Collects the hidden states `module` is called on (its first argument) while the block runs."""
-    seen = []
-
-    def hook(mod, args, kwargs):
-        seen.append(args[0] if args else kwargs["hidden_states"])
-
-    handle = module.register_forward_pre_hook(hook, with_kwargs=True)
-    try:
-        yield seen
-    finally:
-        handle.remove()
-
-
-def coda_entry(model):
-    """The student module whose input is the state the coda reads: its first coda block (its final norm without a
-    coda)."""
-    inner = getattr(getattr(model, "module", model), "model")
-    return inner.coda[0] if len(inner.coda) else inner.norm
 
 
 def softcap_of(model):
@@ -211,21 +174,6 @@ def _fingerprint(source):
     return tokenizer_fingerprint(str(path)) if has_tokenizer else None
 
 
-def hidden_target(teacher, student_folder):
-    """The base layer whose input the coda should read (distill.hidden), checked: the teacher must be the base."""
-    from transformers import AutoConfig
-
-    if teacher != "base":
-        raise LoopfitError(f"distill.hidden needs distill.teacher=base (got {teacher}): hidden states are matched where "
-                           "the converted model and the model it came from run the same layers; set distill.hidden=0 "
-                           "to distill another teacher's logits")
-    layers = getattr(AutoConfig.from_pretrained(student_folder), "source_layers", None) or {}
-    if not layers.get("coda") and "num_base_layers" not in layers:
-        raise LoopfitError(f"distill.hidden: {student_folder} does not record which base layers it kept "
-                           "(source_layers, written by loopfit convert): convert it again, or set distill.hidden=0")
-    return layers["coda"][0] if layers.get("coda") else layers["num_base_layers"]
-
-
 def check_teacher(teacher, student_folder, student_vocab):
     """Refuse a teacher with another vocabulary size or tokenizer (before any model loads)."""
     vocab = _vocab_size(teacher)
@@ -253,11 +201,6 @@ def load_teacher(teacher):
     return model
 
 
-@contextmanager
-def _nothing():
-    yield []
-
-
 def forward_flops(tokens, counts, loops):
     """Forward FLOPs of the teacher over `tokens` tokens by the paper's count (2 x non-embedding parameters per
     token, the core's times its loops)."""
@@ -269,7 +212,7 @@ def forward_flops(tokens, counts, loops):
 class Teacher:
     """The teacher of a run: its final hidden states and head weight for a batch, and its FLOPs."""
 
-    def __init__(self, model, name, match_layer=None):
+    def __init__(self, model, name):
         from .flops import param_counts
 
         self.model, self.name = model, name
@@ -278,19 +221,13 @@ class Teacher:
         self.softcap = softcap_of(model)
         self.counts = param_counts(model)
         self.loops = model.config.mean_recurrence if self.recurrent else 1
-        # distill.hidden: the input of this base layer (its final norm's past the last layer) is matched
-        self.match = None
-        if match_layer is not None:
-            layers = getattr(getattr(model, model.base_model_prefix), "layers")
-            self.match = layers[match_layer] if match_layer < len(layers) else self.norm
 
     @torch.no_grad()
     def hidden(self, ids, autocast):
-        """(final hidden states, head weight, hidden state entering the matched layer or None) for input ids; the
-        head weight is gathered under FSDP2."""
-        with autocast, (inputs_of(self.match) if self.match is not None else _nothing()) as seen:
+        """(final hidden states, head weight) for input ids; the head weight is gathered under FSDP2."""
+        with autocast:
             h, _ = run_to_hidden(self.model, self.norm, input_ids=ids)
-        return h, self.model.get_output_embeddings().weight, seen[0] if seen else None
+        return h, self.model.get_output_embeddings().weight
 
     def release(self):
         """Free the gathered weights of a sharded teacher until its next forward."""

@@ -24,11 +24,7 @@ from .config import load_recipe
 from .distill import (
     Teacher,
     check_teacher,
-    coda_entry,
     final_norm,
-    hidden_match,
-    hidden_target,
-    inputs_of,
     linear_distill,
     load_teacher,
     run_to_hidden,
@@ -92,8 +88,6 @@ def _check_teacher(cfg, d):
         return None
     from transformers import AutoConfig
 
-    if cfg.distill.hidden:
-        hidden_target(cfg.distill.teacher, cfg.model.init_from)
     name = teacher_source(cfg.distill.teacher, cfg.model.init_from)
     vocab = AutoConfig.from_pretrained(cfg.model.init_from).get_text_config().vocab_size
     check_teacher(name, cfg.model.init_from, vocab)
@@ -220,21 +214,16 @@ def _eval_loss(run):
 
 
 def _distill_sum(run, ids, labels, kwargs):
-    """(loss, ce, kl, hidden) of one micro-batch, each summed over its tokens: distillation from the run's teacher."""
-    t_hidden, t_weight, t_state = run.teacher.hidden(ids, run.autocast())
+    """(loss, ce, kl) of one micro-batch, each summed over its tokens: distillation from the run's teacher."""
+    t_hidden, t_weight = run.teacher.hidden(ids, run.autocast())
+    hidden, out = run_to_hidden(run.model, run.student_norm, input_ids=ids, **kwargs)
     inner = distributed.unwrap(run.model)
-    with inputs_of(coda_entry(inner)) if t_state is not None else contextlib.nullcontext([]) as states:
-        hidden, out = run_to_hidden(run.model, run.student_norm, input_ids=ids, **kwargs)
     loss, ce, kl = linear_distill(hidden, inner.get_output_embeddings().weight, t_hidden, t_weight, labels,
                                   run.cfg.distill.alpha, run.cfg.distill.temperature, 1.0, softcap_of(inner),
                                   run.teacher.softcap)
     run.teacher.release()
-    match = torch.zeros(())
-    if t_state is not None:  # the first call: a block recomputed in the backward calls its hook again
-        match = hidden_match(states[0], t_state, labels)
-        loss = loss + run.cfg.distill.hidden * match
     # 0 x the last position's logits: the loss then depends on the forward's output, as DDP / FSDP2 hooks expect
-    return loss + 0.0 * out.logits.float().sum(), ce, kl, match
+    return loss + 0.0 * out.logits.float().sum(), ce, kl
 
 
 def _loss_sum(model, ids, labels, recurrent, kwargs):
@@ -491,15 +480,12 @@ def _setup(cfg, d, resume, data):
     accum = t.accumulation(d.world)
     teacher = None
     if teacher_name:
-        match_layer = hidden_target(cfg.distill.teacher, cfg.model.init_from) if cfg.distill.hidden else None
         teacher = Teacher(distributed.place_teacher(load_teacher(teacher_name), cfg.distributed.strategy, d),
-                          teacher_name, match_layer)
+                          teacher_name)
         kind = f"recurrent, r = {teacher.loops}" if teacher.recurrent else "plain"
         alpha = cfg.distill.alpha
         _say(d, f"distilling from {teacher_name} ({kind}): loss = {alpha:g} x CE + {1 - alpha:g} x T^2 x KL, T = "
-                f"{cfg.distill.temperature:g}"
-                + (f" + {cfg.distill.hidden:g} x the coda's input against base layer {match_layer}'s"
-                   if match_layer is not None else ""))
+                f"{cfg.distill.temperature:g}")
     if t.trainable != "all":
         _say(d, f"train.trainable {t.trainable}: now {phase}, {trained:,} parameters train")
     _say(d, f"{'recurrent' if recurrent else 'plain'} model, non-embedding params {counts}; {t.steps} steps of "
@@ -551,16 +537,15 @@ def _step(run, step, stop):
     _switch_phase(run, step)
     model = run.model
     t0 = time.perf_counter()
-    sums = [0.0, 0.0, 0.0, 0.0]  # loss, ce, kl, hidden
+    sums = [0.0, 0.0, 0.0]  # loss, ce, kl
     for i, (n, k, _) in enumerate(depths):
         rows = slice(i * t.micro_batch_size, (i + 1) * t.micro_batch_size)
         kwargs = {"num_steps": (n, k)} if run.recurrent else {}
         with distributed.grad_sync(model, i == run.accum - 1), run.autocast():
             if run.teacher is not None:
-                part, ce, kl, match = _distill_sum(run, ids[rows], labels[rows], kwargs)
+                part, ce, kl = _distill_sum(run, ids[rows], labels[rows], kwargs)
                 sums[1] += ce.item()
                 sums[2] += kl.item()
-                sums[3] += match.item()
             else:
                 part = _loss_sum(model, ids[rows], labels[rows], run.recurrent, kwargs)
             # sum over tokens / global count, x world because DDP and FSDP average gradients over ranks
@@ -590,8 +575,6 @@ def _step(run, step, stop):
     if run.teacher is not None:  # the teacher's forward counts towards the run's compute (`flops` stays the student's)
         run.flops_teacher += run.teacher.flops(step_tokens)
         record.update(ce=sums[1], kl=sums[2], flops_teacher=run.flops_teacher)
-        if cfg.distill.hidden:
-            record["hidden"] = sums[3]
     if d.device.type == "cuda":
         record["peak_memory_gib"] = torch.cuda.max_memory_allocated(d.device) / 2**30
     if t.eval_every and done % t.eval_every == 0:
